@@ -1,0 +1,37 @@
+"""Pure-PyTorch depthwise convolution: the CPU path and the oracle every other backend is tested against.
+
+SLaK's kernels are rectangular (51x5, 5x51) and its reference CUDA op pads ``kh//2`` rows and ``kw//2``
+columns implicitly. Passing one scalar padding to ``F.conv2d`` changes the output size, so the padding
+is always given per dimension here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dwconv2d_reference", "check_dwconv_args"]
+
+
+def check_dwconv_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the argument when the inputs are not a valid depthwise conv."""
+    if x.dim() != 4:
+        raise ValueError(f"dwconv2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError(f"dwconv2d: weight must have shape (C, 1, kh, kw), got {tuple(weight.shape)}")
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"dwconv2d: weight has {weight.shape[0]} channels but x has {x.shape[1]}; "
+            "a depthwise conv needs one filter per input channel"
+        )
+    kh, kw = weight.shape[2], weight.shape[3]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"dwconv2d: kernel size must be odd in both dims for 'same' output, got {kh}x{kw}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != x.shape[1]):
+        raise ValueError(f"dwconv2d: bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
+
+
+def dwconv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise conv, stride 1, zero padding (kh//2, kw//2): output has the input's H and W."""
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    return F.conv2d(x, weight, bias, stride=1, padding=(kh // 2, kw // 2), groups=x.shape[1])
