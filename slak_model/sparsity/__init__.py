@@ -1,0 +1,51 @@
+"""Dynamic sparsity for SLaK: SNIP/ERK/uniform init, magnitude prune, random/gradient/momentum regrowth.
+
+Pure PyTorch (plus timm for the EMA helper); no Ray, no MLflow. Typical use::
+
+    from slak_model.sparsity import DynamicSparsity, SparsityConfig
+
+    engine = DynamicSparsity(model, SparsityConfig(sparsity=0.4, init="snip"), total_steps=T)
+    engine.initialize(batch=(x, y), loss_fn=torch.nn.functional.cross_entropy)
+    ...  # after every optimizer.step():
+    engine.on_optimizer_step(optimizer)
+"""
+
+from .collective import Collective, LocalCollective, TorchDistributedCollective
+from .config import GROWTH_MODES, INIT_MODES, PRUNE_MODES, TARGETS, SparsityConfig
+from .density import erk_densities, snip_densities, uniform_densities
+from .ema import MaskedModelEma
+from .engine import DynamicSparsity, layer_group
+from .grow import grow_, growth_scores, momentum_of
+from .masks import FlatMasks, draw_exact_masks, load_masks, mask_summary, save_masks, select_targets
+from .prune import magnitude_prune_, prune_count
+from .schedule import AdaptationSchedule, cosine_prune_rate
+
+__all__ = [
+    "GROWTH_MODES",
+    "INIT_MODES",
+    "PRUNE_MODES",
+    "TARGETS",
+    "AdaptationSchedule",
+    "Collective",
+    "DynamicSparsity",
+    "FlatMasks",
+    "LocalCollective",
+    "MaskedModelEma",
+    "SparsityConfig",
+    "TorchDistributedCollective",
+    "cosine_prune_rate",
+    "draw_exact_masks",
+    "erk_densities",
+    "grow_",
+    "growth_scores",
+    "layer_group",
+    "load_masks",
+    "magnitude_prune_",
+    "mask_summary",
+    "momentum_of",
+    "prune_count",
+    "save_masks",
+    "select_targets",
+    "snip_densities",
+    "uniform_densities",
+]
