@@ -1,0 +1,208 @@
+"""MLflow tracking adapter against a real sqlite store: logging, rank-0 gating, offline journal, sync."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.tracking import MlflowTracker, NullTracker, Tracker, create_tracker, sync_offline
+from slak_model.sparsity.masks import load_masks
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store per module: creating the schema costs seconds, experiments keep tests apart."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def cfg(uri: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict:
+    return {"enabled": True, "uri": uri, "experiment": request.node.name.replace("[", "-").rstrip("]"),
+            "offline_dir": str(tmp_path / "offline")}
+
+
+def _dead_uri() -> str:
+    """An http URI on a local port nobody listens on: connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _masks() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {"stages.0.blocks.0.large.weight": torch.rand(4, 1, 7, 3, generator=gen) > 0.4,
+            "stages.1.blocks.0.large.weight": torch.rand(6, 1, 5, 5, generator=gen) > 0.7}
+
+
+def test_logs_params_metrics_masks_table_and_environment_tags(cfg: dict, uri: str, tmp_path: Path) -> None:
+    masks = _masks()
+    with create_tracker(cfg, run_name="smoke", tags={"purpose": "test"}) as tr:
+        assert isinstance(tr, MlflowTracker)
+        tr.log_params({"model.kernel_size": [51, 49, 47, 13, 5], "sparse.sparsity": 0.4, "train.lr": 4e-3})
+        for step in range(3):
+            tr.log_metrics({"train/loss": 2.0 - step, "sparsity/density/stage0": 0.6}, step=step)
+        tr.log_masks(masks, step=2)
+        tr.log_density_table({"stage0": 0.6, "stage1": 0.3}, step=2)
+        tr.log_dict({"model": {"variant": "slak_test"}}, "config/resolved.yaml")
+        tr.log_text("hello", "notes/readme.txt")
+    client = MlflowClient(uri)
+    run = client.get_run(tr.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "smoke"
+    assert run.data.params["model.kernel_size"] == "[51, 49, 47, 13, 5]"
+    assert run.data.params["sparse.sparsity"] == "0.4"
+    assert _history(client, tr.run_id, "train/loss") == [(0, 2.0), (1, 1.0), (2, 0.0)]
+    tags = run.data.tags
+    assert tags["purpose"] == "test"
+    assert tags["slak.kernel.backend"] == "torch"
+    assert tags["slak.version.torch"] == torch.__version__
+    assert "slak.devices" in tags and "slak.git.commit" in tags
+
+    out = tmp_path / "dl"
+    local = Path(client.download_artifacts(tr.run_id, "masks/masks_step00000002.npz", str(out)))
+    loaded = load_masks(local)
+    assert set(loaded) == set(masks)
+    for name, mask in masks.items():
+        assert torch.equal(loaded[name], mask), name
+    table = json.loads(Path(client.download_artifacts(tr.run_id, "masks/density_step00000002.json",
+                                                      str(out))).read_text())
+    assert table["columns"] == ["layer", "density", "step"]
+    assert [row[:2] for row in table["data"]] == [["stage0", 0.6], ["stage1", 0.3]]
+    yaml_text = Path(client.download_artifacts(tr.run_id, "config/resolved.yaml", str(out))).read_text()
+    assert "variant: slak_test" in yaml_text
+    assert Path(client.download_artifacts(tr.run_id, "notes/readme.txt", str(out))).read_text() == "hello"
+
+
+@pytest.mark.parametrize("rank, enabled", [(1, True), (3, True), (0, False)], ids=["rank1", "rank3", "disabled"])
+def test_other_ranks_and_disabled_tracking_get_a_null_tracker(cfg: dict, rank: int, enabled: bool) -> None:
+    tr = create_tracker({**cfg, "enabled": enabled}, rank=rank)
+    assert isinstance(tr, NullTracker) and isinstance(tr, Tracker)
+    assert tr.run_id is None
+    tr.log_metrics({"train/loss": 1.0}, step=0)
+    tr.log_masks(_masks(), step=0)
+    tr.end()
+    assert not Path(cfg["offline_dir"]).exists()
+
+
+def test_unreachable_server_keeps_everything_offline_then_sync_replays_once(
+        cfg: dict, uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    dead = {**cfg, "uri": _dead_uri()}
+    with caplog.at_level(logging.WARNING, logger="orchestrator.tracking"):
+        tr = create_tracker(dead, run_name="offline-run")
+        tr.log_params({"train.lr": 0.1})
+        for step in range(4):
+            tr.log_metrics({"train/loss": float(step)}, step=step)
+        tr.log_masks(_masks(), step=3)
+        tr.end()
+    unreachable = [r for r in caplog.records if "is unreachable" in r.getMessage()]
+    assert len(unreachable) == 1, "warn once, not per call"
+    assert "python -m orchestrator.tracking sync" in caplog.text
+    assert tr.run_id.startswith("offline-")
+
+    results = sync_offline(cfg["offline_dir"], uri)
+    assert len(results) == 1 and results[0]["pending"] == 0 and results[0]["rejected"] == 0
+    client = MlflowClient(uri)
+    run = client.get_run(results[0]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["slak.offline_synced"] == "true"
+    assert run.data.params["train.lr"] == "0.1"
+    assert _history(client, run.info.run_id, "train/loss") == [(s, float(s)) for s in range(4)]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "masks")] == ["masks/masks_step00000003.npz"]
+
+    again = sync_offline(cfg["offline_dir"], uri)
+    assert again[0]["applied"] == 0
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4, "a second sync must not duplicate"
+
+
+def test_server_back_mid_run_resumes_live_logging_and_syncs_the_gap(
+        cfg: dict, uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"up": True}
+    real_apply = tracking._apply
+
+    def flaky_apply(client, run_id, event, root=None):  # noqa: ANN001, ANN202 - mirrors _apply
+        if not state["up"]:
+            raise ConnectionError("server down")
+        return real_apply(client, run_id, event, root)
+
+    monkeypatch.setattr(tracking, "_apply", flaky_apply)
+    monkeypatch.setattr(tracking, "_server_reachable", lambda *a, **k: state["up"])
+    tr = create_tracker(cfg, run_name="flaky")
+    tr.reconnect_interval_s = 0.0
+    tr.log_metrics({"train/loss": 0.0}, step=0)
+    state["up"] = False
+    tr.log_metrics({"train/loss": 1.0}, step=1)
+    tr.log_metrics({"train/loss": 2.0}, step=2)
+    state["up"] = True
+    tr.log_metrics({"train/loss": 3.0}, step=3)
+    client = MlflowClient(uri)
+    assert _history(client, tr.run_id, "train/loss") == [(0, 0.0), (3, 3.0)], "live again after the outage"
+    tr.end()
+    assert _history(client, tr.run_id, "train/loss") == [(s, float(s)) for s in range(4)]
+    assert client.get_run(tr.run_id).info.status == "FINISHED"
+    assert tracking._Journal(Path(cfg["offline_dir"]) / tr.run_id).pending() == 0
+
+
+def test_rejected_event_is_kept_aside_and_does_not_stop_logging(cfg: dict, uri: str) -> None:
+    tr = create_tracker(cfg)
+    tr.log_params({"train.lr": 0.1})
+    tr.log_params({"train.lr": 0.2})  # MLflow forbids changing a logged param
+    tr.log_metrics({"train/loss": 1.0}, step=0)
+    tr.end()
+    rejected = (Path(cfg["offline_dir"]) / tr.run_id / "rejected.jsonl").read_text().splitlines()
+    assert len(rejected) == 1 and json.loads(rejected[0])["event"]["params"] == {"train.lr": "0.2"}
+    assert _history(MlflowClient(uri), tr.run_id, "train/loss") == [(0, 1.0)]
+
+
+def test_exception_inside_context_marks_run_failed_and_end_checks_status(cfg: dict, uri: str) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with create_tracker(cfg) as tr:
+            raise RuntimeError("boom")
+    assert MlflowClient(uri).get_run(tr.run_id).info.status == "FAILED"
+    other = create_tracker(cfg)
+    with pytest.raises(ValueError, match="status='DONE'"):
+        other.end("DONE")
+    other.end()
+
+
+def test_tune_helpers_find_run_by_trial_tag_set_status_and_dataframe(cfg: dict, uri: str, tmp_path: Path) -> None:
+    parent = tracking.find_or_create_run(cfg, run_name="sweep")
+    first = tracking.find_or_create_run(cfg, run_name="trial", parent_run_id=parent,
+                                        match_tag=("ray_trial_id", "abc_00001"))
+    assert tracking.find_or_create_run(cfg, run_name="trial", match_tag=("ray_trial_id", "abc_00001")) == first
+    tr = create_tracker(cfg, run_id=first)
+    tr.log_metrics({"val/top1": 12.5}, step=1)
+    tr.end()
+    note = tmp_path / "summary.txt"
+    note.write_text("ok")
+    tracking.log_artifact_to_run(uri, parent, note, "reports")
+    tracking.set_run_status(uri, parent, "KILLED")
+    with pytest.raises(ValueError, match="status='PAUSED'"):
+        tracking.set_run_status(uri, parent, "PAUSED")
+    df = tracking.runs_dataframe(uri, cfg["experiment"]).set_index("run_id")
+    assert df.loc[first, "tags.mlflow.parentRunId"] == parent
+    assert df.loc[first, "metrics.val/top1"] == 12.5
+    assert df.loc[first, "status"] == "FINISHED" and df.loc[parent, "status"] == "KILLED"
+    assert tracking.runs_dataframe(uri, "no-such-experiment").empty
+
+
+def test_sync_cli_reports_and_rejects_a_missing_dir(cfg: dict, uri: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    tr = create_tracker({**cfg, "uri": _dead_uri()})
+    tr.log_metrics({"train/loss": 0.5}, step=7)
+    tr.end()
+    assert tracking._main(["sync", cfg["offline_dir"], "--tracking-uri", uri]) == 0
+    assert tr.run_id in capsys.readouterr().out
+    assert tracking._main(["sync", str(tmp_path / "missing"), "--tracking-uri", uri]) == 1
+    assert "offline_dir=" in capsys.readouterr().err
