@@ -53,6 +53,7 @@ __all__ = [
     "create_tracker",
     "find_or_create_run",
     "log_artifact_to_run",
+    "metric_history",
     "run_tags_for_environment",
     "runs_dataframe",
     "set_run_status",
@@ -641,6 +642,23 @@ def runs_dataframe(uri: str, experiment: str) -> pd.DataFrame:
         if not token:
             break
     return pd.DataFrame(rows)
+
+
+# -- helper for result collation (added by the Tune/collation engineer) --------------------------------
+def metric_history(uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+    """Every logged value of ``keys`` for ``run_ids`` as a long frame ``run_id, key, step, value``.
+
+    ``runs_dataframe`` only holds each metric's latest value; collation needs the whole history for
+    the best epoch of a run (which may have been resumed several times).
+    """
+    client = _client(uri)
+    rows = [
+        {"run_id": run_id, "key": key, "step": m.step, "value": m.value}
+        for run_id in run_ids
+        for key in keys
+        for m in client.get_metric_history(run_id, key)
+    ]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
 
 
 def _version(dist: str) -> str:

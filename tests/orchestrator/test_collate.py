@@ -1,0 +1,138 @@
+"""Collation logic on fake MLflow runs: tidy rows, seed aggregation, missing cells, output formats."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator import collate
+
+EXP = "table8-20260101-000000"
+PUBLISHED8 = pd.DataFrame({
+    "row": ["0.20/1.1x", "0.40/1.3x", "0.55/1.5x"],
+    "setting": ["slak"] * 3,
+    "top1": [81.3, 81.6, 81.7],
+    "params_m": [29.0, 30.0, 30.0],
+    "flops_g": [5.0, 5.0, 4.9],
+})
+
+
+def _run(run_id: str, row: str, seed: int, status: str = "FINISHED", top1: float | None = 70.0, *,
+         table: str = "table8", setting: str = "slak", experiment: str = EXP, stopped: bool = False,
+         width: str = "1.1") -> dict:
+    record = {
+        "run_id": run_id, "status": status, "start_time": pd.Timestamp("2026-01-01", tz="UTC"),
+        "tags.slak.role": "trial", "tags.slak.experiment": experiment, "tags.slak.table": table,
+        "tags.slak.row": row, "tags.slak.setting": setting, "tags.slak.point": f"{row}__{setting}",
+        "tags.slak.seed_index": str(seed), "tags.ray_trial_id": f"t_{run_id}", "tags.mlflow.runName": run_id,
+        "tags.slak.stopped_early": "asha" if stopped else None,
+        "params.model.width_factor": width, "params.sparse.sparsity": "0.2", "params.model.kernel_mode": "decomposed",
+        "metrics.epochs_done": 3.0, "metrics.complexity/params": 2.5e6, "metrics.complexity/flops": 1.2e8,
+    }
+    if top1 is not None:
+        record["metrics.val/top1"] = top1
+    return record
+
+
+@pytest.fixture()
+def runs() -> pd.DataFrame:
+    parent = {"run_id": "p", "status": "RUNNING", "start_time": pd.Timestamp("2026-01-01", tz="UTC"),
+              "tags.slak.role": "experiment", "tags.slak.experiment": EXP, "tags.slak.table": "table8"}
+    return pd.DataFrame([
+        parent,
+        _run("a", "0.20/1.1x", 0, top1=70.0),
+        _run("b", "0.20/1.1x", 1, top1=72.0),
+        _run("c", "0.40/1.3x", 0, status="FAILED", top1=None, width="1.3"),
+        _run("d", "0.40/1.3x", 1, status="RUNNING", top1=50.0, width="1.3"),
+        _run("e", "0.90/3x", 0, top1=60.0, setting="extra", width="3.0", stopped=True),
+        _run("z", "0.20/1.1x", 0, top1=10.0, experiment="another-experiment"),
+    ])
+
+
+def test_tidy_keeps_only_trials_of_the_experiment_with_dotted_params(runs: pd.DataFrame) -> None:
+    tidy = collate.tidy_runs(runs, EXP)
+    assert sorted(tidy["run_id"]) == ["a", "b", "c", "d", "e"]
+    assert tidy["model.width_factor"].dtype.kind == "f"  # numeric params are typed
+    assert tidy.loc[tidy["run_id"] == "a", "params_m"].item() == pytest.approx(2.5)
+    assert tidy.loc[tidy["run_id"] == "a", "flops_g"].item() == pytest.approx(0.12)
+    assert tidy.loc[tidy["run_id"] == "e", "stopped_early"].item()
+    assert not tidy.loc[tidy["run_id"] == "a", "stopped_early"].item()
+
+
+def test_best_comes_from_the_metric_history(runs: pd.DataFrame) -> None:
+    history = pd.DataFrame({"run_id": ["a", "a", "a"], "key": ["val/top1"] * 3, "step": [0, 1, 2],
+                            "value": [50.0, 75.0, 70.0]})
+    tidy = collate.tidy_runs(runs, EXP, history).set_index("run_id")
+    assert tidy.loc["a", "top1_final"] == 70.0 and tidy.loc["a", "top1_best"] == 75.0
+    assert tidy.loc["b", "top1_best"] == 72.0  # no history -> best is the final value
+
+
+def test_summary_aggregates_seeds_marks_missing_and_failed_and_computes_delta(runs: pd.DataFrame) -> None:
+    summary = collate.summarize(collate.tidy_runs(runs, EXP), "table8", PUBLISHED8).set_index("row")
+    first = summary.loc["0.20/1.1x"]
+    assert first["seeds"] == 2 and first["top1"] == pytest.approx(71.0)
+    assert first["top1_std"] == pytest.approx(math.sqrt(2.0))
+    assert first["delta"] == pytest.approx(71.0 - 81.3)
+    assert first["status"] == "2 done"
+    second = summary.loc["0.40/1.3x"]
+    assert second["seeds"] == 0 and math.isnan(second["top1"]) and second["status"] == "1 running, 1 failed"
+    assert summary.loc["0.55/1.5x", "status"] == "missing"
+    assert summary.loc["0.90/3x", "status"] == "1 done, 1 stopped early"
+    assert math.isnan(summary.loc["0.90/3x", "published_top1"])
+    # the paper's row order first, then extra points
+    assert list(summary.index) == ["0.20/1.1x", "0.40/1.3x", "0.55/1.5x", "0.90/3x"]
+
+
+def test_display_markdown_and_latex_mark_missing_cells(runs: pd.DataFrame) -> None:
+    summary = collate.summarize(collate.tidy_runs(runs, EXP), "table8", PUBLISHED8)
+    summary = summary[summary["setting"] == "slak"]
+    display = collate.to_display(summary)
+    assert list(display.columns[:3]) == ["row", "top-1", "best"]
+    assert display.loc[0, "top-1"] == "71.0 ± 1.4"
+    assert display.loc[2, "top-1"] == "—"
+    markdown = collate.to_markdown(display, "T8")
+    assert markdown.startswith("### T8") and "| 0.55/1.5x | — |" in markdown
+    latex = collate.to_latex(display, "T8")
+    assert r"\begin{tabular}" in latex and r"71.0 $\pm$ 1.4" in latex and "--" in latex
+
+
+def test_multi_setting_tables_get_one_column_group_per_setting() -> None:
+    runs = pd.DataFrame([
+        _run("n", "31-29-27-13", 0, table="table1", setting="naive", top1=60.0),
+        _run("r", "31-29-27-13", 0, table="table1", setting="replknet", top1=65.0),
+    ])
+    published = pd.DataFrame({"row": ["7-7-7-7", "31-29-27-13", "31-29-27-13"],
+                              "setting": ["naive", "naive", "replknet"], "top1": [81.0, 80.5, 81.5]})
+    display = collate.to_display(collate.summarize(collate.tidy_runs(runs, EXP), "table1", published))
+    assert list(display["row"]) == ["7-7-7-7", "31-29-27-13"]
+    assert display.loc[1, "naive top-1"] == "60.0" and display.loc[1, "replknet top-1"] == "65.0"
+    assert display.loc[0, "replknet status"] == "missing"
+    assert display.loc[1, "replknet Δ"] == "-16.5"
+
+
+def test_empty_experiment_collates_to_empty_frames() -> None:
+    tidy = collate.tidy_runs(pd.DataFrame(columns=["run_id", "status"]), EXP)
+    assert tidy.empty
+    summary = collate.summarize(tidy, "table8", PUBLISHED8)
+    assert list(summary["status"]) == ["missing"] * 3
+
+
+def test_plot_and_parquet_are_written(runs: pd.DataFrame, tmp_path: Path) -> None:
+    tidy = collate.tidy_runs(runs, EXP)
+    tidy.to_parquet(tmp_path / "trials.parquet", engine="pyarrow", index=False)
+    assert len(pd.read_parquet(tmp_path / "trials.parquet")) == len(tidy)
+    png = collate.plot_table(collate.summarize(tidy, "table8", PUBLISHED8), "table8", tmp_path / "t8.png")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+    empty = collate.summarize(tidy.iloc[0:0], "table8", PUBLISHED8)
+    assert collate.plot_table(empty, "table8", tmp_path / "none.png") is None
+
+
+def test_find_experiment_picks_the_newest_parent_of_a_table(runs: pd.DataFrame) -> None:
+    older = {"run_id": "p0", "status": "FINISHED", "start_time": pd.Timestamp("2025-01-01", tz="UTC"),
+             "tags.slak.role": "experiment", "tags.slak.experiment": "table8-old", "tags.slak.table": "table8"}
+    both = pd.concat([runs, pd.DataFrame([older])], ignore_index=True)
+    assert collate.find_experiment(both, "table8") == EXP
+    assert collate.find_experiment(both, "table1") is None
