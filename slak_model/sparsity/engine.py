@@ -18,7 +18,9 @@ Deliberate differences from the reference (spec section 3; each one fixes a list
       0 with fresh moments (the reference leaves stale moments). Grown weights are already 0:
       they were inactive, and the mask was applied at the start of this call.
     * Under DDP the ranks agree by construction, not by broadcasting every mask every step:
-      densities (and the dense-layer set) are decided on rank 0 and broadcast once; all ranks
+      densities (and the dense-layer set) are decided on rank 0 and broadcast once (SNIP runs
+      on every rank with its local batch, unlike the reference's DDP-averaged gradients, and
+      rank 0's densities win); all ranks
       draw from the same seeded private generator; after init and after each update the flat
       mask buffer is broadcast once from rank 0, then a per-layer fingerprint is all-gathered
       and any disagreement raises an error naming the first differing layer.
@@ -71,10 +73,10 @@ def layer_group(name: str) -> str:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper, so names carry no ``module.`` prefix."""
+    """The module inside a DDP / ``torch.compile`` wrapper, so names carry no ``module.``/``_orig_mod.`` prefix."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
 class DynamicSparsity:
@@ -155,9 +157,9 @@ class DynamicSparsity:
                     "init='snip' needs one training batch and a loss: call initialize(batch=(inputs, targets), "
                     "loss_fn=loss) or use init='erk'/'uniform'"
                 )
-            densities = None
-            if self.collective.rank == 0:
-                densities = snip_densities(self.model, list(shapes), batch, loss_fn, cfg.density)
+            # Every rank runs SNIP (so SyncBatchNorm's collectives inside the forward match up);
+            # rank 0's densities are broadcast below and used everywhere.
+            densities = snip_densities(self.model, list(shapes), batch, loss_fn, cfg.density)
         elif cfg.init == "erk":
             densities = erk_densities(shapes, cfg.density)
         else:
