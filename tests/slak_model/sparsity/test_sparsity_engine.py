@@ -142,14 +142,14 @@ def test_masked_weights_zero_under_bf16_autocast(make_toy, toy_batch) -> None:
     train(model, engine, opt, range(6), counts=_counts(engine), autocast=torch.bfloat16)
 
 
-def test_masked_weights_zero_with_grad_scaler_including_skipped_steps(make_toy, toy_batch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_masked_weights_zero_with_grad_scaler_including_skipped_steps(make_toy, toy_batch, dtype) -> None:
     model, engine, opt = _setup(make_toy, toy_batch, growth="gradient")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     counts = _counts(engine)
     scales = []
     for step in range(6):
-        train(model, engine, opt, range(step, step + 1), counts=counts, autocast=torch.bfloat16,
-              scaler=scaler, poison={1, 4})
+        train(model, engine, opt, range(step, step + 1), counts=counts, autocast=dtype, scaler=scaler, poison={1, 4})
         scales.append(scaler.get_scale())
     assert scales[1] < scales[0] and scales[4] < scales[3], "the poisoned steps were not skipped"
     assert engine.stats()["sparsity/updates"] == 3
