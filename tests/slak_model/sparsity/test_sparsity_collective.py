@@ -131,3 +131,26 @@ def test_different_layer_sets_are_reported(make_toy) -> None:
     e1 = _engine(make_toy(0), Replaying(rank0, tamper=drop_one), seed=7, init="uniform")
     with pytest.raises(RuntimeError, match="different masked layer sets"):
         e1.initialize()
+
+
+def test_dense_layer_set_near_the_threshold_follows_rank0(make_toy, toy_batch) -> None:
+    """Rank 1's own SNIP batch would pop a different layer set; it must adopt rank 0's."""
+    from slak_model.sparsity import select_targets, snip_densities
+
+    other_batch = (torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2, 3]))
+    names = list(select_targets(make_toy(0), "all"))
+    d0 = snip_densities(make_toy(0), names, toy_batch, nn.functional.cross_entropy, 0.6)
+    d1 = snip_densities(make_toy(0), names, other_batch, nn.functional.cross_entropy, 0.6)
+    layer = max(names, key=lambda n: d1[n] - d0[n])
+    assert d1[layer] > d0[layer]
+    threshold = (d0[layer] + d1[layer]) / 2  # rank 1 alone would keep `layer` dense, rank 0 would not
+
+    rank0 = Recording()
+    e0 = _engine(make_toy(0), rank0, seed=7, dense_threshold=threshold)
+    e0.initialize(batch=toy_batch, loss_fn=nn.functional.cross_entropy)
+    e1 = _engine(make_toy(0), Replaying(rank0), seed=7, dense_threshold=threshold)
+    e1.initialize(batch=other_batch, loss_fn=nn.functional.cross_entropy)
+    assert layer in e0.masks and layer in e1.masks
+    assert e1.dense_layers == e0.dense_layers
+    for name, mask in e0.masks.items():
+        assert torch.equal(e1.masks[name], mask), name
