@@ -1,0 +1,586 @@
+"""``ExperimentConfig``: every setting of a training job as one frozen, validated dataclass tree.
+
+Why one tree: the reference threads an ``argparse`` namespace through everything and packs unrelated
+numbers into one flag. Here every setting has exactly one dotted name (``sparse.sparsity``,
+``train.global_batch_size``) that is at once the YAML key path, the CLI override ``key=value``, the Ray
+Tune search-space key and the MLflow param name. The flat form (:meth:`ExperimentConfig.to_flat`) is
+what crosses process boundaries (Ray workers, Tune trials, MLflow), so a config survives any hop as
+plain JSON-able scalars and lists.
+
+Validation happens once, before Ray starts, and reports every problem together (name, value, what is
+allowed, the fix); a typo in a key suggests the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SparseConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "MODEL_VARIANTS",
+    "load_config",
+    "parse_overrides",
+    "replace",
+    "to_yaml",
+    "validate",
+]
+
+#: Registered model variants (timm names registered by ``slak_model``).
+MODEL_VARIANTS: tuple[str, ...] = ("slak_test", "slak_tiny", "slak_small", "slak_base")
+KERNEL_MODES: tuple[str, ...] = ("decomposed", "replknet", "naive")
+SPARSE_INITS: tuple[str, ...] = ("snip", "erk", "uniform")
+GROWTHS: tuple[str, ...] = ("random", "gradient", "momentum")
+PRUNES: tuple[str, ...] = ("magnitude",)
+TARGETS: tuple[str, ...] = ("all", "large_kernels")
+DATA_SOURCES: tuple[str, ...] = ("shapes", "synthetic", "imagenet")
+INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "random")
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: Sequence[str], context: str = "invalid experiment config") -> None:
+        self.problems = list(problems)
+        lines = "\n  - ".join(self.problems)
+        super().__init__(f"{context} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):"
+                         f"\n  - {lines}")
+
+
+def _cwd_path(name: str) -> str:
+    return str(Path.cwd().absolute() / name)
+
+
+def _default_tracking_uri() -> str:
+    """A local sqlite store beside the current directory (MLflow's file store is disabled in 3.x)."""
+    return f"sqlite:///{_cwd_path('mlflow.db')}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (``slak_model.create_model(variant, **overrides)``).
+
+    ``kernel_size`` is the reference's five numbers ``[M1, M2, M3, M4, N]`` (None = the variant's own);
+    ``num_classes`` None takes the dataset's class count.
+    """
+
+    variant: str = "slak_test"
+    width_factor: float = 1.0
+    kernel_size: list[int] | None = None
+    kernel_mode: str = "decomposed"
+    use_bn: bool = True
+    drop_path_rate: float = 0.0
+    layer_scale_init: float = 1e-6
+    num_classes: int | None = None
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Dynamic sparsity (``slak_model.sparsity.SparsityConfig``); ``seed`` None follows ``train.seed``."""
+
+    enabled: bool = True
+    sparsity: float = 0.4
+    init: str = "snip"
+    growth: str = "random"
+    prune: str = "magnitude"
+    prune_rate: float = 0.3
+    prune_rate_min: float = 0.005
+    update_frequency: int = 100
+    stop_fraction: float = 1.0
+    targets: str = "all"
+    dense_threshold: float = 0.99
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset and augmentation (``orchestrator.data``); sizes apply to generated sources only."""
+
+    source: str = "shapes"
+    path: str | None = None
+    image_size: int = 32
+    num_classes: int = 10
+    train_size: int = 512
+    val_size: int = 128
+    workers: int = 0
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    on_bad_image: str = "error"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe (spec section 4). ``micro_batch_size`` None = no accumulation."""
+
+    epochs: int = 2
+    global_batch_size: int = 32
+    micro_batch_size: int | None = None
+    lr: float = 4e-3
+    min_lr: float = 1e-6
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.05
+    opt_eps: float = 1e-8
+    opt_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    ema: bool = True
+    ema_decay: float = 0.9999
+    bn_recalibration_batches: int = 0
+    seed: int = 0
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 0
+    eval_every_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how the Ray Train job runs; ``name`` "" = derived from the config (same config, same run)."""
+
+    name: str = ""
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    storage_path: str = field(default_factory=lambda: _cwd_path("ray_results"))
+    max_failures: int = 0
+    checkpoints_to_keep: int = 2
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow on rank 0 (``orchestrator.tracking``)."""
+
+    enabled: bool = True
+    uri: str = field(default_factory=_default_tracking_uri)
+    experiment: str = "slak"
+    log_every_steps: int = 10
+    masks_every_updates: int = 1
+    offline_dir: str = field(default_factory=lambda: _cwd_path("mlflow-offline"))
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune grids (``orchestrator.tune_runner``)."""
+
+    max_concurrent_trials: int = 1
+    asha: bool = False
+    grace_period: int = 1
+    seeds: int = 1
+    trial_max_failures: int = 0
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "sparse": SparseConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
+    "tracking": TrackingConfig,
+    "tune": TuneConfig,
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole job. Build it with :func:`load_config`, :meth:`from_flat` or :func:`replace` (they validate)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    # ------------------------------------------------------------------ flat views
+    def to_flat(self) -> dict[str, Any]:
+        """``{"section.field": value}`` with JSON/YAML-able values (lists, never tuples)."""
+        out: dict[str, Any] = {}
+        for section in _SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                out[f"{section}.{f.name}"] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> ExperimentConfig:
+        """Inverse of :meth:`to_flat`; missing names take their defaults. Validates.
+
+        Raises:
+            ConfigError: unknown names (with the nearest valid one), wrong types or bad values.
+        """
+        return _build(dict(flat))
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Per-worker batch of one forward pass."""
+        t = self.train
+        return t.micro_batch_size or max(1, t.global_batch_size // max(1, self.run.num_workers))
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step, so the effective batch is the same on any worker count."""
+        return max(1, self.train.global_batch_size // (self.micro_batch_size * max(1, self.run.num_workers)))
+
+    @property
+    def sparse_seed(self) -> int:
+        """Seed of the sparsity engine (``sparse.seed`` or, when None, ``train.seed``)."""
+        return self.train.seed if self.sparse.seed is None else self.sparse.seed
+
+
+# ---------------------------------------------------------------------- coercion
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(section_cls: type) -> dict[str, Any]:
+    if section_cls not in _HINTS:
+        _HINTS[section_cls] = typing.get_type_hints(section_cls)
+    return _HINTS[section_cls]
+
+
+def _describe(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {args[0].__name__}" if args else "a list"
+    if args and origin is not list:
+        inner = _describe(args[0])
+        return f"{inner} or null" if type(None) in typing.get_args(tp) else inner
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert ``value`` to the annotated type; raise TypeError when it cannot be done losslessly."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_coerce(v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise TypeError
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        raise TypeError
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)  # accepts "4e-3", which YAML 1.1 reads as a string
+        raise TypeError
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError
+    raise TypeError
+
+
+def _all_names() -> list[str]:
+    return [f"{s}.{f.name}" for s, c in _SECTIONS.items() for f in dataclasses.fields(c)]
+
+
+def _unknown_problem(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    close = [n for n in _all_names() if n.endswith("." + leaf)][:1]  # right field, wrong section
+    if not close:
+        close = difflib.get_close_matches(name, _all_names(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid sections: {list(_SECTIONS)}"
+    return f"{name}: unknown setting{hint}"
+
+
+def _build(flat: dict[str, Any]) -> ExperimentConfig:
+    problems: list[str] = []
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for name, value in flat.items():
+        section, _, leaf = str(name).partition(".")
+        cls = _SECTIONS.get(section)
+        if cls is None or leaf not in _hints(cls):
+            problems.append(_unknown_problem(str(name)))
+            continue
+        tp = _hints(cls)[leaf]
+        try:
+            per_section[section][leaf] = _coerce(value, tp)
+        except (TypeError, ValueError):
+            problems.append(f"{name}={value!r}: must be {_describe(tp)}; fix the type, e.g. "
+                            f"{name}={_example(cls, leaf)!r}")
+    # Bad names and types keep their defaults so the value checks below still run: one error lists all.
+    cfg = ExperimentConfig(**{s: _SECTIONS[s](**kw) for s, kw in per_section.items()})
+    problems += _problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _example(cls: type, leaf: str) -> Any:
+    default = cls()
+    return getattr(default, leaf)
+
+
+# ---------------------------------------------------------------------- validation
+def _problems(cfg: ExperimentConfig) -> list[str]:
+    """Every invalid setting of ``cfg``, one line each: name, value, what is allowed, the fix."""
+    out: list[str] = []
+
+    def choice(name: str, allowed: Iterable[str]) -> None:
+        section, leaf = name.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        allowed = tuple(allowed)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value).lower(), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            out.append(f"{name}={value!r}: must be one of {list(allowed)}{hint}")
+
+    def rng(name: str, lo: float | None, hi: float | None, *, lo_open: bool = False, hi_open: bool = False,
+            why: str = "", optional: bool = False) -> None:
+        section, leaf = name.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if value is None and optional:
+            return
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        if ok and lo is not None:
+            ok = value > lo if lo_open else value >= lo
+        if ok and hi is not None:
+            ok = value < hi if hi_open else value <= hi
+        if not ok:
+            left = ("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}")
+            right = ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]")
+            out.append(f"{name}={value!r}: must lie in {left}, {right}" + (f" ({why})" if why else ""))
+
+    m, s, d, t, r, k, u = cfg.model, cfg.sparse, cfg.data, cfg.train, cfg.run, cfg.tracking, cfg.tune
+    choice("model.variant", MODEL_VARIANTS)
+    rng("model.width_factor", 0, None, lo_open=True, why="stage widths are int(dim * width_factor); paper: 1.3")
+    if m.kernel_size is not None:
+        ks = m.kernel_size
+        if len(ks) != 5 or any(k_ <= 0 or k_ % 2 == 0 for k_ in ks):
+            out.append(f"model.kernel_size={ks!r}: must be 5 odd positive integers [M1, M2, M3, M4, N] "
+                       "(four stage kernels then the short edge), e.g. [51, 49, 47, 13, 5], or null for the "
+                       "variant's default")
+    choice("model.kernel_mode", KERNEL_MODES)
+    rng("model.drop_path_rate", 0, 1, hi_open=True, why="paper: T 0.1, S 0.4, B 0.5")
+    rng("model.layer_scale_init", 0, None, why="0 disables layer scale; paper 1e-6")
+    rng("model.num_classes", 1, None, optional=True, why="null = the dataset's class count")
+
+    rng("sparse.sparsity", 0, 1, hi_open=True, why="0.4 = 40% of weights zero")
+    choice("sparse.init", SPARSE_INITS)
+    choice("sparse.growth", GROWTHS)
+    choice("sparse.prune", PRUNES)
+    rng("sparse.prune_rate", 0, 1, lo_open=True, why="paper: 0.3 (S/B) or 0.5 (T)")
+    rng("sparse.prune_rate_min", 0, s.prune_rate if math.isfinite(s.prune_rate) else 1,
+        why="the cosine floor must not exceed sparse.prune_rate")
+    rng("sparse.update_frequency", 1, None, why="optimizer steps between topology updates")
+    rng("sparse.stop_fraction", 0, 1, lo_open=True)
+    choice("sparse.targets", TARGETS)
+    rng("sparse.dense_threshold", 0, 1, lo_open=True)
+
+    choice("data.source", DATA_SOURCES)
+    if d.source == "imagenet" and not d.path:
+        out.append("data.path=None: data.source='imagenet' needs the folder holding train/ and val/; "
+                   "set data.path=/path/to/imagenet or use data.source=shapes")
+    rng("data.image_size", 8, None, why="input side in pixels")
+    rng("data.num_classes", 2, None)
+    rng("data.train_size", 1, None)
+    rng("data.val_size", 1, None)
+    rng("data.workers", 0, None, why="loader processes per Ray worker; 0 = in-process")
+    rng("data.reprob", 0, 1)
+    choice("data.interpolation", INTERPOLATIONS)
+    rng("data.crop_pct", 0, 1, lo_open=True)
+    for name in ("data.mixup", "data.cutmix", "data.smoothing"):
+        rng(name, 0, None)
+    rng("data.smoothing", 0, 1, hi_open=True)
+    rng("data.mixup_prob", 0, 1)
+    rng("data.mixup_switch_prob", 0, 1)
+    choice("data.on_bad_image", BAD_IMAGE_POLICIES)
+
+    rng("train.epochs", 1, None)
+    rng("train.global_batch_size", 1, None, why="effective batch across workers and accumulation; paper 4096")
+    rng("train.micro_batch_size", 1, None, optional=True)
+    rng("run.num_workers", 1, None)
+    if all(isinstance(x, int) and x > 0 for x in (t.global_batch_size, r.num_workers)) and \
+            (t.micro_batch_size is None or t.micro_batch_size > 0):
+        micro = cfg.micro_batch_size
+        per_step = micro * r.num_workers
+        if t.global_batch_size % per_step:
+            fit = [b for b in range(1, t.global_batch_size + 1)
+                   if t.global_batch_size % (b * r.num_workers) == 0][-3:]
+            out.append(
+                f"train.global_batch_size={t.global_batch_size}: not divisible by train.micro_batch_size "
+                f"({micro}) x run.num_workers ({r.num_workers}) = {per_step}; gradient accumulation needs an "
+                f"exact multiple so the effective batch does not change with the worker count; use e.g. "
+                f"train.micro_batch_size in {fit or ['(none fits: change run.num_workers)']}")
+    rng("train.lr", 0, None, lo_open=True, why="absolute, for the global batch; paper 4e-3 at 4096")
+    rng("train.min_lr", 0, t.lr if math.isfinite(t.lr) else None, why="cosine floor, at most train.lr")
+    rng("train.warmup_epochs", 0, t.epochs, why="at most train.epochs; paper 20")
+    rng("train.weight_decay", 0, None)
+    rng("train.opt_eps", 0, None, lo_open=True)
+    if len(t.opt_betas) != 2 or not all(0 <= b < 1 for b in t.opt_betas):
+        out.append(f"train.opt_betas={t.opt_betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    rng("train.clip_grad", 0, None, lo_open=True, optional=True, why="max grad norm; null disables")
+    choice("train.precision", PRECISIONS)
+    if t.precision == "fp16" and not r.use_gpu:
+        out.append("train.precision='fp16' with run.use_gpu=false: fp16 autocast is a GPU mode; use "
+                   "train.precision=bf16 (or fp32) on CPU")
+    rng("train.ema_decay", 0, 1, hi_open=True)
+    rng("train.bn_recalibration_batches", 0, None, why="0 = off")
+    rng("train.log_every_steps", 1, None)
+    rng("train.checkpoint_every_steps", 0, None, why="0 = one checkpoint per epoch only")
+    rng("train.eval_every_epochs", 1, None)
+
+    rng("run.cpus_per_worker", 1, None)
+    if not r.storage_path:
+        out.append("run.storage_path='': must name a (shared) directory for checkpoints, e.g. "
+                   "run.storage_path=/shared/ray_results")
+    if r.name and any(ch in r.name for ch in "/\\ "):
+        out.append(f"run.name={r.name!r}: must not contain '/', '\\' or spaces (it is a folder name)")
+    rng("run.max_failures", -1, None, why="-1 = retry forever")
+    rng("run.checkpoints_to_keep", 1, None)
+
+    if k.enabled and not k.uri:
+        out.append("tracking.uri='': set an MLflow URI (sqlite:///abs/path/mlflow.db or http://host:5000) "
+                   "or tracking.enabled=false")
+    rng("tracking.log_every_steps", 1, None)
+    rng("tracking.masks_every_updates", 0, None, why="0 = masks only at the end")
+
+    rng("tune.max_concurrent_trials", 1, None)
+    rng("tune.grace_period", 1, None)
+    rng("tune.seeds", 1, None)
+    rng("tune.trial_max_failures", -1, None)
+    return out
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check every setting; return ``cfg`` unchanged.
+
+    Raises:
+        ConfigError: listing all problems at once.
+    """
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# ---------------------------------------------------------------------- building
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested YAML sections (or already dotted keys) -> ``{"section.field": value}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and "." not in name:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``["train.lr=1e-3", "model.kernel_size=[51,49,47,13,5]"]`` -> dict (values parsed as YAML).
+
+    Raises:
+        ConfigError: items without ``=``.
+    """
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    out: dict[str, Any] = {}
+    bad = []
+    for item in overrides:
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            bad.append(f"{item!r}: overrides are dotted key=value pairs, e.g. train.epochs=10")
+            continue
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    if bad:
+        raise ConfigError(bad)
+    return out
+
+
+def load_config(path: str | Path | None = None,
+                overrides: Sequence[str] | Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Defaults <- YAML preset (nested sections or dotted keys) <- dotted overrides, then validate.
+
+    Raises:
+        ConfigError: a missing/unreadable preset, unknown keys, wrong types or invalid values.
+    """
+    flat: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"--config {str(p)!r}: no such file; presets live in experiments/configs/"])
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"--config {str(p)!r}: not valid YAML ({exc})"]) from exc
+        if not isinstance(tree, Mapping):
+            raise ConfigError([f"--config {str(p)!r}: must hold a mapping of sections, got {type(tree).__name__}"])
+        flat.update(_flatten(tree))
+    flat.update(parse_overrides(overrides))
+    return _build(flat)
+
+
+def replace(cfg: ExperimentConfig, updates: Mapping[str, Any]) -> ExperimentConfig:
+    """A copy of ``cfg`` with dotted-name updates applied, validated."""
+    flat = cfg.to_flat()
+    flat.update(updates)
+    return _build(flat)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as nested YAML (a preset that reproduces this job)."""
+    tree: dict[str, dict[str, Any]] = {}
+    for name, value in cfg.to_flat().items():
+        section, leaf = name.split(".", 1)
+        tree.setdefault(section, {})[leaf] = value
+    return yaml.safe_dump(tree, sort_keys=False)
