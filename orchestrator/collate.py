@@ -194,6 +194,16 @@ def _fmt(value: float, digits: int = 1, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _human(value: float) -> str:
+    """29.0M / 5.02G / 33.8K: the tiny CPU models and SLaK-T share one readable column."""
+    if value is None or math.isnan(value):
+        return _MISSING
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
+
+
 def to_display(summary: pd.DataFrame) -> pd.DataFrame:
     """Strings laid out like the paper: one line per row, a column group per setting."""
     settings = list(dict.fromkeys(summary["setting"]))
@@ -211,8 +221,8 @@ def to_display(summary: pd.DataFrame) -> pd.DataFrame:
         out[f"{prefix}best"] = [_fmt(v) for v in part["top1_best"]]
         if part["ema_top1"].notna().any():
             out[f"{prefix}EMA"] = [_fmt(v) for v in part["ema_top1"]]
-        out[f"{prefix}params (M)"] = [_fmt(v, 2) for v in part["params_m"]]
-        out[f"{prefix}FLOPs (G)"] = [_fmt(v, 3) for v in part["flops_g"]]
+        out[f"{prefix}params"] = [_human(v * 1e6) for v in part["params_m"]]
+        out[f"{prefix}FLOPs"] = [_human(v * 1e9) for v in part["flops_g"]]
         out[f"{prefix}paper"] = [_fmt(v) for v in part["published_top1"]]
         out[f"{prefix}Δ"] = [_fmt(v, signed=True) for v in part["delta"]]
         out[f"{prefix}seeds"] = [str(int(v)) if pd.notna(v) else "0" for v in part["seeds"]]

@@ -26,6 +26,7 @@ import yaml
 from ray import tune
 
 from orchestrator.config import ConfigError, ExperimentConfig, replace, validate
+from slak_model import variant_config
 
 __all__ = [
     "ADAPTATION_F_VALUES",
@@ -38,6 +39,7 @@ __all__ = [
     "adaptation_grid",
     "build_grid",
     "kernel_size_grid",
+    "model_kwargs",
     "param_space",
     "parse_point",
     "scale_kernel_sizes",
@@ -288,12 +290,30 @@ def _split_top_level(text: str) -> list[str]:
     return [p for p in (s.strip() for s in parts) if p]
 
 
+def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The ``slak_model.create_model(cfg.model.variant, **kwargs)`` arguments of a config.
+
+    Used to run the model's own architecture checks (e.g. a short edge longer than a stage kernel)
+    on every grid point before Ray starts, and to count a point's params and FLOPs.
+    """
+    m = cfg.model
+    kwargs: dict[str, Any] = {
+        "width_factor": m.width_factor, "kernel_mode": m.kernel_mode, "use_bn": m.use_bn,
+        "drop_path_rate": m.drop_path_rate, "layer_scale_init": m.layer_scale_init,
+        "num_classes": m.num_classes or cfg.data.num_classes,
+    }
+    if m.kernel_size is not None:
+        kwargs["kernel_size"] = list(m.kernel_size)
+    return kwargs
+
+
 def validate_points(base: ExperimentConfig, points: Sequence[GridPoint], *, seeds: int = 1) -> list[ExperimentConfig]:
     """Build every point's config through the config's own validation; report all bad points at once.
 
     Raises:
-        GridError: listing each invalid point with its label, its overrides and the config's problems
-            (e.g. sparsity >= 1, width <= 0, an even kernel), or duplicate points.
+        GridError: listing each invalid point with its label, its overrides and the problems found by
+            the experiment config and the model config (e.g. sparsity >= 1, width <= 0, an even kernel,
+            a short edge longer than a stage kernel), or duplicate points.
     """
     problems: list[str] = []
     configs: list[ExperimentConfig] = []
@@ -310,6 +330,7 @@ def validate_points(base: ExperimentConfig, points: Sequence[GridPoint], *, seed
         try:
             cfg = replace(base, dict(point.overrides))
             validate(cfg)
+            variant_config(cfg.model.variant, **model_kwargs(cfg))
         except (ConfigError, ValueError, TypeError, KeyError) as err:
             detail = str(err).replace("\n", "; ")
             problems.append(f"point #{index} ({point.row} / {point.setting}) {dict(point.overrides)}: {detail}")
