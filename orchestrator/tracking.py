@@ -682,7 +682,12 @@ def run_tags_for_environment() -> dict[str, str]:
         tags.update({"mlflow.source.git.commit": commit, "slak.git.commit": commit,
                      "slak.git.dirty": str(bool(dirty)).lower()})
     except (OSError, subprocess.SubprocessError):
-        tags["slak.git.commit"] = "unknown (not a git checkout)"
+        # Container images have no .git: docker/Dockerfile bakes the commit into SLAK_GIT_COMMIT.
+        baked = os.environ.get("SLAK_GIT_COMMIT", "")
+        if baked and baked != "unknown":
+            tags.update({"mlflow.source.git.commit": baked, "slak.git.commit": baked})
+        else:
+            tags["slak.git.commit"] = "unknown (not a git checkout; set SLAK_GIT_COMMIT)"
     try:
         import kernels
 

@@ -206,3 +206,15 @@ def test_sync_cli_reports_and_rejects_a_missing_dir(cfg: dict, uri: str, tmp_pat
     assert tr.run_id in capsys.readouterr().out
     assert tracking._main(["sync", str(tmp_path / "missing"), "--tracking-uri", uri]) == 1
     assert "offline_dir=" in capsys.readouterr().err
+
+
+def test_environment_tags_fall_back_to_the_commit_baked_into_an_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_git(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - stands in for subprocess.run
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(tracking.subprocess, "run", no_git)
+    monkeypatch.setenv("SLAK_GIT_COMMIT", "0123abcd")
+    tags = tracking.run_tags_for_environment()
+    assert tags["slak.git.commit"] == tags["mlflow.source.git.commit"] == "0123abcd"
+    monkeypatch.delenv("SLAK_GIT_COMMIT")
+    assert tracking.run_tags_for_environment()["slak.git.commit"].startswith("unknown")
