@@ -132,3 +132,19 @@ def test_model_architecture_problems_are_caught_before_ray(base) -> None:
     bad = GridPoint("table9", "N=9", "slak", {"model.kernel_size": [15, 15, 13, 7, 9], "model.kernel_mode": "decomposed"})
     with pytest.raises(GridError, match="short_edge"):
         ss.validate_points(base, [bad])
+
+
+@pytest.mark.parametrize("table", ["table1", "table2", "table8", "table9"])
+def test_grid_cells_are_exactly_the_papers_cells(base, table: str) -> None:
+    from orchestrator import paper
+
+    published = paper.published_cells(table)
+    assert len(published) > 0
+    grid = {(p.row, p.setting) for p in ss.build_grid(base, table)}
+    assert grid == set(zip(published["row"], published["setting"]))
+
+
+def test_sweeps_without_printed_numbers_have_no_published_cells() -> None:
+    from orchestrator import paper
+
+    assert paper.published_cells("adapt_p").empty

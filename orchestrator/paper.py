@@ -1,0 +1,34 @@
+"""The paper's published cells, keyed the way our grids key their points.
+
+The numbers themselves live in :mod:`slak_model.published` (Tables 1, 2, 3, 8, 9 as data), already
+keyed like our grid points; this module hands them to collation as a DataFrame with the same
+``(row, setting)`` keys that :mod:`orchestrator.search_space` gives grid points:
+
+- Table 1: row = kernel (``"31-29-27-13"``), setting ``naive`` or ``replknet``;
+- Table 2: row = kernel, setting ``decomposed``, ``sparse_groups`` or ``sparse_groups_wide``;
+- Table 8: row = ``"<sparsity:.2f>/<width:g>x"``, setting ``slak``;
+- Table 9: row = ``"N=<n>"``, setting ``slak``;
+- the adaptation sweeps have no printed numbers (a figure only): no cells.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from slak_model import published
+
+__all__ = ["COLUMNS", "published_cells"]
+
+COLUMNS = ["row", "setting", "top1", "params_m", "flops_g"]
+
+
+def published_cells(table: str) -> pd.DataFrame:
+    """Published cells of ``table`` as ``row, setting, top1, params_m, flops_g`` in the paper's order.
+
+    Tables without printed numbers (the adaptation sweeps, or any name the paper lacks) give an empty
+    frame, so their collated cells show no published number rather than failing.
+    """
+    if table not in published.TABLES:
+        return pd.DataFrame(columns=COLUMNS)
+    rows = [{column: getattr(cell, column) for column in COLUMNS} for cell in published.published(table)]
+    return pd.DataFrame(rows, columns=COLUMNS)
