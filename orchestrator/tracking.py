@@ -363,7 +363,7 @@ class MlflowTracker(Tracker):
         self.offline_dir = Path(offline_dir).absolute()
         self.reconnect_interval_s = reconnect_interval_s
         self._client = _client(uri)
-        self._staging = Path(tempfile.mkdtemp(prefix="slak-track-"))
+        self._staging: Path | None = None  # created on the first staged file, removed by end()
         self._journal: _Journal | None = None
         self._warned = self._ended = False
         self._next_probe = 0.0
@@ -469,7 +469,8 @@ class MlflowTracker(Tracker):
             logger.warning("%d tracking events of run %s are kept in %s; sync them with: %s",
                            journal.pending(), self.run_id, journal.root,
                            sync_command(self.offline_dir, self.uri))
-        shutil.rmtree(self._staging, ignore_errors=True)
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     # -- logging -------------------------------------------------------------------------------------
     def log_params(self, flat: Mapping[str, Any]) -> None:
@@ -485,6 +486,8 @@ class MlflowTracker(Tracker):
         self._emit({"kind": "tags", "tags": {k: str(v)[:_MAX_TAG_LEN] for k, v in tags.items()}})
 
     def _stage(self, artifact_file: str) -> Path:
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="slak-track-"))
         path = self._staging / uuid.uuid4().hex[:8] / Path(artifact_file).name
         path.parent.mkdir(parents=True)
         return path
