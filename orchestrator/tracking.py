@@ -294,7 +294,10 @@ class Tracker(ABC):
 
     @abstractmethod
     def end(self, status: str = "FINISHED") -> None:
-        """Finish the run (and replay anything that was kept offline)."""
+        """Finish the run and replay what was kept offline; a second call does nothing.
+
+        Events logged after ``end`` are still recorded (never dropped), the status stays as set.
+        """
 
     def __enter__(self) -> Tracker:
         return self
@@ -421,17 +424,16 @@ class MlflowTracker(Tracker):
         self._next_probe = time.monotonic() + self.reconnect_interval_s
         if not _server_reachable(self.uri, self._client):
             return False
-        try:
-            self._start_run() if self._meta["run_id"] is None else None
-        except Exception:  # noqa: BLE001
-            return False
+        if self._meta["run_id"] is None:  # offline since the start: the run is created now
+            try:
+                self._start_run()
+            except Exception:  # noqa: BLE001 - still not usable; keep journaling
+                return False
         self._online = True
         logger.info("MLflow tracking server %s is reachable again; the gap is synced at end()", self.uri)
         return True
 
     def _emit(self, event: dict) -> None:
-        if self._ended:
-            raise RuntimeError(f"tracker of run {self.run_id} already ended; create a new one to log more")
         if self._online or self._maybe_reconnect():
             try:
                 _apply(self._client, self._meta["run_id"], event)
@@ -471,6 +473,7 @@ class MlflowTracker(Tracker):
                            sync_command(self.offline_dir, self.uri))
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     # -- logging -------------------------------------------------------------------------------------
     def log_params(self, flat: Mapping[str, Any]) -> None:
