@@ -227,3 +227,21 @@ def test_docs_name_the_same_services_ports_commands_and_say_what_was_not_run() -
         assert command in docs, command
     assert "has **not** been built" in docs
     assert re.search(r"compose\.yaml.*kuberay\.yaml.*checked statically", docs, re.S)
+
+
+def test_kuberay_and_docs_commands_are_valid_configs() -> None:
+    """The dotted overrides and presets the deployment files use are accepted by the real config loader."""
+    from orchestrator.config import load_config
+
+    entry = _kuberay()["spec"]["entrypoint"].split()
+    preset = entry[entry.index("--config") + 1]
+    assert (ROOT / preset).exists(), f"{preset} named in docker/kuberay.yaml does not exist"
+    cfg = load_config(ROOT / preset, [arg for arg in entry if "=" in arg and not arg.startswith("-")])
+    assert cfg.run.storage_path == "/mnt/slak/storage" and cfg.run.use_gpu and cfg.data.path == "/data/imagenet"
+    lines = DOCS.read_text().replace("\\\n", " ").splitlines()
+    commands = [line.split("python experiments/train.py", 1)[1].split() for line in lines
+                if "python experiments/train.py --config" in line]
+    assert len(commands) >= 2
+    for args in commands:
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        assert load_config(ROOT / args[args.index("--config") + 1], overrides).data.path == "/data/imagenet"

@@ -218,3 +218,17 @@ def test_environment_tags_fall_back_to_the_commit_baked_into_an_image(monkeypatc
     assert tags["slak.git.commit"] == tags["mlflow.source.git.commit"] == "0123abcd"
     monkeypatch.delenv("SLAK_GIT_COMMIT")
     assert tracking.run_tags_for_environment()["slak.git.commit"].startswith("unknown")
+
+
+def test_tracker_accepts_the_typed_tracking_section_and_logs_the_flat_config(uri: str, tmp_path: Path) -> None:
+    from orchestrator.config import load_config
+
+    smoke = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.yaml"
+    cfg = load_config(smoke if smoke.exists() else None,
+                      {"tracking.uri": uri, "tracking.experiment": "typed-config",
+                       "tracking.offline_dir": str(tmp_path / "offline")})
+    with create_tracker(cfg.tracking, run_name="typed") as tr:
+        tr.log_params(cfg.to_flat())
+    params = MlflowClient(uri).get_run(tr.run_id).data.params
+    assert params["tracking.experiment"] == "typed-config"
+    assert set(params) == set(cfg.to_flat()), "every dotted config name becomes one MLflow param"
