@@ -139,17 +139,19 @@ class SLaKConfig:
             out.append(f"use_bn={self.use_bn!r}: must be True or False")
         valid_kernels = [k for k in kernels if _is_int(k) and k > 0]
         if self.kernel_mode == "decomposed":
-            problem = _odd_positive_problem("short_edge", self.short_edge)
-            if problem:
-                out.append(problem)
-            elif valid_kernels and self.short_edge > min(valid_kernels):
+            n = self.short_edge
+            if _is_int(n) and n > 0 and valid_kernels and n > min(valid_kernels):
                 out.append(
-                    f"short_edge={self.short_edge} is larger than the long edge {min(valid_kernels)} of "
+                    f"short_edge={n} is larger than the long edge {min(valid_kernels)} of "
                     f"stage_kernels={list(kernels)} in decomposed mode: the strips would be "
-                    f"{min(valid_kernels)}x{self.short_edge} (the reference silently builds such kernels); "
+                    f"{min(valid_kernels)}x{n} (the reference silently builds such kernels); "
                     "use kernel_mode='naive' or 'replknet' for a square kernel (e.g. the ConvNeXt baseline "
                     "kernel_size=[7, 7, 7, 7, 100]), or a short edge <= every stage kernel"
                 )
+            else:
+                problem = _odd_positive_problem("short_edge", n)
+                if problem:
+                    out.append(problem)
         if self.small_kernel is not None and self.kernel_mode != "naive":
             if not _is_int(self.small_kernel) or self.small_kernel <= 0:
                 out.append(f"small_kernel={self.small_kernel!r}: must be None or an odd positive integer")

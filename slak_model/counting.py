@@ -110,7 +110,7 @@ def _nonzero(name: str, param: torch.Tensor, masks: Mapping[str, torch.Tensor] |
                                  f"{tuple(param.shape)}; pass masks keyed by model.named_parameters() names")
             return int(mask.count_nonzero())
         return param.numel()
-    if param.is_meta:
+    if param.is_meta or not eligible:  # 1-D params (biases, norms, gamma) are never sparse: count them whole
         return param.numel()
     return int(param.count_nonzero())
 
@@ -127,8 +127,9 @@ def count_complexity(
         model: A :class:`~slak_model.model.SLaK` (merged or not; a DDP wrapper is unwrapped).
         image_size: Input side, or ``(H, W)``.
         masks: Parameter name (as in ``model.named_parameters()``) -> bool mask; named tensors count
-            their mask's ones, the others count dense. ``None``: count the weights' nonzeros (dense on
-            the ``meta`` device).
+            their mask's ones, the others count dense. ``None``: count the nonzeros of the 2-D/4-D
+            weights (1-D parameters such as zero-initialised biases count whole; all dense on the
+            ``meta`` device).
         sparsity: Instead of masks, the expected counts of a uniform ``sparsity`` over every 2-D/4-D
             weight (each keeps ``round((1 - sparsity) * numel)``), e.g. to predict a run's cost.
 

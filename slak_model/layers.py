@@ -51,7 +51,8 @@ class DepthwiseConv(nn.Module):
         kh, kw = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, 1, kh, kw))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
-        trunc_normal_(self.weight, std=0.02)
+        if not self.weight.is_meta:  # meta tensors hold no values; skipping keeps counting builds fast
+            trunc_normal_(self.weight, std=0.02)
 
     @property
     def kernel_size(self) -> tuple[int, int]:

@@ -92,14 +92,14 @@ class SLaK(nn.Module):
         self.norm = nn.LayerNorm(widths[-1], eps=1e-6)
         self.head = nn.Linear(widths[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        if isinstance(self.head, nn.Linear):
+        if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
             self.head.weight.data.mul_(cfg.head_init_scale)
             self.head.bias.data.mul_(cfg.head_init_scale)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         """Reference init: conv/linear weights ~ trunc_normal(std 0.02), biases 0; norms keep defaults."""
-        if isinstance(module, (nn.Conv2d, nn.Linear, DepthwiseConv)):
+        if isinstance(module, (nn.Conv2d, nn.Linear, DepthwiseConv)) and not module.weight.is_meta:
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

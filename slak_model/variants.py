@@ -25,7 +25,9 @@ from .model import SLaK
 
 __all__ = ["VARIANTS", "create_model", "variant_config"]
 
-_SLAK_KERNELS: dict[str, Any] = {"kernel_mode": "decomposed", "kernel_size": [51, 49, 47, 13, 5]}
+_SLAK_KERNELS: dict[str, Any] = {
+    "kernel_mode": "decomposed", "stage_kernels": (51, 49, 47, 13), "short_edge": 5, "small_kernel": 5,
+}
 
 #: Variant name -> the :class:`SLaKConfig` fields it fixes (everything else is a default or override).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -34,7 +36,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "slak_base": {"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024), "width_factor": 1.3, **_SLAK_KERNELS},
     # Tiny CPU variant: same code paths (strips, small kernel, BN, layer scale), milliseconds per forward.
     "slak_test": {"depths": (1, 1, 2, 1), "dims": (8, 16, 24, 32), "width_factor": 1.0,
-                  "kernel_mode": "decomposed", "kernel_size": [13, 11, 9, 7, 3], "num_classes": 10},
+                  "kernel_mode": "decomposed", "stage_kernels": (13, 11, 9, 7), "short_edge": 3, "small_kernel": 3,
+                  "num_classes": 10},
 }
 
 

@@ -1,0 +1,126 @@
+"""The SLaK paper's published numbers (ICLR 2023), as data.
+
+These are the paper's printed cells, transcribed once so that ``python -m slak_model.info`` and the
+orchestrator's result collation can put our measured numbers beside them. Conventions:
+
+- ``params_m`` / ``flops_g`` are what the paper prints: sparsity-aware (nonzero weights only), in
+  millions and in G multiply-accumulates (the paper calls them FLOPs);
+- Table 3 prints "sparse / dense" for SLaK; the dense figures are in ``dense_params_m`` /
+  ``dense_flops_g``;
+- keys follow the grids: Table 1 ``row`` = kernel (``"31-29-27-13"``), ``setting`` = ``naive`` or
+  ``replknet``; Table 2 settings ``decomposed``, ``sparse_groups`` (40 % sparsity),
+  ``sparse_groups_wide`` (40 % + 1.3x width); Table 8 ``row`` = ``"<sparsity:.2f>/<width:g>x"``,
+  setting ``slak``; Table 9 ``row`` = ``"N=<n>"``, setting ``slak``; Table 3 ``row`` = model name,
+  ``setting`` = input size.
+- Table 2's second row is printed as "31-29-37-13" in the paper; every other place (text, README,
+  released checkpoints) says 31-29-27-13, which is what is stored here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["PUBLISHED", "TABLES", "PublishedResult", "published"]
+
+
+@dataclass(frozen=True)
+class PublishedResult:
+    """One published cell (ImageNet-1K top-1 %, with the paper's params/FLOPs where printed)."""
+
+    table: str
+    row: str
+    setting: str
+    top1: float | None
+    params_m: float | None = None
+    flops_g: float | None = None
+    dense_params_m: float | None = None
+    dense_flops_g: float | None = None
+    epochs: int = 120
+    image_size: int = 224
+
+    def to_dict(self) -> dict:
+        """Plain dict (e.g. one row of a data frame)."""
+        return asdict(self)
+
+
+#: Table id -> caption.
+TABLES: dict[str, str] = {
+    "table1": "ConvNeXt-T, 120 epochs: naive kernel enlarging vs RepLKNet-style re-parameterisation",
+    "table2": "ConvNeXt-T, 120 epochs: decomposed, + sparse groups (40 %), + 1.3x width",
+    "table3": "300 epochs, ImageNet-1K (SLaK: sparse / dense-equivalent counts)",
+    "table8": "SLaK-T, 120 epochs: paired (sparsity, width) trade-off",
+    "table9": "SLaK-T, 120 epochs: short edge N of the decomposed kernels",
+}
+
+
+def _t1() -> list[PublishedResult]:
+    rows = [
+        ("7-7-7-7", (81.0, 29, 4.5), None),
+        ("31-29-27-13", (80.5, 32, 6.5), (81.5, 32, 6.1)),
+        ("51-49-47-13", (80.4, 38, 9.4), (81.3, 38, 9.3)),
+        ("61-59-57-13", (80.3, 43, 11.6), (81.3, 43, 11.5)),
+    ]
+    out = []
+    for kernel, naive, rep in rows:
+        out.append(PublishedResult("table1", kernel, "naive", *naive))
+        if rep is not None:
+            out.append(PublishedResult("table1", kernel, "replknet", *rep))
+    return out
+
+
+def _t2() -> list[PublishedResult]:
+    rows = {
+        "7-7-7-7": ((81.0, 29, 4.5), (80.0, 17, 2.6), (81.1, 29, 4.5)),
+        "31-29-27-13": ((81.3, 30, 5.0), (80.4, 18, 2.9), (81.5, 30, 4.8)),
+        "51-49-47-13": ((81.5, 31, 5.4), (80.5, 18, 3.1), (81.6, 30, 5.0)),
+        "61-59-57-13": ((81.4, 31, 5.6), (80.4, 19, 3.2), (81.5, 31, 5.2)),
+    }
+    out = []
+    for kernel, cells in rows.items():
+        for setting, cell in zip(("decomposed", "sparse_groups", "sparse_groups_wide"), cells):
+            out.append(PublishedResult("table2", kernel, setting, *cell))
+    return out
+
+
+def _t3() -> list[PublishedResult]:
+    def r(model: str, size: int, top1: float, params: float, flops: float,
+          dense_params: float | None = None, dense_flops: float | None = None) -> PublishedResult:
+        return PublishedResult("table3", model, str(size), top1, params, flops, dense_params, dense_flops,
+                               epochs=300, image_size=size)
+
+    return [
+        r("ConvNeXt-T", 224, 82.1, 29, 4.5),
+        r("SLaK-T", 224, 82.5, 30, 5.0, 50, 8.7),
+        r("ConvNeXt-S", 224, 83.1, 50, 8.7),
+        r("SLaK-S", 224, 83.8, 55, 9.8, 91, 16.7),
+        r("ConvNeXt-B", 224, 83.8, 89, 15.4),
+        r("SLaK-B", 224, 84.0, 95, 17.1, 158, 28.5),
+        r("SLaK-B", 384, 85.5, 95, 50.3, 158, 83.8),
+    ]
+
+
+def _t8() -> list[PublishedResult]:
+    rows = [((0.20, 1.1), 29, 5.0, 81.3), ((0.40, 1.3), 30, 5.0, 81.6), ((0.55, 1.5), 30, 4.9, 81.7),
+            ((0.70, 1.9), 32, 5.0, 81.6), ((0.82, 2.5), 32, 5.1, 81.3)]
+    return [PublishedResult("table8", f"{s:.2f}/{w:g}x", "slak", top1, p, f) for (s, w), p, f, top1 in rows]
+
+
+def _t9() -> list[PublishedResult]:
+    return [PublishedResult("table9", f"N={n}", "slak", top1) for n, top1 in ((3, 81.5), (5, 81.6), (7, 81.4))]
+
+
+#: Every published cell, in the paper's order (Tables 1, 2, 3, 8, 9).
+PUBLISHED: tuple[PublishedResult, ...] = tuple(_t1() + _t2() + _t3() + _t8() + _t9())
+
+
+def published(table: str | None = None) -> list[PublishedResult]:
+    """The published cells of ``table`` (``"table1"`` ... ``"table9"``), or all of them.
+
+    Raises:
+        ValueError: ``table`` is not one of :data:`TABLES`.
+    """
+    if table is None:
+        return list(PUBLISHED)
+    if table not in TABLES:
+        raise ValueError(f"table={table!r} is not a published table; choose one of {sorted(TABLES)}")
+    return [r for r in PUBLISHED if r.table == table]
