@@ -79,11 +79,11 @@ class ModelConfig:
     """The network (``slak_model.create_model(variant, **overrides)``).
 
     ``kernel_size`` is the reference's five numbers ``[M1, M2, M3, M4, N]`` (None = the variant's own);
-    ``num_classes`` None takes the dataset's class count.
+    ``width_factor`` None = the variant's own (1.3 for T/S/B); ``num_classes`` None takes the dataset's.
     """
 
     variant: str = "slak_test"
-    width_factor: float = 1.0
+    width_factor: float | None = None
     kernel_size: list[int] | None = None
     kernel_mode: str = "decomposed"
     use_bn: bool = True
@@ -397,7 +397,7 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
 
     m, s, d, t, r, k, u = cfg.model, cfg.sparse, cfg.data, cfg.train, cfg.run, cfg.tracking, cfg.tune
     choice("model.variant", MODEL_VARIANTS)
-    rng("model.width_factor", 0, None, lo_open=True, why="stage widths are int(dim * width_factor); paper: 1.3")
+    rng("model.width_factor", 0, None, lo_open=True, optional=True, why="stage widths are int(dim * width_factor); paper: 1.3")
     if m.kernel_size is not None:
         ks = m.kernel_size
         if len(ks) != 5 or any(k_ <= 0 or k_ % 2 == 0 for k_ in ks):
@@ -425,7 +425,7 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     if d.source == "imagenet" and not d.path:
         out.append("data.path=None: data.source='imagenet' needs the folder holding train/ and val/; "
                    "set data.path=/path/to/imagenet or use data.source=shapes")
-    rng("data.image_size", 8, None, why="input side in pixels")
+    rng("data.image_size", 32, None, why="the network downsamples 32x (stem 4x, three 2x stages)")
     rng("data.num_classes", 2, None)
     rng("data.train_size", 1, None)
     rng("data.val_size", 1, None)

@@ -1,0 +1,447 @@
+"""The training loop of one worker: the paper's recipe in plain PyTorch (no Ray), testable on its own.
+
+Why a class over free functions: a resumed run must continue *bitwise* where it stopped, so everything
+that evolves (model, EMA, optimizer moments, GradScaler, schedule position, sparsity masks and their
+RNG, the per-rank RNG streams, the running epoch sums) lives in one object with one
+:meth:`Trainer.state_dict`. ``ray_train.py`` wraps it with DDP, data sharding, reporting and
+checkpoint files; a user can also drive it from their own script.
+
+Recipe (spec section 4): AdamW without weight decay on 1-D params and biases; per-optimizer-step
+cosine schedule with linear warm-up (``lr[0] = 0``); gradient accumulation derived from the global
+batch, the micro batch and the worker count (DDP ``no_sync`` on all but the last micro-batch); the
+sparsity engine is stepped after *every* optimizer step in every precision mode (the reference
+forgot it under AMP); a mask-aware EMA is updated after each step; top-1/top-5 for model and EMA,
+optionally after recomputing the EMA's BatchNorm statistics on training batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+import slak_model
+from slak_model.sparsity import DynamicSparsity, MaskedModelEma, SparsityConfig, TorchDistributedCollective
+
+from orchestrator.config import ExperimentConfig
+
+__all__ = [
+    "Trainer",
+    "build_model",
+    "cosine_schedule",
+    "param_groups",
+    "rng_state",
+    "set_rng_state",
+    "seed_everything",
+]
+
+log = logging.getLogger(__name__)
+_STATE_FORMAT = "slak-orchestrator-trainer"
+_STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------- building blocks
+def build_model(cfg: ExperimentConfig, num_classes: int | None = None) -> nn.Module:
+    """The configured SLaK variant; ``num_classes`` (from the data) unless ``model.num_classes`` is set."""
+    m = cfg.model
+    overrides: dict[str, Any] = {
+        "kernel_mode": m.kernel_mode,
+        "use_bn": m.use_bn,
+        "drop_path_rate": m.drop_path_rate,
+        "layer_scale_init": m.layer_scale_init,
+        "num_classes": m.num_classes or num_classes or cfg.data.num_classes,
+    }
+    if m.kernel_size is not None:
+        overrides["kernel_size"] = list(m.kernel_size)
+    if m.width_factor is not None:
+        overrides["width_factor"] = m.width_factor
+    return slak_model.create_model(m.variant, **overrides)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay for 2-D/4-D weights, none for 1-D params and biases (spec 4.4)."""
+    return param_groups_weight_decay(model, weight_decay=weight_decay)
+
+
+def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int, warmup_steps: int) -> np.ndarray:
+    """Per-optimizer-step values, exactly the reference's ``cosine_scheduler``.
+
+    Warm-up is ``linspace(0, base, warmup_steps)`` (both ends, so step 0 has lr 0 and the last warm-up
+    step has ``base``), then ``final + (base - final) * (1 + cos(pi * i / n)) / 2``; length
+    ``epochs * steps_per_epoch``.
+    """
+    total = epochs * steps_per_epoch
+    warmup_steps = min(max(0, warmup_steps), total)
+    warm = np.linspace(0.0, base, warmup_steps) if warmup_steps > 0 else np.zeros(0)
+    n = total - warmup_steps
+    iters = np.arange(n)
+    body = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(n, 1)))
+    out = np.concatenate([warm, body])
+    assert len(out) == total
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG stream this process draws from (augmentation, mixup, drop path)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of top-1 and top-5 hits (top-k capped at the class count)."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hits = top.eq(target.view(-1, 1))
+    return hits[:, :1].sum(), hits.sum()
+
+
+# ---------------------------------------------------------------------- the trainer
+class Trainer:
+    """Model, optimizer, schedule, scaler, EMA and sparsity engine of one worker.
+
+    Args:
+        cfg: The validated experiment config.
+        steps_per_epoch: Optimizer steps per epoch (micro-batches per worker // accumulation).
+        num_classes: Classes of the dataset (unless ``model.num_classes`` fixes it).
+        device: Where the model lives.
+        wrap_model: Turns the module into its distributed form (``ray.train.torch.prepare_model`` or
+            ``DistributedDataParallel``); None = single process. It must not move parameters off
+            ``device``.
+        mixup: timm ``Mixup`` (None = hard labels).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, *, steps_per_epoch: int, num_classes: int,
+                 device: torch.device | str = "cpu",
+                 wrap_model: Callable[[nn.Module], nn.Module] | None = None, mixup: Any = None) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"steps_per_epoch={steps_per_epoch}: the training set gives fewer micro-batches per worker than one "
+                f"optimizer step needs ({cfg.accumulation_steps}); use more data (data.train_size) or a smaller "
+                "train.global_batch_size")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.rank, self.world_size = _world()
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = cfg.train.epochs * steps_per_epoch
+        self.accumulation = cfg.accumulation_steps
+        self.mixup = mixup
+        t = cfg.train
+
+        # Identical initial weights on every rank, then one RNG stream per rank (augmentation, drop path).
+        seed_everything(t.seed)
+        model = build_model(cfg, num_classes)
+        self.ema = MaskedModelEma(model, decay=t.ema_decay) if t.ema else None
+        if self.world_size > 1 and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN is GPU-only in torch
+        model.to(self.device)
+        if self.ema is not None:
+            self.ema.module.to(self.device)
+        if t.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.module = model
+        self.model = wrap_model(model) if wrap_model is not None else model
+        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        seed_everything(t.seed + self.rank)
+
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, t.weight_decay), lr=t.lr,
+                                           betas=tuple(t.opt_betas), eps=t.opt_eps)
+        warmup = round(t.warmup_epochs * steps_per_epoch)
+        self.lr_values = cosine_schedule(t.lr, t.min_lr, t.epochs, steps_per_epoch, warmup)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.train_loss_fn: nn.Module = (SoftTargetCrossEntropy() if mixup is not None
+                                         else LabelSmoothingCrossEntropy(cfg.data.smoothing)
+                                         if cfg.data.smoothing > 0 else nn.CrossEntropyLoss())
+        self.engine: DynamicSparsity | None = None
+        self.sparsity_ready = False
+        if cfg.sparse.enabled:
+            s = cfg.sparse
+            scfg = SparsityConfig(sparsity=s.sparsity, init=s.init, prune=s.prune, growth=s.growth,
+                                  prune_rate=s.prune_rate, prune_rate_min=s.prune_rate_min,
+                                  update_frequency=s.update_frequency, stop_fraction=s.stop_fraction,
+                                  targets=s.targets, dense_threshold=s.dense_threshold, seed=cfg.sparse_seed)
+            collective = TorchDistributedCollective() if self.world_size > 1 else None
+            self.engine = DynamicSparsity(self.module, scfg, total_steps=self.total_steps, collective=collective)
+        self.step = 0            # optimizer steps done
+        self.epoch = 0           # epochs completed
+        self.step_in_epoch = 0   # optimizer steps done in the current (unfinished) epoch
+        self._sums = self._zero_sums()
+        self._epoch_rng: dict[str, Any] | None = None  # RNG at the start of the current epoch
+
+    # ------------------------------------------------------------------ helpers
+    def _zero_sums(self) -> dict[str, float]:
+        return {"loss": 0.0, "micro": 0.0, "images": 0.0, "seconds": 0.0}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return float(self.lr_values[min(self.step, self.total_steps - 1)])
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.train.epochs
+
+    def initialize_sparsity(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Draw the initial masks (SNIP scores one training batch with plain cross-entropy)."""
+        if self.engine is None:
+            return
+        x, y = self._to_device(*batch)
+        self.engine.initialize(batch=(x, y), loss_fn=F.cross_entropy)
+        self.sparsity_ready = True
+
+    # ------------------------------------------------------------------ training
+    def train_one_epoch(self, loader: Iterable, on_step: Callable[[Trainer, dict[str, float]], None] | None = None
+                        ) -> dict[str, float]:
+        """Train until the end of the current epoch (continuing mid-epoch after a step checkpoint).
+
+        Args:
+            loader: This worker's training batches for this epoch (sampler epoch already set).
+            on_step: Called after every optimizer step with the trainer and the step's metrics
+                (``train/loss`` of that step, ``train/lr``, ``step``); the place for step
+                checkpoints, logging and fault injection.
+
+        Returns:
+            Epoch metrics: ``train/loss`` (mean over micro-batches), ``train/lr``, ``perf/img_per_s``.
+        """
+        if self.engine is not None and not self.sparsity_ready:
+            raise RuntimeError("call initialize_sparsity(batch) (or load_state_dict) before training")
+        resume_rng = None
+        if self.step_in_epoch == 0:
+            self._epoch_rng = rng_state()
+            self._sums = self._zero_sums()
+        else:  # mid-epoch resume: replay the epoch's iterator from its start, then restore the saved RNG
+            assert self._epoch_rng is not None
+            resume_rng = rng_state()
+            set_rng_state(self._epoch_rng)
+        self.model.train()
+        it: Iterator = iter(loader)
+        skip = self.step_in_epoch * self.accumulation
+        for _ in range(skip):
+            next(it)
+        if resume_rng is not None:
+            set_rng_state(resume_rng)
+        while self.step_in_epoch < self.steps_per_epoch:
+            metrics = self._optimizer_step(it)
+            if on_step is not None:
+                on_step(self, metrics)
+        s = self._sums
+        seconds = max(s["seconds"], 1e-9)
+        return {"train/loss": s["loss"] / max(s["micro"], 1), "train/lr": self.lr_values[self.step - 1].item(),
+                "perf/img_per_s": s["images"] * self.world_size / seconds}
+
+    def _optimizer_step(self, it: Iterator) -> dict[str, float]:
+        t0 = time.perf_counter()
+        lr = float(self.lr_values[self.step])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        step_loss = torch.zeros((), device=self.device)
+        images = 0
+        for micro in range(self.accumulation):
+            x, y = self._to_device(*next(it))
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
+            last = micro == self.accumulation - 1
+            sync = self.model.no_sync() if ddp and not last else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    loss = self.train_loss_fn(self.forward_model(x), y)
+                self.scaler.scale(loss / self.accumulation).backward()
+            step_loss += loss.detach().float()
+            images += x.shape[0]
+        clip = self.cfg.train.clip_grad
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.engine is not None:  # every step, also when the scaler skipped the update
+            self.engine.on_optimizer_step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.step_in_epoch += 1
+        if self.ema is not None:
+            self.ema.update(self.module, self.engine.masks if self.engine is not None else None, step=self.step)
+        mean_loss = (step_loss / self.accumulation).item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"train/loss is {mean_loss} at optimizer step {self.step} (lr {lr:g}); lower train.lr, set "
+                "train.clip_grad, or use train.precision=fp32")
+        self._sums["loss"] += mean_loss * self.accumulation
+        self._sums["micro"] += self.accumulation
+        self._sums["images"] += images
+        self._sums["seconds"] += time.perf_counter() - t0
+        return {"train/loss": mean_loss, "train/lr": lr, "step": float(self.step)}
+
+    def end_epoch(self) -> None:
+        """Mark the current epoch complete (after its evaluation and before its checkpoint)."""
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._epoch_rng = None
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> dict[str, float]:
+        """Top-1/top-5 (%) and loss over this worker's shard, summed over all ranks."""
+        model = self.forward_model if model is None else model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
+        for x, y in loader:
+            x, y = self._to_device(x, y)
+            with self._autocast():
+                logits = model(x)
+            top1, top5 = _accuracy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            sums += torch.stack([loss.double(), top1.double(), top5.double(),
+                                 torch.tensor(float(y.shape[0]), dtype=torch.float64, device=self.device)])
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        model.train(was_training)
+        loss, top1, top5, n = sums.tolist()
+        n = max(n, 1.0)
+        return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+    @torch.no_grad()
+    def recalibrated_ema(self, loader: Iterable) -> nn.Module:
+        """A copy of the EMA model whose BatchNorm statistics are recomputed on training batches.
+
+        The EMA's running statistics average those of many past weights; one pass with the EMA
+        weights themselves (cumulative average, ``momentum=None``) gives statistics that match them.
+        """
+        assert self.ema is not None
+        n = self.cfg.train.bn_recalibration_batches
+        model = copy.deepcopy(self.ema.module)
+        if n <= 0:
+            return model
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for i, (x, _) in enumerate(loader):
+            if i >= n:
+                break
+            x, _ = self._to_device(x, _)
+            with self._autocast():
+                model(x)
+        model.eval()
+        return model
+
+    def evaluate_all(self, val_loader: Iterable, recal_loader: Iterable | None = None) -> dict[str, float]:
+        """``val/*`` for the model, ``ema/*`` for the (recalibrated) EMA."""
+        out = {f"val/{k}": v for k, v in self.evaluate(val_loader).items()}
+        if self.ema is not None:
+            ema_model = self.recalibrated_ema(recal_loader) if recal_loader is not None else self.ema.module
+            out.update({f"ema/{k}": v for k, v in self.evaluate(val_loader, ema_model).items()})
+        return out
+
+    def sparsity_metrics(self) -> dict[str, float]:
+        return self.engine.stats() if self.engine is not None and self.sparsity_ready else {}
+
+    # ------------------------------------------------------------------ checkpointing
+    def local_rng(self) -> dict[str, Any]:
+        """This rank's RNG streams now and at the start of the current epoch (gather these across ranks)."""
+        return {"now": rng_state(), "epoch": self._epoch_rng}
+
+    def state_dict(self, rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything needed to continue bitwise: weights, EMA, optimizer, scaler, schedule position,
+        sparsity engine, counters, epoch sums and the RNG streams of every rank (``rng_states``: the
+        :meth:`local_rng` of each rank in rank order, gathered by the caller; default this process's)."""
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "config": self.cfg.to_flat(),
+            "model": self.module.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {"step": self.step, "total_steps": self.total_steps},
+            "sparsity": self.engine.state_dict() if self.engine is not None else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "sums": dict(self._sums),
+            "rng": rng_states if rng_states is not None else [self.local_rng()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (this rank takes its own RNG streams)."""
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a trainer checkpoint (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
+        total = state["scheduler"]["total_steps"]
+        if total != self.total_steps:
+            raise ValueError(
+                f"checkpoint was made for {total} optimizer steps, this run has {self.total_steps} "
+                "(train.epochs, train.global_batch_size, run.num_workers or the dataset changed); resume with the "
+                "same settings or start a new run.name")
+        self.module.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.engine is not None:
+            self.engine.load_state_dict(state["sparsity"])
+            self.sparsity_ready = True
+        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        self._sums = dict(state["sums"])
+        rngs = state["rng"]
+        if len(rngs) != self.world_size:
+            log.warning("checkpoint holds RNG streams of %d ranks, this run has %d: continuing, but not bitwise",
+                        len(rngs), self.world_size)
+        mine = rngs[self.rank % len(rngs)]
+        self._epoch_rng = mine["epoch"]
+        set_rng_state(mine["now"])

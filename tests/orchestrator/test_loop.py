@@ -1,0 +1,172 @@
+"""The pure-PyTorch training loop: schedule, param groups, a 2-epoch sparse run, bitwise resume."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from timm.data import Mixup
+from torch.utils.data import DataLoader, TensorDataset
+
+from orchestrator.config import load_config
+from orchestrator.loop import Trainer, cosine_schedule, param_groups
+
+MICRO = 8
+
+
+def _cfg(**extra):
+    base = {"run.num_workers": 1, "train.global_batch_size": 16, "train.micro_batch_size": MICRO,
+            "train.epochs": 2, "train.warmup_epochs": 0.5, "sparse.update_frequency": 2,
+            "train.ema_decay": 0.9, "train.bn_recalibration_batches": 2, "data.image_size": 32}
+    return load_config(None, {**base, **extra})
+
+
+def _loader(n: int = 96, seed: int = 0) -> DataLoader:
+    """Learnable toy data: the class is the quadrant/colour pattern plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5
+    for c in range(4):
+        x[y == c, c % 3, (c // 2) * 16:(c // 2) * 16 + 16, (c % 2) * 16:(c % 2) * 16 + 16] += 2.0
+    return DataLoader(TensorDataset(x, y), batch_size=MICRO, shuffle=False, drop_last=True)
+
+
+def _trainer(cfg, loader, mixup=True) -> Trainer:
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4) if mixup else None
+    tr = Trainer(cfg, steps_per_epoch=len(loader) // cfg.accumulation_steps, num_classes=4, mixup=mix)
+    return tr
+
+
+def _run(tr: Trainer, loader, stop_at_step: int | None = None) -> list[dict[str, float]]:
+    """Train to the end (or raise at ``stop_at_step``); return per-epoch metrics without timings."""
+    history = []
+
+    def on_step(t: Trainer, m: dict[str, float]) -> None:
+        if stop_at_step is not None and t.step == stop_at_step:
+            raise KeyboardInterrupt
+
+    while not tr.done:
+        m = tr.train_one_epoch(loader, on_step)
+        m.update(tr.evaluate_all(loader, loader))
+        m.update(tr.sparsity_metrics())
+        tr.end_epoch()
+        history.append({k: v for k, v in m.items() if not k.startswith("perf/")})
+    return history
+
+
+def test_cosine_schedule_matches_reference_shape() -> None:
+    lr = cosine_schedule(4e-3, 1e-6, epochs=3, steps_per_epoch=10, warmup_steps=5)
+    assert len(lr) == 30
+    assert lr[0] == 0.0 and lr[4] == pytest.approx(4e-3)
+    assert lr[5] == pytest.approx(4e-3) and lr[-1] == pytest.approx(1e-6, abs=2e-5)
+    assert np.all(np.diff(lr[5:]) <= 0)
+    no_warm = cosine_schedule(1.0, 0.0, epochs=1, steps_per_epoch=4, warmup_steps=0)
+    np.testing.assert_allclose(no_warm, [1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4))])
+
+
+def test_param_groups_no_decay_on_1d_and_bias() -> None:
+    tr = _trainer(_cfg(**{"sparse.enabled": False, "train.ema": False}), _loader())
+    decay, no_decay = sorted(tr.optimizer.param_groups, key=lambda g: -g["weight_decay"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    names = {id(p): n for n, p in tr.module.named_parameters()}
+    assert any(names[id(p)].endswith(".gamma") for p in no_decay["params"])  # layer scale is not decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(tr.module.parameters()))
+
+
+def test_accumulation_and_small_data_errors() -> None:
+    cfg = _cfg(**{"train.global_batch_size": 32})
+    assert cfg.accumulation_steps == 4
+    with pytest.raises(ValueError, match="steps_per_epoch=0"):
+        Trainer(cfg, steps_per_epoch=0, num_classes=4)
+
+
+def test_two_epoch_sparse_run_learns_and_keeps_masks() -> None:
+    loader = _loader()
+    tr = _trainer(_cfg(), loader)
+    tr.initialize_sparsity(next(iter(loader)))
+    history = _run(tr, loader)
+    assert len(history) == 2 and tr.step == 2 * tr.steps_per_epoch
+    last = history[-1]
+    for key in ("train/loss", "train/lr", "val/top1", "val/top5", "ema/top1", "sparsity/density",
+                "sparsity/churn", "sparsity/itop_rate"):
+        assert key in last and np.isfinite(last[key]), key
+    assert last["sparsity/density"] == pytest.approx(0.6, abs=0.02)
+    assert last["sparsity/updates"] == tr.step // 2
+    assert history[-1]["train/loss"] < history[0]["train/loss"] + 0.5
+    params = dict(tr.module.named_parameters())
+    ema = dict(tr.ema.module.named_parameters())
+    for name, mask in tr.engine.masks.items():
+        assert not params[name][~mask].any(), f"{name}: inactive weights must be exactly zero"
+        assert not ema[name][~mask].any(), f"{name}: EMA must be zero where the mask is off"
+
+
+@pytest.mark.parametrize("save_at_step, stop_at_step", [(None, 8), (3, 5)], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_is_bitwise_identical(save_at_step: int | None, stop_at_step: int) -> None:
+    """Save at ``save_at_step`` (None = after epoch 0 ends), die at ``stop_at_step``, resume in a new trainer."""
+    loader = _loader()
+    cfg = _cfg(**{"train.epochs": 2})
+    ref = _trainer(cfg, loader)
+    ref.initialize_sparsity(next(iter(loader)))
+    ref_history = _run(ref, loader)
+    assert ref.steps_per_epoch == 6
+
+    first = _trainer(cfg, loader)
+    first.initialize_sparsity(next(iter(loader)))
+    saved: dict = {}
+
+    def save(t: Trainer) -> None:
+        buf = io.BytesIO()
+        torch.save(t.state_dict(), buf)
+        saved["state"] = buf.getvalue()
+
+    def on_step(t: Trainer, m: dict) -> None:
+        if t.step == save_at_step:
+            save(t)
+        if t.step == stop_at_step:
+            raise KeyboardInterrupt
+
+    history = []
+    with pytest.raises(KeyboardInterrupt):
+        while not first.done:
+            m = first.train_one_epoch(loader, on_step)
+            m.update(first.evaluate_all(loader, loader))
+            m.update(first.sparsity_metrics())
+            first.end_epoch()
+            if save_at_step is None and first.epoch == 1:
+                save(first)
+            history.append({k: v for k, v in m.items() if not k.startswith("perf/")})
+    # a fresh process: new trainer, perturbed global RNG, state loaded from bytes
+    torch.manual_seed(1234)
+    second = _trainer(cfg, loader)
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=False)
+    second.load_state_dict(state)
+    epochs_before = second.epoch
+    history = history[:epochs_before] + _run(second, loader)
+
+    assert history == ref_history
+    for (name, a), b in zip(ref.module.state_dict().items(), second.module.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(ref.ema.module.state_dict().items(), second.ema.module.state_dict().values()):
+        assert torch.equal(a, b), f"ema {name}"
+    for name, mask in ref.engine.masks.items():
+        assert torch.equal(mask, second.engine.masks[name]), name
+
+
+def test_bf16_autocast_runs_and_steps_sparsity() -> None:
+    loader = _loader(n=32)
+    tr = _trainer(_cfg(**{"train.precision": "bf16", "train.epochs": 1, "train.clip_grad": 1.0}), loader,
+                  mixup=False)
+    tr.initialize_sparsity(next(iter(loader)))
+    m = tr.train_one_epoch(loader)
+    assert np.isfinite(m["train/loss"]) and tr.engine.step == tr.step == 2
+
+
+def test_load_rejects_a_different_run_length() -> None:
+    loader = _loader(n=32)
+    tr = _trainer(_cfg(**{"sparse.enabled": False, "train.epochs": 1}), loader)
+    other = _trainer(_cfg(**{"sparse.enabled": False, "train.epochs": 2}), loader)
+    with pytest.raises(ValueError, match="optimizer steps"):
+        other.load_state_dict(tr.state_dict())
