@@ -19,6 +19,7 @@ class while unpickling, so nothing but data is ever constructed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -201,13 +202,20 @@ def _has(keys: Any, fragment: str) -> bool:
 
 
 def _width_hint(model: nn.Module, ckpt_widths: list[int]) -> str:
+    """The roundest width_factor with ``int(d * f) == w`` for every stage, if one exists."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or not ckpt_widths:
         return ""
+    dims = cfg.dims[: len(ckpt_widths)]
+    lo = max(w / d for w, d in zip(ckpt_widths, dims))
+    hi = min((w + 1) / d for w, d in zip(ckpt_widths, dims))
     for digits in (1, 2, 3):
-        factor = round(ckpt_widths[0] / cfg.dims[0], digits)
-        if [int(d * factor) for d in cfg.dims[: len(ckpt_widths)]] == ckpt_widths:
-            return f" (width_factor={factor:g} reproduces them)"
+        step = 10.0 ** -digits
+        factor = round(math.ceil(lo / step - 1e-9) * step, digits)
+        while factor < hi:
+            if [int(d * factor) for d in dims] == ckpt_widths:
+                return f" (width_factor={factor:g} reproduces them)"
+            factor = round(factor + step, digits)
     return ""
 
 
@@ -227,8 +235,8 @@ def _likely_causes(model: nn.Module, ours: Mapping[str, Any], expected: Mapping[
                       "training-form checkpoint first, then call model.merge_for_inference()")
     ck_small, mk_small = _has(ck, ".large_kernel.small."), _has(mk, ".large_kernel.small.")
     if ck_small != mk_small:
-        where = "has" if ck_small else "has no"
-        causes.append(f"the checkpoint {where} a small_conv branch: set small_kernel / the 5th kernel_size number "
+        where = "has a" if ck_small else "has no"
+        causes.append(f"the checkpoint {where} small_conv branch: set small_kernel / the 5th kernel_size number "
                       "(a small kernel exists only where it is smaller than the stage kernel)")
     ck_bn, mk_bn = _has(ck, ".bn."), _has(mk, ".bn.")
     if ck_bn != mk_bn:

@@ -124,3 +124,15 @@ def test_merged_model_equals_the_trained_form(mode: str) -> None:
 def test_package_exports() -> None:
     for name in slak_model.__all__:
         assert hasattr(slak_model, name), name
+
+
+def test_sparsity_engine_targets_the_rectangular_strips(model: SLaK) -> None:
+    from slak_model.sparsity import select_targets
+
+    names = list(select_targets(model, "large_kernels"))
+    expected = [f"stages.{s}.blocks.{b}.large_kernel.{k}.conv.weight"
+                for s, depth in enumerate((1, 1, 2, 1)) for b in range(depth) for k in ("tall", "wide")]
+    assert names == expected
+    params = dict(model.named_parameters())
+    rect = [p for lk in model.large_kernel_modules() for p in lk.rectangular_parameters()]
+    assert [id(p) for p in rect] == [id(params[n]) for n in expected]
