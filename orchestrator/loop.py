@@ -278,9 +278,12 @@ class Trainer:
             if on_step is not None:
                 on_step(self, metrics)
         s = self._sums
-        seconds = max(s["seconds"], 1e-9)
-        return {"train/loss": s["loss"] / max(s["micro"], 1), "train/lr": self.lr_values[self.step - 1].item(),
-                "perf/img_per_s": s["images"] * self.world_size / seconds}
+        totals = torch.tensor([s["loss"], s["micro"], s["images"]], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:  # the metric describes the whole job, not rank 0's shard
+            dist.all_reduce(totals)
+        loss, micro, images = totals.tolist()
+        return {"train/loss": loss / max(micro, 1), "train/lr": self.lr_values[self.step - 1].item(),
+                "perf/img_per_s": images / max(s["seconds"], 1e-9)}
 
     def _optimizer_step(self, it: Iterator) -> dict[str, float]:
         t0 = time.perf_counter()
