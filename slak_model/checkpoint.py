@@ -42,8 +42,12 @@ log = logging.getLogger(__name__)
 _STRIP_PREFIXES = ("module.", "backbone.")
 _STATE_KEYS = ("model", "state_dict", "model_ema")
 _BRANCH_NAMES = {
-    "LoRA1": "tall", "LoRA2": "wide", "Decom1": "tall", "Decom2": "wide",
-    "small_conv": "small", "lkb_origin": "square",
+    "LoRA1": "tall",
+    "LoRA2": "wide",
+    "Decom1": "tall",
+    "Decom2": "wide",
+    "small_conv": "small",
+    "lkb_origin": "square",
 }
 _BLOCK_RE = re.compile(r"^stages\.(\d+)\.(\d+)\.(.+)$")
 _DOWNSAMPLE_RE = re.compile(r"^downsample_layers\.(\d+)\.(.+)$")
@@ -75,7 +79,7 @@ def reference_to_ours(key: str) -> str:
     """
     for prefix in _STRIP_PREFIXES:
         while key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     m = _DOWNSAMPLE_RE.match(key)
     if m:
         stage, rest = int(m.group(1)), m.group(2)
@@ -158,13 +162,16 @@ def load_official_checkpoint(
     ]
     if missing or unexpected or mis_shaped:
         args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
-        raise CheckpointMismatchError(_mismatch_message(model, ours, expected, missing, unexpected, mis_shaped, args))
+        raise CheckpointMismatchError(
+            _mismatch_message(model, ours, expected, missing, unexpected, mis_shaped, args)
+        )
     model.load_state_dict(ours, strict=True)
     log.info("loaded %d tensors into %s", len(ours), type(model).__name__)
     return model
 
 
 # --- diagnosis ----------------------------------------------------------------------------------------
+
 
 def _depths(keys: Any) -> list[int]:
     blocks: dict[int, int] = {}
@@ -207,10 +214,10 @@ def _width_hint(model: nn.Module, ckpt_widths: list[int]) -> str:
     if cfg is None or not ckpt_widths:
         return ""
     dims = cfg.dims[: len(ckpt_widths)]
-    lo = max(w / d for w, d in zip(ckpt_widths, dims))
-    hi = min((w + 1) / d for w, d in zip(ckpt_widths, dims))
+    lo = max(w / d for w, d in zip(ckpt_widths, dims, strict=True))
+    hi = min((w + 1) / d for w, d in zip(ckpt_widths, dims, strict=True))
     for digits in (1, 2, 3):
-        step = 10.0 ** -digits
+        step = 10.0**-digits
         factor = round(math.ceil(lo / step - 1e-9) * step, digits)
         while factor < hi:
             if [int(d * factor) for d in dims] == ckpt_widths:
@@ -225,57 +232,91 @@ def _likely_causes(model: nn.Module, ours: Mapping[str, Any], expected: Mapping[
     ck_dec, mk_dec = _has(ck, ".large_kernel.tall."), _has(mk, ".large_kernel.tall.")
     ck_sq, mk_sq = _has(ck, ".large_kernel.square."), _has(mk, ".large_kernel.square.")
     if ck_dec and mk_sq:
-        causes.append("the checkpoint is decomposed (reference LoRA1/LoRA2, --Decom True) but the model is not: "
-                      "build it with kernel_mode='decomposed'")
+        causes.append(
+            "the checkpoint is decomposed (reference LoRA1/LoRA2, --Decom True) but the model is not: "
+            "build it with kernel_mode='decomposed'"
+        )
     if ck_sq and mk_dec:
-        causes.append("the checkpoint has square kernels (reference lkb_origin, --Decom False) but the model is "
-                      "decomposed: build it with kernel_mode='replknet' (with small_conv) or 'naive' (without)")
+        causes.append(
+            "the checkpoint has square kernels (reference lkb_origin, --Decom False) but the model is "
+            "decomposed: build it with kernel_mode='replknet' (with small_conv) or 'naive' (without)"
+        )
     if _has(ck, ".deploy_") != _has(mk, ".deploy_"):
-        causes.append("one side is merged for inference (lkb_reparam / deploy_*) and the other is not: load the "
-                      "training-form checkpoint first, then call model.merge_for_inference()")
+        causes.append(
+            "one side is merged for inference (lkb_reparam / deploy_*) and the other is not: load the "
+            "training-form checkpoint first, then call model.merge_for_inference()"
+        )
     ck_small, mk_small = _has(ck, ".large_kernel.small."), _has(mk, ".large_kernel.small.")
     if ck_small != mk_small:
         where = "has a" if ck_small else "has no"
-        causes.append(f"the checkpoint {where} small_conv branch: set small_kernel / the 5th kernel_size number "
-                      "(a small kernel exists only where it is smaller than the stage kernel)")
+        causes.append(
+            f"the checkpoint {where} small_conv branch: set small_kernel / the 5th kernel_size number "
+            "(a small kernel exists only where it is smaller than the stage kernel)"
+        )
     ck_bn, mk_bn = _has(ck, ".bn."), _has(mk, ".bn.")
     if ck_bn != mk_bn:
         causes.append(f"BatchNorm in the branches differs: build with use_bn={ck_bn}")
     ck_g, mk_g = _has(ck, ".gamma"), _has(mk, ".gamma")
     if ck_g != mk_g:
-        causes.append("layer scale differs: " + ("use layer_scale_init > 0 (e.g. 1e-6)" if ck_g
-                                                 else "use layer_scale_init=0 (the checkpoint has no gamma)"))
+        causes.append(
+            "layer scale differs: "
+            + (
+                "use layer_scale_init > 0 (e.g. 1e-6)"
+                if ck_g
+                else "use layer_scale_init=0 (the checkpoint has no gamma)"
+            )
+        )
     cd, md = _depths(ck), _depths(mk)
     if cd and cd != md:
-        causes.append(f"the checkpoint has depths {cd}, the model {md}: wrong variant "
-                      "(slak_tiny = [3, 3, 9, 3], slak_small/slak_base = [3, 3, 27, 3])")
+        causes.append(
+            f"the checkpoint has depths {cd}, the model {md}: wrong variant "
+            "(slak_tiny = [3, 3, 9, 3], slak_small/slak_base = [3, 3, 27, 3])"
+        )
     cw, mw = _widths(ours), _widths(expected)
     if cw and cw != mw:
-        causes.append(f"the checkpoint has stage widths {cw}, the model {mw}: wrong width_factor or "
-                      f"variant{_width_hint(model, cw)}")
+        causes.append(
+            f"the checkpoint has stage widths {cw}, the model {mw}: wrong width_factor or "
+            f"variant{_width_hint(model, cw)}"
+        )
     ckk, mkk = _kernel_sizes(ours), _kernel_sizes(expected)
     if ckk and ckk != mkk and (ck_dec == mk_dec):
         ms = [ckk[s][0] for s in sorted(ckk)]
         n = min(ckk[s][1] for s in sorted(ckk)) if ck_dec else None
         suggestion = f"kernel_size={[*ms, n]}" if n is not None else f"stage_kernels={ms}"
-        causes.append(f"wrong kernel sizes: the checkpoint's stage kernels are "
-                      f"{[f'{ckk[s][0]}x{ckk[s][1]}' for s in sorted(ckk)]}, the model's "
-                      f"{[f'{mkk[s][0]}x{mkk[s][1]}' for s in sorted(mkk)]}: build with {suggestion}")
+        causes.append(
+            f"wrong kernel sizes: the checkpoint's stage kernels are "
+            f"{[f'{ckk[s][0]}x{ckk[s][1]}' for s in sorted(ckk)]}, the model's "
+            f"{[f'{mkk[s][0]}x{mkk[s][1]}' for s in sorted(mkk)]}: build with {suggestion}"
+        )
     for name in ("head.weight",):
         if name in ours and name in expected and ours[name].shape[0] != expected[name].shape[0] and cw == mw:
-            causes.append(f"the classifier has {ours[name].shape[0]} classes in the checkpoint: num_classes="
-                          f"{ours[name].shape[0]}")
+            causes.append(
+                f"the classifier has {ours[name].shape[0]} classes in the checkpoint: num_classes="
+                f"{ours[name].shape[0]}"
+            )
     return causes
 
 
-def _mismatch_message(model: nn.Module, ours: Mapping[str, Any], expected: Mapping[str, Any], missing: list[str],
-                      unexpected: list[str], mis_shaped: list[tuple[str, tuple, tuple]], args: Any) -> str:
-    lines = [f"checkpoint does not match the model: {len(missing)} missing, {len(unexpected)} unexpected, "
-             f"{len(mis_shaped)} mis-shaped key(s) (names below are ours; reference names were mapped)"]
+def _mismatch_message(
+    model: nn.Module,
+    ours: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    missing: list[str],
+    unexpected: list[str],
+    mis_shaped: list[tuple[str, tuple, tuple]],
+    args: Any,
+) -> str:
+    lines = [
+        f"checkpoint does not match the model: {len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(mis_shaped)} mis-shaped key(s) (names below are ours; reference names were mapped)"
+    ]
     causes = _likely_causes(model, ours, expected)
     if args is not None:
-        trained = {k: getattr(args, k) for k in ("model", "kernel_size", "Decom", "width_factor", "bn")
-                   if hasattr(args, k)}
+        trained = {
+            k: getattr(args, k)
+            for k in ("model", "kernel_size", "Decom", "width_factor", "bn")
+            if hasattr(args, k)
+        }
         if trained:
             causes.append(f"the checkpoint's own training arguments: {trained}")
     lines.append("likely cause(s):" if causes else "likely cause: unknown (compare the key lists below)")

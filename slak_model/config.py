@@ -122,13 +122,19 @@ class SLaKConfig:
             if not isinstance(value, tuple) or not value or not all(_is_int(v) and v > 0 for v in value):
                 out.append(f"{name}={value!r}: must be a non-empty sequence of positive integers")
         if not isinstance(kernels, tuple) or not kernels:
-            out.append(f"stage_kernels={kernels!r}: must be a sequence of odd positive integers, one per stage")
+            out.append(
+                f"stage_kernels={kernels!r}: must be a sequence of odd positive integers, one per stage"
+            )
             kernels = ()
         for i, k in enumerate(kernels):
             problem = _odd_positive_problem(f"stage_kernels[{i}] (stage {i + 1})", k)
             if problem:
                 out.append(problem)
-        if isinstance(depths, tuple) and isinstance(dims, tuple) and len({len(depths), len(dims), len(kernels)}) != 1:
+        if (
+            isinstance(depths, tuple)
+            and isinstance(dims, tuple)
+            and len({len(depths), len(dims), len(kernels)}) != 1
+        ):
             out.append(
                 f"depths, dims and stage_kernels have lengths {len(depths)}, {len(dims)}, {len(kernels)}: "
                 "give one entry per stage in each"
@@ -159,11 +165,20 @@ class SLaKConfig:
                 problem = _odd_positive_problem("small_kernel", self.small_kernel)
                 if problem:
                     out.append(problem)
-        if not isinstance(self.width_factor, (int, float)) or isinstance(self.width_factor, bool) \
-                or not self.width_factor > 0:
+        if (
+            not isinstance(self.width_factor, (int, float))
+            or isinstance(self.width_factor, bool)
+            or not self.width_factor > 0
+        ):
             out.append(f"width_factor={self.width_factor!r}: must be a number > 0 (SLaK uses 1.3)")
-        elif isinstance(dims, tuple) and all(_is_int(d) for d in dims) and any(int(d * self.width_factor) < 1 for d in dims):
-            out.append(f"width_factor={self.width_factor!r} makes a stage of dims={list(dims)} zero channels wide")
+        elif (
+            isinstance(dims, tuple)
+            and all(_is_int(d) for d in dims)
+            and any(int(d * self.width_factor) < 1 for d in dims)
+        ):
+            out.append(
+                f"width_factor={self.width_factor!r} makes a stage of dims={list(dims)} zero channels wide"
+            )
         if not isinstance(self.drop_path_rate, (int, float)) or not 0.0 <= self.drop_path_rate < 1.0:
             out.append(f"drop_path_rate={self.drop_path_rate!r}: must be in [0, 1) (the paper uses 0.1-0.5)")
         for name in ("layer_scale_init", "head_init_scale"):
@@ -204,10 +219,13 @@ class SLaKConfig:
         known = {f.name for f in fields(self)} | {"kernel_size"}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(u, known, 1)) else repr(u)
-                     for u in unknown]
-            raise ValueError(f"unknown SLaKConfig field(s) {', '.join(hints)}; valid fields are {sorted(known)}")
+            hints = [
+                f"{u!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(u, known, 1)) else repr(u)
+                for u in unknown
+            ]
+            raise ValueError(
+                f"unknown SLaKConfig field(s) {', '.join(hints)}; valid fields are {sorted(known)}"
+            )
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(overrides)
         return SLaKConfig(**values)
-

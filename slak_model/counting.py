@@ -97,8 +97,9 @@ def _spatial_sizes(model: nn.Module, image_size: tuple[int, int]) -> dict[str, t
     return sizes
 
 
-def _nonzero(name: str, param: torch.Tensor, masks: Mapping[str, torch.Tensor] | None,
-             density: float | None) -> int:
+def _nonzero(
+    name: str, param: torch.Tensor, masks: Mapping[str, torch.Tensor] | None, density: float | None
+) -> int:
     eligible = param.dim() in (2, 4)
     if density is not None:
         return int(round(density * param.numel())) if eligible else param.numel()
@@ -106,8 +107,10 @@ def _nonzero(name: str, param: torch.Tensor, masks: Mapping[str, torch.Tensor] |
         if name in masks:
             mask = masks[name]
             if tuple(mask.shape) != tuple(param.shape):
-                raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has "
-                                 f"{tuple(param.shape)}; pass masks keyed by model.named_parameters() names")
+                raise ValueError(
+                    f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has "
+                    f"{tuple(param.shape)}; pass masks keyed by model.named_parameters() names"
+                )
             return int(mask.count_nonzero())
         return param.numel()
     if param.is_meta or not eligible:  # 1-D params (biases, norms, gamma) are never sparse: count them whole
@@ -138,7 +141,9 @@ def count_complexity(
     """
     model = getattr(model, "module", model)
     if not hasattr(model, "stages") or not hasattr(model, "stem"):
-        raise ValueError(f"count_complexity needs a SLaK model (stem/stages/head), got {type(model).__name__}")
+        raise ValueError(
+            f"count_complexity needs a SLaK model (stem/stages/head), got {type(model).__name__}"
+        )
     if masks is not None and sparsity is not None:
         raise ValueError("give masks or sparsity, not both: masks are exact, sparsity is a uniform estimate")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:

@@ -27,8 +27,12 @@ from .variants import VARIANTS, create_model
 
 __all__ = ["InfoRow", "format_rows", "info_rows", "main", "paper_configs"]
 
-_KERNELS = {"7-7-7-7": [7, 7, 7, 7], "31-29-27-13": [31, 29, 27, 13], "51-49-47-13": [51, 49, 47, 13],
-            "61-59-57-13": [61, 59, 57, 13]}
+_KERNELS = {
+    "7-7-7-7": [7, 7, 7, 7],
+    "31-29-27-13": [31, 29, 27, 13],
+    "51-49-47-13": [51, 49, 47, 13],
+    "61-59-57-13": [61, 59, 57, 13],
+}
 _CONVNEXT = {"kernel_mode": "naive", "kernel_size": [7, 7, 7, 7, 100], "width_factor": 1.0}
 
 
@@ -61,14 +65,30 @@ def paper_configs() -> list[tuple[PublishedResult | None, str, dict[str, Any], f
             if cell is None:
                 continue
             small = 5 if mode == "replknet" else 100
-            out.append((cell, "slak_tiny", {"kernel_mode": mode, "kernel_size": [*ks, small], "width_factor": 1.0},
-                        0.0))
+            out.append(
+                (
+                    cell,
+                    "slak_tiny",
+                    {"kernel_mode": mode, "kernel_size": [*ks, small], "width_factor": 1.0},
+                    0.0,
+                )
+            )
     for kernel, ks in _KERNELS.items():
         settings = {"decomposed": (1.0, 0.0), "sparse_groups": (1.0, 0.4), "sparse_groups_wide": (1.3, 0.4)}
         for setting, (width, sparsity) in settings.items():
-            out.append((cells[("table2", kernel, setting)], "slak_tiny",
-                        {"kernel_mode": "decomposed", "kernel_size": [*ks, 5], "width_factor": width}, sparsity))
-    for model, variant in (("ConvNeXt-T", "slak_tiny"), ("ConvNeXt-S", "slak_small"), ("ConvNeXt-B", "slak_base")):
+            out.append(
+                (
+                    cells[("table2", kernel, setting)],
+                    "slak_tiny",
+                    {"kernel_mode": "decomposed", "kernel_size": [*ks, 5], "width_factor": width},
+                    sparsity,
+                )
+            )
+    for model, variant in (
+        ("ConvNeXt-T", "slak_tiny"),
+        ("ConvNeXt-S", "slak_small"),
+        ("ConvNeXt-B", "slak_base"),
+    ):
         out.append((cells[("table3", model, "224")], variant, dict(_CONVNEXT), 0.0))
     for model, variant in (("SLaK-T", "slak_tiny"), ("SLaK-S", "slak_small"), ("SLaK-B", "slak_base")):
         out.append((cells[("table3", model, "224")], variant, {}, 0.4))
@@ -94,12 +114,21 @@ def info_rows() -> list[InfoRow]:
         with torch.device("meta"):
             model = create_model(variant, **overrides)
         counts = count_complexity(model, image_size=size, sparsity=sparsity if sparsity > 0 else None)
-        rows.append(InfoRow(
-            table=cell.table if cell else "variant", row=cell.row if cell else variant,
-            setting=cell.setting if cell else "dense", model=variant, overrides=overrides, sparsity=sparsity,
-            image_size=size, params_m=counts.nonzero_params / 1e6, gmacs=counts.sparse_gmacs,
-            published_params_m=cell.params_m if cell else None, published_gmacs=cell.flops_g if cell else None,
-        ))
+        rows.append(
+            InfoRow(
+                table=cell.table if cell else "variant",
+                row=cell.row if cell else variant,
+                setting=cell.setting if cell else "dense",
+                model=variant,
+                overrides=overrides,
+                sparsity=sparsity,
+                image_size=size,
+                params_m=counts.nonzero_params / 1e6,
+                gmacs=counts.sparse_gmacs,
+                published_params_m=cell.params_m if cell else None,
+                published_gmacs=cell.flops_g if cell else None,
+            )
+        )
     return rows
 
 
@@ -110,12 +139,26 @@ def _num(value: float | None, digits: int) -> str:
 def format_rows(rows: Sequence[InfoRow]) -> str:
     """A fixed-width text table of ``rows``."""
     header = ("table", "row", "setting", "model", "sparsity", "px", "params M", "paper M", "GMACs", "paper G")
-    lines = [(r.table, r.row, r.setting, r.model, f"{r.sparsity:.2f}", str(r.image_size),
-              _num(r.params_m, 2), _num(r.published_params_m, 0), _num(r.gmacs, 3), _num(r.published_gmacs, 1))
-             for r in rows]
+    lines = [
+        (
+            r.table,
+            r.row,
+            r.setting,
+            r.model,
+            f"{r.sparsity:.2f}",
+            str(r.image_size),
+            _num(r.params_m, 2),
+            _num(r.published_params_m, 0),
+            _num(r.gmacs, 3),
+            _num(r.published_gmacs, 1),
+        )
+        for r in rows
+    ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines])
+    return "\n".join(
+        [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,9 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv:
         print(f"usage: python -m slak_model.info  (takes no arguments, got {argv})", file=sys.stderr)
         return 2
-    print(f"SLaK model family: params (nonzero, M) and GMACs (sparsity-aware) vs the paper; "
-          f"torch {torch.__version__}, depthwise-conv backend: {kernels.active_backend()}")
-    print("sparse rows use a uniform sparsity over all 2-D/4-D weights (the paper used SNIP layer densities)\n")
+    print(
+        f"SLaK model family: params (nonzero, M) and GMACs (sparsity-aware) vs the paper; "
+        f"torch {torch.__version__}, depthwise-conv backend: {kernels.active_backend()}"
+    )
+    print(
+        "sparse rows use a uniform sparsity over all 2-D/4-D weights (the paper used SNIP layer densities)\n"
+    )
     print(format_rows(info_rows()))
     return 0
 

@@ -214,8 +214,10 @@ class LargeKernelConv(nn.Module):
         self.merged = True
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, kernel_size={self.kernel_size}, short_edge={self.short_edge}, "
-                f"kernel_mode={self.kernel_mode!r}, merged={self.merged}")
+        return (
+            f"channels={self.channels}, kernel_size={self.kernel_size}, short_edge={self.short_edge}, "
+            f"kernel_mode={self.kernel_mode!r}, merged={self.merged}"
+        )
 
 
 class SLaKBlock(nn.Module):

@@ -37,19 +37,42 @@ def _linspace(end: float, count: int) -> list[float]:
 class SLaKStage(nn.Module):
     """One resolution stage: optional 2x downsample, then ``depth`` blocks."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, kernel_size: int, short_edge: int,
-                 small_kernel: int | None, kernel_mode: str, use_bn: bool, drop_paths: list[float],
-                 layer_scale_init: float, downsample: bool) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        kernel_size: int,
+        short_edge: int,
+        small_kernel: int | None,
+        kernel_mode: str,
+        use_bn: bool,
+        drop_paths: list[float],
+        layer_scale_init: float,
+        downsample: bool,
+    ) -> None:
         super().__init__()
         if downsample:
-            self.downsample = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
+            self.downsample = nn.Sequential(
+                LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2)
+            )
         else:
             self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*[
-            SLaKBlock(dim, kernel_size, short_edge, small_kernel, kernel_mode, use_bn, drop_paths[j],
-                      layer_scale_init)
-            for j in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                SLaKBlock(
+                    dim,
+                    kernel_size,
+                    short_edge,
+                    small_kernel,
+                    kernel_mode,
+                    use_bn,
+                    drop_paths[j],
+                    layer_scale_init,
+                )
+                for j in range(depth)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.downsample(x))
@@ -73,7 +96,9 @@ class SLaK(nn.Module):
         self.num_features = self.head_hidden_size = widths[-1]
         self.drop_rate = 0.0
         self.grad_checkpointing = False
-        self.stem = nn.Sequential(nn.Conv2d(cfg.in_chans, widths[0], 4, stride=4), LayerNorm2d(widths[0], eps=1e-6))
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_chans, widths[0], 4, stride=4), LayerNorm2d(widths[0], eps=1e-6)
+        )
         total = sum(cfg.depths)
         rates = _linspace(cfg.drop_path_rate, total)
         stages, start, reduction = [], 0, 4
@@ -81,11 +106,21 @@ class SLaK(nn.Module):
         for i, depth in enumerate(cfg.depths):
             if i > 0:
                 reduction *= 2
-            stages.append(SLaKStage(
-                widths[i - 1] if i else widths[0], widths[i], depth, cfg.stage_kernels[i], cfg.short_edge,
-                cfg.stage_small_kernel(i), cfg.kernel_mode, cfg.use_bn, rates[start:start + depth],
-                cfg.layer_scale_init, downsample=i > 0,
-            ))
+            stages.append(
+                SLaKStage(
+                    widths[i - 1] if i else widths[0],
+                    widths[i],
+                    depth,
+                    cfg.stage_kernels[i],
+                    cfg.short_edge,
+                    cfg.stage_small_kernel(i),
+                    cfg.kernel_mode,
+                    cfg.use_bn,
+                    rates[start : start + depth],
+                    cfg.layer_scale_init,
+                    downsample=i > 0,
+                )
+            )
             start += depth
             self.feature_info.append({"num_chs": widths[i], "reduction": reduction, "module": f"stages.{i}"})
         self.stages = nn.Sequential(*stages)
@@ -125,7 +160,9 @@ class SLaK(nn.Module):
         """Parameter groups for timm's layer-wise LR decay (stem, then stage/block order)."""
         return {
             "stem": r"^stem",
-            "blocks": r"^stages\.(\d+)" if coarse else [
+            "blocks": r"^stages\.(\d+)"
+            if coarse
+            else [
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm", (99999,)),

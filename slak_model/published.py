@@ -77,16 +77,33 @@ def _t2() -> list[PublishedResult]:
     }
     out = []
     for kernel, cells in rows.items():
-        for setting, cell in zip(("decomposed", "sparse_groups", "sparse_groups_wide"), cells):
+        for setting, cell in zip(("decomposed", "sparse_groups", "sparse_groups_wide"), cells, strict=True):
             out.append(PublishedResult("table2", kernel, setting, *cell))
     return out
 
 
 def _t3() -> list[PublishedResult]:
-    def r(model: str, size: int, top1: float, params: float, flops: float,
-          dense_params: float | None = None, dense_flops: float | None = None) -> PublishedResult:
-        return PublishedResult("table3", model, str(size), top1, params, flops, dense_params, dense_flops,
-                               epochs=300, image_size=size)
+    def r(
+        model: str,
+        size: int,
+        top1: float,
+        params: float,
+        flops: float,
+        dense_params: float | None = None,
+        dense_flops: float | None = None,
+    ) -> PublishedResult:
+        return PublishedResult(
+            "table3",
+            model,
+            str(size),
+            top1,
+            params,
+            flops,
+            dense_params,
+            dense_flops,
+            epochs=300,
+            image_size=size,
+        )
 
     return [
         r("ConvNeXt-T", 224, 82.1, 29, 4.5),
@@ -100,13 +117,20 @@ def _t3() -> list[PublishedResult]:
 
 
 def _t8() -> list[PublishedResult]:
-    rows = [((0.20, 1.1), 29, 5.0, 81.3), ((0.40, 1.3), 30, 5.0, 81.6), ((0.55, 1.5), 30, 4.9, 81.7),
-            ((0.70, 1.9), 32, 5.0, 81.6), ((0.82, 2.5), 32, 5.1, 81.3)]
+    rows = [
+        ((0.20, 1.1), 29, 5.0, 81.3),
+        ((0.40, 1.3), 30, 5.0, 81.6),
+        ((0.55, 1.5), 30, 4.9, 81.7),
+        ((0.70, 1.9), 32, 5.0, 81.6),
+        ((0.82, 2.5), 32, 5.1, 81.3),
+    ]
     return [PublishedResult("table8", f"{s:.2f}/{w:g}x", "slak", top1, p, f) for (s, w), p, f, top1 in rows]
 
 
 def _t9() -> list[PublishedResult]:
-    return [PublishedResult("table9", f"N={n}", "slak", top1) for n, top1 in ((3, 81.5), (5, 81.6), (7, 81.4))]
+    return [
+        PublishedResult("table9", f"N={n}", "slak", top1) for n, top1 in ((3, 81.5), (5, 81.6), (7, 81.4))
+    ]
 
 
 #: Every published cell, in the paper's order (Tables 1, 2, 3, 8, 9).

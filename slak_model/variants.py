@@ -26,18 +26,38 @@ from .model import SLaK
 __all__ = ["VARIANTS", "create_model", "variant_config"]
 
 _SLAK_KERNELS: dict[str, Any] = {
-    "kernel_mode": "decomposed", "stage_kernels": (51, 49, 47, 13), "short_edge": 5, "small_kernel": 5,
+    "kernel_mode": "decomposed",
+    "stage_kernels": (51, 49, 47, 13),
+    "short_edge": 5,
+    "small_kernel": 5,
 }
 
 #: Variant name -> the :class:`SLaKConfig` fields it fixes (everything else is a default or override).
 VARIANTS: dict[str, dict[str, Any]] = {
     "slak_tiny": {"depths": (3, 3, 9, 3), "dims": (96, 192, 384, 768), "width_factor": 1.3, **_SLAK_KERNELS},
-    "slak_small": {"depths": (3, 3, 27, 3), "dims": (96, 192, 384, 768), "width_factor": 1.3, **_SLAK_KERNELS},
-    "slak_base": {"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024), "width_factor": 1.3, **_SLAK_KERNELS},
+    "slak_small": {
+        "depths": (3, 3, 27, 3),
+        "dims": (96, 192, 384, 768),
+        "width_factor": 1.3,
+        **_SLAK_KERNELS,
+    },
+    "slak_base": {
+        "depths": (3, 3, 27, 3),
+        "dims": (128, 256, 512, 1024),
+        "width_factor": 1.3,
+        **_SLAK_KERNELS,
+    },
     # Tiny CPU variant: same code paths (strips, small kernel, BN, layer scale), milliseconds per forward.
-    "slak_test": {"depths": (1, 1, 2, 1), "dims": (8, 16, 24, 32), "width_factor": 1.0,
-                  "kernel_mode": "decomposed", "stage_kernels": (13, 11, 9, 7), "short_edge": 3, "small_kernel": 3,
-                  "num_classes": 10},
+    "slak_test": {
+        "depths": (1, 1, 2, 1),
+        "dims": (8, 16, 24, 32),
+        "width_factor": 1.0,
+        "kernel_mode": "decomposed",
+        "stage_kernels": (13, 11, 9, 7),
+        "short_edge": 3,
+        "small_kernel": 3,
+        "num_classes": 10,
+    },
 }
 
 
@@ -61,18 +81,29 @@ def create_model(name: str, **overrides: Any) -> SLaK:
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0", "classifier": "head", "license": "mit", **kwargs,
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "head",
+        "license": "mit",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "slak_tiny": _cfg(),
-    "slak_small": _cfg(),
-    "slak_base": _cfg(),
-    "slak_test": _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "slak_tiny": _cfg(),
+        "slak_small": _cfg(),
+        "slak_base": _cfg(),
+        "slak_test": _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2)),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SLaK:
@@ -81,17 +112,29 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SLaK:
     overrides = {k: v for k, v in kwargs.items() if k not in _TIMM_KWARGS}
     variant_config(variant, **overrides)
     return build_model_with_cfg(
-        SLaK, variant, pretrained, model_cfg=SLaKConfig().replace(**VARIANTS[variant]),
+        SLaK,
+        variant,
+        pretrained,
+        model_cfg=SLaKConfig().replace(**VARIANTS[variant]),
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg={"out_indices": (0, 1, 2, 3), "flatten_sequential": True},
         **kwargs,
     )
 
 
-_TIMM_KWARGS = frozenset({
-    "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "features_only", "out_indices",
-    "feature_cfg", "feature_cls", "cache_dir", "output_stride",
-})
+_TIMM_KWARGS = frozenset(
+    {
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "pretrained_strict",
+        "features_only",
+        "out_indices",
+        "feature_cfg",
+        "feature_cls",
+        "cache_dir",
+        "output_stride",
+    }
+)
 
 
 @register_model

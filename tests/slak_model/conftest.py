@@ -89,7 +89,12 @@ def fill_reference(shapes: RefShapes, seed: int = 0, zeros: bool = False) -> dic
 
 
 #: The reference-style arguments of ``slak_test`` (depths 1-1-2-1, widths 8-16-24-32, 13/11/9/7 with N=3).
-TEST_ARCH = {"depths": (1, 1, 2, 1), "widths": (8, 16, 24, 32), "kernel_size": (13, 11, 9, 7, 3), "num_classes": 10}
+TEST_ARCH = {
+    "depths": (1, 1, 2, 1),
+    "widths": (8, 16, 24, 32),
+    "kernel_size": (13, 11, 9, 7, 3),
+    "num_classes": 10,
+}
 
 
 @pytest.fixture

@@ -18,8 +18,14 @@ from slak_model.checkpoint import checkpoint_filter_fn, reference_to_ours
         ("downsample_layers.0.0.weight", "stem.0.weight"),
         ("downsample_layers.2.1.bias", "stages.2.downsample.1.bias"),
         ("stages.2.5.large_kernel.LoRA1.conv.weight", "stages.2.blocks.5.large_kernel.tall.conv.weight"),
-        ("stages.2.5.large_kernel.LoRA2.bn.running_var", "stages.2.blocks.5.large_kernel.wide.bn.running_var"),
-        ("stages.0.0.large_kernel.small_conv.conv.weight", "stages.0.blocks.0.large_kernel.small.conv.weight"),
+        (
+            "stages.2.5.large_kernel.LoRA2.bn.running_var",
+            "stages.2.blocks.5.large_kernel.wide.bn.running_var",
+        ),
+        (
+            "stages.0.0.large_kernel.small_conv.conv.weight",
+            "stages.0.blocks.0.large_kernel.small.conv.weight",
+        ),
         ("stages.3.2.large_kernel.lkb_origin.bn.weight", "stages.3.blocks.2.large_kernel.square.bn.weight"),
         ("stages.3.2.large_kernel.lkb_reparam.bias", "stages.3.blocks.2.large_kernel.deploy_square.bias"),
         ("module.stages.1.0.pwconv1.weight", "stages.1.blocks.0.mlp.fc1.weight"),
@@ -28,8 +34,20 @@ from slak_model.checkpoint import checkpoint_filter_fn, reference_to_ours
         ("head.weight", "head.weight"),
         ("stages.1.blocks.0.mlp.fc1.weight", "stages.1.blocks.0.mlp.fc1.weight"),
     ],
-    ids=["stem", "downsample", "LoRA1", "LoRA2", "small_conv", "lkb_origin", "lkb_reparam", "module-prefix",
-         "backbone-prefix", "gamma", "head", "already-ours"],
+    ids=[
+        "stem",
+        "downsample",
+        "LoRA1",
+        "LoRA2",
+        "small_conv",
+        "lkb_origin",
+        "lkb_reparam",
+        "module-prefix",
+        "backbone-prefix",
+        "gamma",
+        "head",
+        "already-ours",
+    ],
 )
 def test_key_mapping(ref: str, ours: str) -> None:
     assert reference_to_ours(ref) == ours
@@ -55,10 +73,16 @@ def test_slak_t_reference_state_dict_loads_strictly(ref_shapes) -> None:
         ("slak_base", {}, {"depths": (3, 3, 27, 3), "widths": (166, 332, 665, 1331)}),
         ("slak_tiny", {"kernel_size": [31, 29, 27, 13, 5]}, {"kernel_size": (31, 29, 27, 13, 5)}),
         ("slak_tiny", {"use_bn": False}, {"bn": False}),
-        ("slak_tiny", {"kernel_mode": "replknet", "width_factor": 1.0},
-         {"decom": False, "widths": (96, 192, 384, 768)}),
-        ("slak_tiny", {"kernel_mode": "naive", "kernel_size": [7, 7, 7, 7, 100], "width_factor": 1.0},
-         {"decom": False, "widths": (96, 192, 384, 768), "kernel_size": (7, 7, 7, 7, 100)}),
+        (
+            "slak_tiny",
+            {"kernel_mode": "replknet", "width_factor": 1.0},
+            {"decom": False, "widths": (96, 192, 384, 768)},
+        ),
+        (
+            "slak_tiny",
+            {"kernel_mode": "naive", "kernel_size": [7, 7, 7, 7, 100], "width_factor": 1.0},
+            {"decom": False, "widths": (96, 192, 384, 768), "kernel_size": (7, 7, 7, 7, 100)},
+        ),
         ("slak_tiny", {"layer_scale_init": 0.0}, {"layer_scale": False}),
     ],
     ids=["S", "B", "T-31", "T-nobn", "T-replknet", "convnext-7-100", "no-layer-scale"],
@@ -79,8 +103,10 @@ def test_file_with_reference_args_loads_weights_only(tmp_path, reference_state_d
     torch.save({"model": sd, "model_ema": sd, "epoch": "best", "args": args}, path)
     model = load_official_checkpoint(create_model("slak_test"), path)
     assert torch.equal(model.head.weight, sd["head.weight"])
-    assert torch.equal(model.stages[2].blocks[1].large_kernel.wide.bn.running_var,
-                       sd["stages.2.1.large_kernel.LoRA2.bn.running_var"])
+    assert torch.equal(
+        model.stages[2].blocks[1].large_kernel.wide.bn.running_var,
+        sd["stages.2.1.large_kernel.LoRA2.bn.running_var"],
+    )
     ema = load_official_checkpoint(create_model("slak_test"), path, key="model_ema")
     assert torch.equal(ema.stem[0].weight, sd["downsample_layers.0.0.weight"])
 
@@ -112,7 +138,10 @@ def test_wrong_kernel_sizes_name_the_right_ones(reference_state_dict, test_arch)
     sd = reference_state_dict(**{**test_arch, "kernel_size": (11, 9, 7, 5, 3)})
     text = _error(create_model("slak_test"), sd)
     assert "build with kernel_size=[11, 9, 7, 5, 3]" in text
-    assert "mis-shaped: stages.0.blocks.0.large_kernel.tall.conv.weight checkpoint (8, 1, 11, 3) vs model (8, 1, 13, 3)" in text
+    assert (
+        "mis-shaped: stages.0.blocks.0.large_kernel.tall.conv.weight "
+        "checkpoint (8, 1, 11, 3) vs model (8, 1, 13, 3)" in text
+    )
 
 
 def test_decom_mismatch_lists_every_key(reference_state_dict, test_arch) -> None:
@@ -137,13 +166,19 @@ def test_wrong_width_suggests_the_factor(reference_state_dict, test_arch) -> Non
 
 @pytest.mark.parametrize(
     "ref_change,needle",
-    [({"bn": False}, "use_bn=False"), ({"layer_scale": False}, "layer_scale_init=0"),
-     ({"depths": (1, 1, 3, 1)}, "depths [1, 1, 3, 1]"), ({"num_classes": 1000}, "num_classes=1000"),
-     ({"kernel_size": (13, 11, 9, 7, 15)}, "has no small_conv branch")],
+    [
+        ({"bn": False}, "use_bn=False"),
+        ({"layer_scale": False}, "layer_scale_init=0"),
+        ({"depths": (1, 1, 3, 1)}, "depths [1, 1, 3, 1]"),
+        ({"num_classes": 1000}, "num_classes=1000"),
+        ({"kernel_size": (13, 11, 9, 7, 15)}, "has no small_conv branch"),
+    ],
     ids=["bn", "layer-scale", "depths", "classes", "no-small"],
 )
 def test_other_causes(ref_change: dict, needle: str, reference_state_dict, test_arch) -> None:
-    if "kernel_size" in ref_change:  # N > M is not decomposable: compare against a replknet checkpoint instead
+    if (
+        "kernel_size" in ref_change
+    ):  # N > M is not decomposable: compare against a replknet checkpoint instead
         sd = reference_state_dict(**{**test_arch, **ref_change, "decom": False})
         model = create_model("slak_test", kernel_mode="replknet")
     else:
@@ -157,7 +192,11 @@ def test_args_in_the_checkpoint_are_quoted(reference_state_dict, test_arch) -> N
     sd = reference_state_dict(**{**test_arch, "kernel_size": (11, 9, 7, 5, 3)})
     args = argparse.Namespace(kernel_size=[11, 9, 7, 5, 3], Decom=True, lr=4e-3)
     text = _error(create_model("slak_test"), {"model": sd, "args": args})
-    assert "'kernel_size': [11, 9, 7, 5, 3]" in text and "'Decom': True" in text and "lr" not in text.split("training arguments")[1].split("\n")[0]
+    assert (
+        "'kernel_size': [11, 9, 7, 5, 3]" in text
+        and "'Decom': True" in text
+        and "lr" not in text.split("training arguments")[1].split("\n")[0]
+    )
 
 
 def test_merged_checkpoint_needs_a_merged_model(reference_state_dict, test_arch) -> None:

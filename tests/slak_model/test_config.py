@@ -26,15 +26,26 @@ def test_n_at_least_m_means_no_small_branch() -> None:
 
 @pytest.mark.parametrize(
     "variant,widths",
-    [("slak_tiny", (124, 249, 499, 998)), ("slak_small", (124, 249, 499, 998)), ("slak_base", (166, 332, 665, 1331))],
+    [
+        ("slak_tiny", (124, 249, 499, 998)),
+        ("slak_small", (124, 249, 499, 998)),
+        ("slak_base", (166, 332, 665, 1331)),
+    ],
 )
 def test_widths_truncate_like_the_reference(variant: str, widths: tuple[int, ...]) -> None:
     assert variant_config(variant).widths == widths
 
 
 def test_replace_accepts_field_names_and_the_alias() -> None:
-    cfg = variant_config("slak_tiny", width_factor=1.5, kernel_size=[31, 29, 27, 13, 3], num_classes=10,
-                         drop_path_rate=0.1, use_bn=False, kernel_mode="decomposed")
+    cfg = variant_config(
+        "slak_tiny",
+        width_factor=1.5,
+        kernel_size=[31, 29, 27, 13, 3],
+        num_classes=10,
+        drop_path_rate=0.1,
+        use_bn=False,
+        kernel_mode="decomposed",
+    )
     assert cfg.width_factor == 1.5 and cfg.stage_kernels == (31, 29, 27, 13) and cfg.short_edge == 3
     assert cfg.num_classes == 10 and cfg.use_bn is False and cfg.drop_path_rate == 0.1
     assert cfg.to_dict()["depths"] == [3, 3, 9, 3]
@@ -58,9 +69,22 @@ def test_replace_accepts_field_names_and_the_alias() -> None:
         ({"num_classes": -1}, "num_classes=-1"),
         ({"depths": (3, 3, 9)}, "lengths 3, 4, 4"),
     ],
-    ids=["even-stage-kernel", "even-short-edge", "zero-kernel", "negative-kernel", "alias-4-numbers",
-         "alias-6-numbers", "width-zero", "width-negative", "drop-path-one", "drop-path-negative",
-         "decomposed-N-above-M", "unknown-mode", "negative-classes", "stage-count-mismatch"],
+    ids=[
+        "even-stage-kernel",
+        "even-short-edge",
+        "zero-kernel",
+        "negative-kernel",
+        "alias-4-numbers",
+        "alias-6-numbers",
+        "width-zero",
+        "width-negative",
+        "drop-path-one",
+        "drop-path-negative",
+        "decomposed-N-above-M",
+        "unknown-mode",
+        "negative-classes",
+        "stage-count-mismatch",
+    ],
 )
 def test_bad_config_is_a_value_error_before_any_tensor(overrides: dict, needle: str, monkeypatch) -> None:
     def no_tensors(*args, **kwargs):  # pragma: no cover - reaching it is the failure

@@ -23,14 +23,47 @@ REFERENCE_ROWS = [
     ("slak_tiny", {"kernel_size": [61, 59, 57, 13, 5]}, 470, 51_264_838),
     ("slak_tiny", {"use_bn": False}, 200, 50_652_214),
     ("slak_tiny", {"kernel_mode": "replknet", "width_factor": 1.0}, 362, 38_605_768),
-    ("slak_tiny", {"kernel_mode": "replknet", "width_factor": 1.0, "kernel_size": [31, 29, 27, 13, 5]}, 362, 32_120_008),
-    ("slak_tiny", {"kernel_mode": "replknet", "width_factor": 1.0, "kernel_size": [7, 7, 7, 7, 100]}, 254, 28_595_752),
-    ("slak_tiny", {"kernel_mode": "naive", "width_factor": 1.0, "kernel_size": [7, 7, 7, 7, 100]}, 254, 28_595_752),
-    ("slak_tiny", {"kernel_mode": "naive", "width_factor": 1.0, "kernel_size": [7, 7, 7, 7, 100], "use_bn": False},
-     164, 28_582_504),
+    (
+        "slak_tiny",
+        {"kernel_mode": "replknet", "width_factor": 1.0, "kernel_size": [31, 29, 27, 13, 5]},
+        362,
+        32_120_008,
+    ),
+    (
+        "slak_tiny",
+        {"kernel_mode": "replknet", "width_factor": 1.0, "kernel_size": [7, 7, 7, 7, 100]},
+        254,
+        28_595_752,
+    ),
+    (
+        "slak_tiny",
+        {"kernel_mode": "naive", "width_factor": 1.0, "kernel_size": [7, 7, 7, 7, 100]},
+        254,
+        28_595_752,
+    ),
+    (
+        "slak_tiny",
+        {"kernel_mode": "naive", "width_factor": 1.0, "kernel_size": [7, 7, 7, 7, 100], "use_bn": False},
+        164,
+        28_582_504,
+    ),
 ]
-ROW_IDS = ["T-1.3", "S-1.3", "B-1.3", "T-1.0", "S-1.0", "B-1.0", "T-31", "T-61", "T-nobn", "T-replknet-51",
-           "T-replknet-31", "convnext-replknet-7-100", "convnext-naive-7", "convnext-nobn"]
+ROW_IDS = [
+    "T-1.3",
+    "S-1.3",
+    "B-1.3",
+    "T-1.0",
+    "S-1.0",
+    "B-1.0",
+    "T-31",
+    "T-61",
+    "T-nobn",
+    "T-replknet-51",
+    "T-replknet-31",
+    "convnext-replknet-7-100",
+    "convnext-naive-7",
+    "convnext-nobn",
+]
 
 
 def _meta(name: str, **overrides) -> nn.Module:
@@ -39,7 +72,9 @@ def _meta(name: str, **overrides) -> nn.Module:
 
 
 @pytest.mark.parametrize("variant,overrides,entries,params", REFERENCE_ROWS, ids=ROW_IDS)
-def test_parameter_count_and_state_dict_size(variant: str, overrides: dict, entries: int, params: int) -> None:
+def test_parameter_count_and_state_dict_size(
+    variant: str, overrides: dict, entries: int, params: int
+) -> None:
     model = _meta(variant, **overrides)
     assert len(model.state_dict()) == entries
     assert sum(p.numel() for p in model.parameters()) == params
@@ -67,7 +102,12 @@ def test_slak_t_per_stage_parameters() -> None:
         ("slak_base", {}, 28.509, 17.10),
         ("slak_tiny", {"kernel_size": [31, 29, 27, 13, 5]}, 8.178, 4.91),
         ("slak_tiny", {"kernel_size": [61, 59, 57, 13, 5]}, 8.968, 5.38),
-        ("slak_tiny", {"kernel_mode": "naive", "width_factor": 1.0, "kernel_size": [7, 7, 7, 7, 100]}, 4.456, None),
+        (
+            "slak_tiny",
+            {"kernel_mode": "naive", "width_factor": 1.0, "kernel_size": [7, 7, 7, 7, 100]},
+            4.456,
+            None,
+        ),
     ],
     ids=["T", "S", "B", "T-31", "T-61", "convnext-T"],
 )
@@ -99,7 +139,11 @@ def _hook_count(model: nn.Module, masks: dict[str, torch.Tensor], size: int) -> 
         positions = output.numel() // out_channels  # batch 1: H*W for convs, tokens for linears
         total += int(masks[names[module] + ".weight"].sum()) * positions
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, DepthwiseConv))]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear, DepthwiseConv))
+    ]
     with torch.no_grad():
         model(torch.zeros(1, 3, size, size))
     for h in handles:
@@ -112,7 +156,9 @@ def test_masked_macs_match_a_hook_based_count(size: int) -> None:
     torch.manual_seed(0)
     model = create_model("slak_test").eval()
     g = torch.Generator().manual_seed(1)
-    masks = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in model.named_parameters() if p.dim() in (2, 4)}
+    masks = {
+        n: torch.rand(p.shape, generator=g) < 0.5 for n, p in model.named_parameters() if p.dim() in (2, 4)
+    }
     counts = count_complexity(model, image_size=size, masks=masks)
     assert counts.sparse_macs == _hook_count(model, masks, size)
     dense = {n: torch.ones_like(m) for n, m in masks.items()}
@@ -141,9 +187,12 @@ def test_merged_model_counts() -> None:
 
 @pytest.mark.parametrize(
     "kwargs,needle",
-    [({"image_size": 16}, "image_size=16"), ({"sparsity": 1.0}, "sparsity=1.0"),
-     ({"sparsity": 0.4, "masks": {}}, "not both"), ({"masks": {"head.weight": torch.ones(2, 2, dtype=torch.bool)}},
-                                                   "masks['head.weight']")],
+    [
+        ({"image_size": 16}, "image_size=16"),
+        ({"sparsity": 1.0}, "sparsity=1.0"),
+        ({"sparsity": 0.4, "masks": {}}, "not both"),
+        ({"masks": {"head.weight": torch.ones(2, 2, dtype=torch.bool)}}, "masks['head.weight']"),
+    ],
     ids=["tiny-image", "sparsity-one", "masks-and-sparsity", "mask-shape"],
 )
 def test_bad_counting_arguments(kwargs: dict, needle: str) -> None:

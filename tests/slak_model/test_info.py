@@ -7,7 +7,9 @@ import pytest
 from slak_model import info, published
 
 
-@pytest.mark.parametrize("table,cells", [("table1", 7), ("table2", 12), ("table3", 7), ("table8", 5), ("table9", 3)])
+@pytest.mark.parametrize(
+    "table,cells", [("table1", 7), ("table2", 12), ("table3", 7), ("table8", 5), ("table9", 3)]
+)
 def test_published_tables_are_complete(table: str, cells: int) -> None:
     rows = published.published(table)
     assert len(rows) == cells
@@ -24,7 +26,13 @@ def test_published_cells_by_key() -> None:
     assert cells[("table2", "51-49-47-13", "sparse_groups_wide")].top1 == 81.6
     assert cells[("table1", "31-29-27-13", "replknet")].flops_g == 6.1
     slak_t = cells[("table3", "SLaK-T", "224")]
-    assert (slak_t.params_m, slak_t.dense_params_m, slak_t.flops_g, slak_t.dense_flops_g, slak_t.epochs) == (30, 50, 5.0, 8.7, 300)
+    assert (slak_t.params_m, slak_t.dense_params_m, slak_t.flops_g, slak_t.dense_flops_g, slak_t.epochs) == (
+        30,
+        50,
+        5.0,
+        8.7,
+        300,
+    )
     assert cells[("table8", "0.55/1.5x", "slak")].top1 == 81.7
     assert cells[("table9", "N=3", "slak")].to_dict()["top1"] == 81.5
     with pytest.raises(ValueError, match="table4"):

@@ -12,7 +12,7 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
     """O(1) weights and BN statistics, so a wrong fold or a misplaced kernel shows up."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             scale = 1.0 / (p.shape[2] * p.shape[3]) ** 0.5 if p.dim() == 4 else 1.0  # outputs stay O(1)
             p.copy_(torch.randn(p.shape, generator=g) * scale)
         for name, b in module.named_buffers():
@@ -25,7 +25,9 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
 def _assert_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
     err = (a - b).abs()
     worst = int(err.argmax())
-    assert err.max() <= tol, f"max abs err {err.max():.3g} at flat index {worst}: {a.flatten()[worst]} vs {b.flatten()[worst]}"
+    assert err.max() <= tol, (
+        f"max abs err {err.max():.3g} at flat index {worst}: {a.flatten()[worst]} vs {b.flatten()[worst]}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -54,7 +56,9 @@ def test_tall_kernel_runs_its_long_edge_along_height() -> None:
     lk = LargeKernelConv(1, 7, 3, None, "decomposed", use_bn=False).eval()
     with torch.no_grad():
         lk.tall.conv.weight.zero_()
-        lk.tall.conv.weight[0, 0, :, 1] = torch.arange(1.0, 8.0)  # the centre column, values 1..7 top to bottom
+        lk.tall.conv.weight[0, 0, :, 1] = torch.arange(
+            1.0, 8.0
+        )  # the centre column, values 1..7 top to bottom
         lk.wide.conv.weight.zero_()
     x = torch.zeros(1, 1, 15, 15)
     x[0, 0, 7, 7] = 1.0  # a delta in the middle
@@ -96,8 +100,20 @@ def test_merge_matches_the_branches_in_eval_mode(mode, small, short_edge, use_bn
     x = torch.randn(2, 5, 17, 19, generator=torch.Generator().manual_seed(3))
     before = lk(x)
     lk.merge_for_inference()
-    present = {n for n in ("tall", "wide", "small", "square", "deploy_tall", "deploy_wide", "deploy_small",
-                           "deploy_square") if getattr(lk, n) is not None}
+    present = {
+        n
+        for n in (
+            "tall",
+            "wide",
+            "small",
+            "square",
+            "deploy_tall",
+            "deploy_wide",
+            "deploy_small",
+            "deploy_square",
+        )
+        if getattr(lk, n) is not None
+    }
     assert present == deploy
     _assert_close(lk(x), before, 1e-5)
     lk.merge_for_inference()  # idempotent

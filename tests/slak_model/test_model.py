@@ -31,16 +31,29 @@ def test_odd_input_sizes_run(model: SLaK) -> None:
 
 def test_module_names_follow_the_contract(model: SLaK) -> None:
     names = dict(model.named_parameters())
-    for name in ("stem.0.weight", "stem.1.weight", "stages.1.downsample.0.weight", "stages.1.downsample.1.weight",
-                 "stages.0.blocks.0.large_kernel.tall.conv.weight", "stages.0.blocks.0.large_kernel.wide.conv.weight",
-                 "stages.0.blocks.0.large_kernel.small.conv.weight", "stages.0.blocks.0.large_kernel.tall.bn.weight",
-                 "stages.0.blocks.0.norm.weight", "stages.0.blocks.0.mlp.fc1.weight", "stages.0.blocks.0.mlp.fc2.weight",
-                 "stages.0.blocks.0.gamma", "norm.weight", "head.weight"):
+    for name in (
+        "stem.0.weight",
+        "stem.1.weight",
+        "stages.1.downsample.0.weight",
+        "stages.1.downsample.1.weight",
+        "stages.0.blocks.0.large_kernel.tall.conv.weight",
+        "stages.0.blocks.0.large_kernel.wide.conv.weight",
+        "stages.0.blocks.0.large_kernel.small.conv.weight",
+        "stages.0.blocks.0.large_kernel.tall.bn.weight",
+        "stages.0.blocks.0.norm.weight",
+        "stages.0.blocks.0.mlp.fc1.weight",
+        "stages.0.blocks.0.mlp.fc2.weight",
+        "stages.0.blocks.0.gamma",
+        "norm.weight",
+        "head.weight",
+    ):
         assert name in names, name
     assert isinstance(model.stages[0].downsample, torch.nn.Identity)
     assert tuple(names["stages.2.blocks.1.large_kernel.tall.conv.weight"].shape) == (24, 1, 9, 3)
     assert tuple(names["stages.2.blocks.1.large_kernel.wide.conv.weight"].shape) == (24, 1, 3, 9)
-    assert all(isinstance(m.large_kernel, LargeKernelConv) for m in model.modules() if isinstance(m, SLaKBlock))
+    assert all(
+        isinstance(m.large_kernel, LargeKernelConv) for m in model.modules() if isinstance(m, SLaKBlock)
+    )
 
 
 @pytest.mark.parametrize("name", ["slak_tiny", "slak_small", "slak_base", "slak_test"])
@@ -52,7 +65,9 @@ def test_timm_knows_every_variant(name: str) -> None:
 
 
 def test_timm_create_model_passes_config_overrides() -> None:
-    m = timm.create_model("slak_test", kernel_size=[7, 7, 5, 5, 3], width_factor=1.5, kernel_mode="decomposed")
+    m = timm.create_model(
+        "slak_test", kernel_size=[7, 7, 5, 5, 3], width_factor=1.5, kernel_mode="decomposed"
+    )
     assert m.cfg.widths == (12, 24, 36, 48)
     assert tuple(m.stages[0].blocks[0].large_kernel.tall.conv.weight.shape) == (12, 1, 7, 3)
 
@@ -130,8 +145,12 @@ def test_sparsity_engine_targets_the_rectangular_strips(model: SLaK) -> None:
     from slak_model.sparsity import select_targets
 
     names = list(select_targets(model, "large_kernels"))
-    expected = [f"stages.{s}.blocks.{b}.large_kernel.{k}.conv.weight"
-                for s, depth in enumerate((1, 1, 2, 1)) for b in range(depth) for k in ("tall", "wide")]
+    expected = [
+        f"stages.{s}.blocks.{b}.large_kernel.{k}.conv.weight"
+        for s, depth in enumerate((1, 1, 2, 1))
+        for b in range(depth)
+        for k in ("tall", "wide")
+    ]
     assert names == expected
     params = dict(model.named_parameters())
     rect = [p for lk in model.large_kernel_modules() for p in lk.rectangular_parameters()]

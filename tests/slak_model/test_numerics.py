@@ -31,7 +31,9 @@ def _branch(x: torch.Tensor, sd: dict, prefix: str) -> torch.Tensor:
     if prefix + ".bn.weight" in sd:
         mean, var = sd[prefix + ".bn.running_mean"], sd[prefix + ".bn.running_var"]
         gamma, beta = sd[prefix + ".bn.weight"], sd[prefix + ".bn.bias"]
-        y = (y - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5) * gamma[:, None, None] + beta[:, None, None]
+        y = (y - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5) * gamma[:, None, None] + beta[
+            :, None, None
+        ]
     return y
 
 
@@ -47,7 +49,11 @@ def reference_forward(sd: dict, x: torch.Tensor, depths: tuple[int, ...]) -> tor
             x = F.conv2d(x, sd[f"{p}.1.weight"], sd[f"{p}.1.bias"], stride=2)
         for b in range(depth):
             q = f"stages.{i}.{b}."
-            branches = [n for n in ("LoRA1", "LoRA2", "lkb_origin", "small_conv") if f"{q}large_kernel.{n}.conv.weight" in sd]
+            branches = [
+                n
+                for n in ("LoRA1", "LoRA2", "lkb_origin", "small_conv")
+                if f"{q}large_kernel.{n}.conv.weight" in sd
+            ]
             y = sum(_branch(x, sd, f"{q}large_kernel.{n}") for n in branches)
             y = y.permute(0, 2, 3, 1)
             y = F.layer_norm(y, (y.shape[-1],), sd[q + "norm.weight"], sd[q + "norm.bias"], eps=1e-6)
@@ -65,17 +71,25 @@ def reference_forward(sd: dict, x: torch.Tensor, depths: tuple[int, ...]) -> tor
 def _sparsify(sd: dict, seed: int) -> dict:
     """Zero about 40 % of every 2-D/4-D weight, as a released sparse checkpoint stores them."""
     g = torch.Generator().manual_seed(seed)
-    return {k: v * (torch.rand(v.shape, generator=g) >= 0.4) if v.dim() in (2, 4) else v for k, v in sd.items()}
+    return {
+        k: v * (torch.rand(v.shape, generator=g) >= 0.4) if v.dim() in (2, 4) else v for k, v in sd.items()
+    }
 
 
 @pytest.mark.parametrize(
     "overrides,ref_change",
-    [({}, {}), ({"kernel_mode": "replknet"}, {"decom": False}), ({"use_bn": False}, {"bn": False}),
-     ({"kernel_size": [5, 5, 5, 3, 3]}, {"kernel_size": (5, 5, 5, 3, 3)})],
+    [
+        ({}, {}),
+        ({"kernel_mode": "replknet"}, {"decom": False}),
+        ({"use_bn": False}, {"bn": False}),
+        ({"kernel_size": [5, 5, 5, 3, 3]}, {"kernel_size": (5, 5, 5, 3, 3)}),
+    ],
     ids=["slak", "replknet", "no-bn", "strips-equal-N"],
 )
 @pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 96, 64)], ids=["2x64x64", "1x96x64"])
-def test_forward_equals_the_reference_math(overrides, ref_change, shape, reference_state_dict, test_arch) -> None:
+def test_forward_equals_the_reference_math(
+    overrides, ref_change, shape, reference_state_dict, test_arch
+) -> None:
     sd = _sparsify(reference_state_dict(seed=11, **{**test_arch, **ref_change}), seed=12)
     model = load_official_checkpoint(create_model("slak_test", **overrides), {"model": sd}).eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(13))
