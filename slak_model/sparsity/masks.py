@@ -65,10 +65,14 @@ def select_targets(model: nn.Module, targets: str) -> dict[str, nn.Parameter]:
     wanted: set[int] = set()
     if cls is not None:
         for module in model.modules():
-            if isinstance(module, cls):
-                for branch in (getattr(module, "tall", None), getattr(module, "wide", None)):
-                    if branch is not None:
-                        wanted.add(id(branch.conv.weight))
+            if not isinstance(module, cls):
+                continue
+            if hasattr(module, "rectangular_parameters"):
+                wanted.update(id(p) for p in module.rectangular_parameters())
+                continue
+            for branch in (getattr(module, "tall", None), getattr(module, "wide", None)):
+                if branch is not None:
+                    wanted.add(id(branch.conv.weight))
     selected = {n: p for n, p in model.named_parameters() if id(p) in wanted}
     if not selected:
         raise ValueError(
