@@ -27,6 +27,11 @@ def check_dwconv_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     kh, kw = weight.shape[2], weight.shape[3]
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"dwconv2d: kernel size must be odd in both dims for 'same' output, got {kh}x{kw}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(
+            f"dwconv2d: weight is {weight.dtype} on {weight.device} but x is {x.dtype} on {x.device}; "
+            "cast/move the weight to match (autocast does this for you)"
+        )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != x.shape[1]):
         raise ValueError(f"dwconv2d: bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
 

@@ -1,0 +1,49 @@
+// Depthwise "same" convolution kernels (stride 1, odd kernels): the plain-C interface between the CUDA
+// kernels (csrc/cuda/dwconv_kernels.cu, no ATen, so nvcc can compile them alone as a CI check) and the
+// PyTorch binding (csrc/dwconv_binding.cpp).
+//
+// Every kernel works on (n, c) planes in an "slide orientation": the long kernel axis runs along the plane's
+// rows, so a thread can keep a strip of outputs in registers and slide a window of inputs along that axis.
+// When the kernel is wider than tall (5x51), the plane is transposed on its way into shared memory.
+#pragma once
+
+#include <cstdint>
+
+namespace slak_dw {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Geometry of one launch, in slide orientation unless named global.
+struct Plan {
+  int64_t planes;  // N * C
+  int channels;    // C (a plane's channel is plane % C)
+  int H, W;        // global plane size
+  int Hs, Ws;      // plane size in slide orientation
+  int kh, kw;      // kernel in slide orientation (kh >= kw)
+  int ph, pw;      // kh / 2, kw / 2
+  int transposed;  // 1 when slide orientation = global transposed (kernel wider than tall)
+  int R;           // outputs (fwd) or taps (wgrad) per thread along the slide axis
+  int TH, TW;      // output tile (slide orientation)
+  int G;           // row groups per tile (fwd): TH = G * R
+  int P;           // planes per block (fwd)
+  int tiles_y, tiles_x;
+  int in_rows, in_cols, pitch;  // shared input tile: TH + kh - 1 rows, TW + kw - 1 cols, odd pitch
+  int threads;
+  int64_t smem_bytes;
+  int n_chunks;    // wgrad: batch split (second-level reduction over chunks in fp32)
+  int chunk;       // wgrad: planes of one channel per block
+};
+
+// Build the launch plan; returns 0 or a negative code when no tiling fits the device's shared memory.
+int make_forward_plan(int64_t N, int C, int H, int W, int kh, int kw, Plan* plan);
+int make_wgrad_plan(int64_t N, int C, int H, int W, int kh, int kw, int sm_count, Plan* plan);
+
+// y = dwconv(x, w) (+ bias).  w: fp32, shape (C, kh, kw) in slide orientation. bias: fp32 or null.
+// Returns a cudaError_t value (0 = success).
+int forward(DType dtype, const void* x, const float* w, const float* bias, void* y, const Plan& plan,
+            void* stream);
+
+// workspace[chunk][c][i][j] = sum over the chunk's planes of dy * shifted x (slide orientation, fp32).
+int wgrad(DType dtype, const void* x, const void* dy, float* workspace, const Plan& plan, void* stream);
+
+}  // namespace slak_dw

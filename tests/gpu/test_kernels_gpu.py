@@ -1,0 +1,160 @@
+"""The cuda and numba depthwise-conv backends on a GPU, against a float64 oracle, with poisoned outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import cuda_ext, numba_dwconv
+from kernels.reference import dwconv2d_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+CHANNELS = (1, 3, 249)
+MAPS = ((1, 1), (7, 7), (14, 15), (56, 56))
+KERNELS = ((1, 1), (3, 3), (5, 51), (51, 5), (13, 5), (31, 31), (61, 61), (151, 1))
+
+
+def _poison() -> None:
+    """Fill the caching allocator's free memory with NaN so an unwritten output element cannot pass."""
+    block = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
+    block.fill_(float("nan"))
+    del block
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.double()
+    assert torch.isfinite(out).all(), "output holds NaN/inf (an element was never written?)"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _check(backend: str, n: int, c: int, hw: tuple[int, int], k: tuple[int, int], dtype: torch.dtype,
+           layout: str = "nchw", bias: bool = False) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(1000 * c + 10 * k[0] + k[1])
+    h, w = hw
+    x = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype)
+    wt = torch.randn(c, 1, *k, device="cuda", generator=gen).to(dtype)
+    b = torch.randn(c, device="cuda", generator=gen).to(dtype) if bias else None
+    dy = torch.randn(n, c, h, w, device="cuda", generator=gen).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=3)[..., ::2]  # same values, non-contiguous
+
+    x64, w64 = x.double().requires_grad_(), wt.double().requires_grad_()
+    b64 = b.double().requires_grad_() if b is not None else None
+    ref = dwconv2d_reference(x64, w64, b64)
+    ref.backward(dy.double())
+
+    xi, wi = x.detach().requires_grad_(), wt.detach().requires_grad_()
+    bi = b.detach().requires_grad_() if b is not None else None
+    _poison()
+    with kernels.use_backend(backend):
+        out = kernels.dwconv2d(xi, wi, bi)
+    _poison()
+    out.backward(dy)
+    tol = TOL[dtype]
+    errors = {"fwd": _rel(out, ref), "dgrad": _rel(xi.grad, x64.grad), "wgrad": _rel(wi.grad, w64.grad)}
+    if b is not None:
+        errors["bias"] = _rel(bi.grad, b64.grad)
+    assert out.dtype == dtype and out.shape == x.shape
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, f"{backend} {DTYPE_IDS[dtype]} C={c} {h}x{w} k={k}: rel. errors {bad} > {tol}"
+
+
+def _need(backend: str) -> None:
+    ok, reason = cuda_ext.available() if backend == "cuda" else numba_dwconv.available(torch.device("cuda"))
+    if not ok:
+        pytest.fail(f"{backend} backend unavailable on this GPU: {reason}")
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("k", KERNELS, ids=lambda k: f"k{k[0]}x{k[1]}")
+@pytest.mark.parametrize("hw", MAPS, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("c", CHANNELS, ids=lambda c: f"C{c}")
+def test_cuda_grid(c: int, hw: tuple[int, int], k: tuple[int, int], dtype: torch.dtype) -> None:
+    _need("cuda")
+    _check("cuda", 2, c, hw, k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("backend", ["cuda", "numba"])
+def test_layouts_and_bias(backend: str, layout: str, dtype: torch.dtype) -> None:
+    _need(backend)
+    _check(backend, 3, 5, (14, 15), (13, 5), dtype, layout=layout, bias=True)
+    _check(backend, 3, 5, (14, 15), (5, 13), dtype, layout=layout, bias=True)
+
+
+@pytest.mark.parametrize(
+    "n,c,hw,k",
+    [(1, 2, (512, 512), (151, 5)), (1, 2, (512, 300), (5, 151)), (2, 3, (200, 512), (61, 61)),
+     (1, 1, (256, 256), (151, 151)), (256, 3, (7, 7), (47, 5))],
+    ids=["512x512-k151x5", "512x300-k5x151", "200x512-k61x61", "256x256-k151x151", "B256-7x7-k47x5"],
+)
+def test_cuda_large(n: int, c: int, hw: tuple[int, int], k: tuple[int, int]) -> None:
+    _need("cuda")
+    _check("cuda", n, c, hw, k, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("k", [(1, 1), (5, 51), (51, 5), (13, 5), (31, 31)], ids=lambda k: f"k{k[0]}x{k[1]}")
+@pytest.mark.parametrize("hw", [(1, 1), (7, 7), (14, 15)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("c", [1, 3], ids=lambda c: f"C{c}")
+def test_numba_grid(c: int, hw: tuple[int, int], k: tuple[int, int], dtype: torch.dtype) -> None:
+    _need("numba")
+    _check("numba", 2, c, hw, k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_opcheck(dtype: torch.dtype) -> None:
+    _need("cuda")
+    x = torch.randn(2, 3, 9, 8, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 1, 7, 3, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(3, device="cuda", dtype=dtype, requires_grad=True)
+    torch.library.opcheck(cuda_ext._forward, (x, w, b))
+    torch.library.opcheck(cuda_ext._forward, (x.detach().to(memory_format=torch.channels_last), w, None))
+    dy = torch.randn(2, 3, 9, 8, device="cuda", dtype=dtype)
+    torch.library.opcheck(cuda_ext._grad_input, (dy, w.detach()))
+    torch.library.opcheck(cuda_ext._grad_weight, (x.detach(), dy, 7, 3))
+
+
+def test_compile_fullgraph() -> None:
+    _need("cuda")
+    x = torch.randn(2, 4, 14, 14, device="cuda", requires_grad=True)
+    w = torch.randn(4, 1, 13, 5, device="cuda", requires_grad=True)
+    with kernels.use_backend("cuda"):
+        compiled = torch.compile(lambda a, b: kernels.dwconv2d(a, b).square().sum(), fullgraph=True)
+        loss = compiled(x, w)
+        loss.backward()
+    ref = dwconv2d_reference(x.double(), w.double()).square().sum()
+    assert abs(float(loss) - float(ref)) <= 1e-4 * abs(float(ref))
+    assert x.grad is not None and w.grad is not None
+
+
+def test_auto_picks_cuda_on_gpu() -> None:
+    _need("cuda")
+    with kernels.use_backend("auto"):
+        assert kernels.active_backend("cuda") == "cuda"
+        assert kernels.active_backend("cpu") == "torch"
+    rows = {r["backend"]: r for r in kernels.backend_report("cuda", build=True)}
+    assert rows["cuda"]["available"] is True
+
+
+def test_autocast_bf16() -> None:
+    _need("cuda")
+    x = torch.randn(2, 6, 28, 28, device="cuda")
+    w = torch.randn(6, 1, 5, 49, device="cuda", requires_grad=True)
+    with kernels.use_backend("cuda"), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = kernels.dwconv2d(x, w)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    ref = dwconv2d_reference(x.bfloat16().double(), w.bfloat16().double())
+    assert _rel(out, ref) <= 1e-2

@@ -1,0 +1,57 @@
+"""Run in a fresh process with NUMBA_ENABLE_CUDASIM=1 and SLAK_KERNEL_BACKEND=numba; prints one JSON line.
+
+The simulator must be switched on before numba is first imported, hence a separate process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import kernels  # noqa: E402
+from tests.kernels.oracle import dwconv2d_oracle  # noqa: E402
+
+CASES = [  # (N, C, H, W, kh, kw, bias, dtype)
+    (1, 1, 1, 1, 1, 1, False, "float32"),
+    (2, 3, 5, 4, 3, 3, True, "float32"),
+    (1, 2, 4, 5, 5, 9, False, "float32"),
+    (1, 2, 5, 4, 9, 5, True, "float32"),
+    (1, 1, 3, 3, 13, 5, False, "bfloat16"),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
+
+
+def main() -> None:
+    results = []
+    for n, c, h, w, kh, kw, with_bias, dtype_name in CASES:
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator().manual_seed(n + c + h + w + kh + kw)
+        x = torch.randn(n, c, h, w, generator=gen).to(dtype).requires_grad_()
+        wt = torch.randn(c, 1, kh, kw, generator=gen).to(dtype).requires_grad_()
+        b = torch.randn(c, generator=gen).to(dtype).requires_grad_() if with_bias else None
+        dy = torch.randn(n, c, h, w, generator=gen).to(dtype)
+        out = kernels.dwconv2d(x, wt, b)
+        out.backward(dy)
+        x64 = x.detach().double().requires_grad_()
+        w64 = wt.detach().double().requires_grad_()
+        b64 = b.detach().double().requires_grad_() if b is not None else None
+        ref = dwconv2d_oracle(x64, w64, b64)
+        ref.backward(dy.double())
+        errors = {"fwd": _rel(out, ref), "dgrad": _rel(x.grad, x64.grad), "wgrad": _rel(wt.grad, w64.grad)}
+        if b is not None:
+            errors["bias"] = _rel(b.grad, b64.grad)
+        results.append({"case": f"N{n}C{c}-{h}x{w}-k{kh}x{kw}-{dtype_name}", "dtype": dtype_name,
+                        "errors": errors, "out_dtype": str(out.dtype).replace("torch.", "")})
+    print(json.dumps({"backend": kernels.active_backend("cpu"), "results": results}))
+
+
+if __name__ == "__main__":
+    main()

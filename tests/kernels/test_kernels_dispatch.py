@@ -1,0 +1,108 @@
+"""Backend choice: SLAK_KERNEL_BACKEND, explicit requests that cannot run, the report and kernels.info."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import _build, dispatch, info
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("SLAK_KERNEL_BACKEND", raising=False)
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    kernels.set_backend(None)
+    yield
+    kernels.set_backend(None)
+
+
+def test_auto_on_cpu_is_torch() -> None:
+    assert kernels.requested_backend() == "auto"
+    assert kernels.active_backend("cpu") == "torch"
+
+
+@pytest.mark.parametrize("value", ["torch", "TORCH", " torch "], ids=["lower", "upper", "spaces"])
+def test_env_var_selects_torch(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SLAK_KERNEL_BACKEND", value)
+    assert kernels.active_backend("cpu") == "torch"
+
+
+def test_unknown_env_value_lists_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLAK_KERNEL_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"SLAK_KERNEL_BACKEND='triton'.*auto, cuda, numba, torch"):
+        kernels.active_backend("cpu")
+
+
+def test_set_backend_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="set_backend"):
+        kernels.set_backend("cudnn")
+
+
+def test_requested_cuda_on_cpu_tensor_says_why_and_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLAK_KERNEL_BACKEND", "cuda")
+    with pytest.raises(kernels.BackendUnavailableError, match=r"cannot run on cpu.*Fix: .*SLAK_KERNEL_BACKEND=auto"):
+        kernels.dwconv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3))
+
+
+def test_requested_numba_without_simulator_mentions_cudasim() -> None:
+    with kernels.use_backend("numba"), pytest.raises(kernels.BackendUnavailableError, match="NUMBA_ENABLE_CUDASIM"):
+        kernels.dwconv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3))
+
+
+def test_use_backend_restores_previous_choice() -> None:
+    with kernels.use_backend("torch"):
+        assert kernels.requested_backend() == "torch"
+        with kernels.use_backend("cuda"):
+            assert kernels.requested_backend() == "cuda"
+        assert kernels.requested_backend() == "torch"
+    assert kernels.requested_backend() == "auto"
+
+
+def test_choice_is_made_once_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = dispatch._availability
+
+    def counting(name, device, build=True):  # noqa: ANN001, ANN202
+        calls.append(name)
+        return real(name, device, build)
+
+    monkeypatch.setattr(dispatch, "_availability", counting)
+    with kernels.use_backend("torch"):
+        for _ in range(3):
+            kernels.dwconv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
+    assert calls == ["torch"]
+
+
+def test_report_lists_every_backend_with_a_reason() -> None:
+    rows = kernels.backend_report("cpu")
+    assert [r["backend"] for r in rows] == ["cuda", "numba", "torch"]
+    assert all(isinstance(r["reason"], str) and r["reason"] for r in rows)
+    by_name = {r["backend"]: r for r in rows}
+    assert by_name["torch"]["available"] is True and by_name["torch"]["active"] is True
+    assert by_name["cuda"]["available"] is False
+
+
+def test_report_does_not_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(build: bool = True):  # noqa: ANN202
+        raise AssertionError("backend_report(build=False) must not start a build")
+
+    monkeypatch.setattr(_build, "load", boom)
+    kernels.backend_report("cpu", build=False)
+
+
+def test_info_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert info.main(["--device", "cpu", "--no-build"]) == 0
+    out = capsys.readouterr().out
+    assert "SLAK_KERNEL_BACKEND=auto" in out
+    for name in ("cuda", "numba", "torch"):
+        assert f"\n{name} " in out
+
+
+def test_import_kernels_does_not_import_numba_or_build() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, kernels; assert 'numba' not in sys.modules; from kernels import _build; assert _build.status()[0] is None"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,40 @@
+"""The numba kernels under numba's CUDA simulator on CPU, through the public kernels.dwconv2d call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+
+TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def sim_results() -> dict:
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "SLAK_KERNEL_BACKEND": "numba"}
+    script = Path(__file__).with_name("numba_sim_check.py")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_numba_backend_is_active_under_the_simulator(sim_results: dict) -> None:
+    assert sim_results["backend"] == "numba"
+
+
+def test_numba_kernels_match_the_float64_oracle(sim_results: dict) -> None:
+    assert len(sim_results["results"]) == 5
+    bad = [
+        (r["case"], name, err)
+        for r in sim_results["results"]
+        for name, err in r["errors"].items()
+        if not err <= TOL[r["dtype"]]
+    ]
+    assert not bad, f"numba (simulated) errors above tolerance: {bad}"
+    assert all(r["out_dtype"] == r["dtype"] for r in sim_results["results"])
