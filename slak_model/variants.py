@@ -61,8 +61,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Fields where ``None`` is a real value; for every other field an override of ``None`` means "the
+#: variant's own value", so configs and Tune points can leave a setting unset without special-casing.
+_NONE_IS_A_VALUE = frozenset({"small_kernel"})
+
+
 def variant_config(name: str, **overrides: Any) -> SLaKConfig:
-    """The :class:`SLaKConfig` of variant ``name`` with ``overrides`` applied (validated, no tensors)."""
+    """The :class:`SLaKConfig` of variant ``name`` with ``overrides`` applied (validated, no tensors).
+
+    An override of ``None`` keeps the variant's value (``width_factor=None`` -> 1.3 for ``slak_tiny``),
+    except ``small_kernel=None``, which removes the small branch.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None or k in _NONE_IS_A_VALUE}
     if name not in VARIANTS:
         close = get_close_matches(name, VARIANTS, 1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -109,6 +119,7 @@ default_cfgs = generate_default_cfgs(
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SLaK:
     # Validate the architecture first (ValueError before any tensor); timm then adds its own defaults
     # (num_classes, in_chans from the pretrained cfg, only when absent) and handles features_only.
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NONE_IS_A_VALUE | _TIMM_KWARGS}
     overrides = {k: v for k, v in kwargs.items() if k not in _TIMM_KWARGS}
     variant_config(variant, **overrides)
     return build_model_with_cfg(

@@ -118,3 +118,12 @@ def test_unknown_variant_lists_the_valid_names() -> None:
 def test_unknown_override_suggests_the_field() -> None:
     with pytest.raises(ValueError, match="did you mean 'width_factor'"):
         create_model("slak_test", width_factr=1.3)
+
+
+def test_none_override_keeps_the_variant_value() -> None:
+    assert variant_config("slak_tiny", width_factor=None, num_classes=None).widths == (124, 249, 499, 998)
+    assert variant_config("slak_tiny", kernel_size=None).stage_kernels == (51, 49, 47, 13)
+    assert (
+        variant_config("slak_tiny", small_kernel=None).stage_small_kernel(0) is None
+    )  # None is a value here
+    assert create_model("slak_test", width_factor=None).cfg.widths == (8, 16, 24, 32)
