@@ -21,6 +21,7 @@ where one number plays both roles).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import InitVar, asdict, dataclass, fields
 from difflib import get_close_matches
@@ -35,6 +36,17 @@ KERNEL_MODES: tuple[str, ...] = ("naive", "replknet", "decomposed")
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """NumPy/other integral and real scalars as Python ``int``/``float`` (Tune and YAML may hand them in)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _odd_positive_problem(name: str, value: Any) -> str | None:
@@ -109,7 +121,18 @@ class SLaKConfig:
         for name in ("depths", "dims", "stage_kernels"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(value))
+                object.__setattr__(self, name, tuple(_plain(v) for v in value))
+        for name in (
+            "short_edge",
+            "small_kernel",
+            "width_factor",
+            "drop_path_rate",
+            "layer_scale_init",
+            "head_init_scale",
+            "num_classes",
+            "in_chans",
+        ):
+            object.__setattr__(self, name, _plain(getattr(self, name)))
         problems += self._problems()
         if problems:
             raise ValueError("invalid SLaKConfig:\n  - " + "\n  - ".join(problems))

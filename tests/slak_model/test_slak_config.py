@@ -127,3 +127,12 @@ def test_none_override_keeps_the_variant_value() -> None:
         variant_config("slak_tiny", small_kernel=None).stage_small_kernel(0) is None
     )  # None is a value here
     assert create_model("slak_test", width_factor=None).cfg.widths == (8, 16, 24, 32)
+
+
+def test_numpy_scalars_become_python_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    cfg = variant_config(
+        "slak_tiny", kernel_size=list(np.array([31, 29, 27, 13, 5])), drop_path_rate=np.float64(0.1)
+    )
+    assert cfg.stage_kernels == (31, 29, 27, 13) and type(cfg.stage_kernels[0]) is int
+    assert type(cfg.short_edge) is int and type(cfg.drop_path_rate) is float
