@@ -4,6 +4,9 @@ Usage (``key=value`` arguments, all optional)::
 
     python -m slak_model.sparsity.bench device=cuda batch=64 image=224 repeats=10 model=auto out=bench.json
 
+``growth=random,gradient`` limits the growth modes; ``profile=1`` also prints the profiler's top
+operations of one update (to see where its time goes).
+
 ``model=auto`` builds ``slak_model.create_model("slak_tiny", width_factor=1.3)`` when the model
 family is available and falls back to ``synthetic`` (the 95 mask-eligible SLaK-T tensors with
 their exact shapes, 50,576,524 weights). The training-step comparison needs the real model and
@@ -31,7 +34,7 @@ from torch import nn
 from .config import SparsityConfig
 from .engine import DynamicSparsity
 
-__all__ = ["SLAK_T_ELIGIBLE", "bench_apply", "bench_step", "bench_update", "main", "slak_t_shapes"]
+__all__ = ["SLAK_T_ELIGIBLE", "bench_apply", "bench_step", "bench_update", "main", "profile_update", "slak_t_shapes"]
 
 SLAK_T_ELIGIBLE = (95, 50_576_524)  # tensors, weights (reference measurement)
 _DIMS = (124, 249, 499, 998)  # SLaK-T at width_factor 1.3
@@ -138,6 +141,32 @@ def bench_update(model: nn.Module, device: torch.device, growth: str, repeats: i
     return out
 
 
+def profile_update(model: nn.Module, device: torch.device, growth: str, rows: int = 15) -> str:
+    """``torch.profiler`` table (top ops by device time, or CPU time on CPU) of one topology update."""
+    from torch.profiler import ProfilerActivity, profile
+
+    f = 100
+    engine = DynamicSparsity(model, SparsityConfig(sparsity=0.4, init="uniform", growth=growth, prune_rate=0.5,
+                                                   update_frequency=f), total_steps=f * 1000)
+    engine.initialize()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt.step()
+    engine.step = f - 1
+    engine.on_optimizer_step(opt)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    engine.step = 2 * f - 1
+    with profile(activities=activities) as prof:
+        engine.on_optimizer_step(opt)
+        _sync(device)
+    for p in params:
+        p.grad = None
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def bench_apply(model: nn.Module, device: torch.device, repeats: int) -> dict[str, float]:
     """Milliseconds of ``apply_masks`` alone (the per-step cost of masking)."""
     engine = DynamicSparsity(model, SparsityConfig(sparsity=0.4, init="uniform"), total_steps=10)
@@ -148,7 +177,7 @@ def bench_apply(model: nn.Module, device: torch.device, repeats: int) -> dict[st
 
 def bench_step(model: nn.Module, device: torch.device, batch: int, image: int, repeats: int,
                classes: int = _CLASSES) -> dict[str, float]:
-    """Training-step milliseconds with masking off and on (no topology update), interleaved blocks."""
+    """Training-step milliseconds with masking off and on (no topology update), alternating steps."""
     model.train()
     engine = DynamicSparsity(model, SparsityConfig(sparsity=0.4, init="uniform", update_frequency=10**9),
                              total_steps=10**9)
@@ -167,20 +196,19 @@ def bench_step(model: nn.Module, device: torch.device, batch: int, image: int, r
             engine.on_optimizer_step(opt)
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step(True)
+    for i in range(6):
+        step(i % 2 == 0)
     off: list[float] = []
     on: list[float] = []
-    block = max(1, repeats // 3)
-    for _ in range(3):
-        off += [_timed(lambda: step(False), device) for _ in range(block)]
-        on += [_timed(lambda: step(True), device) for _ in range(block)]
+    for _ in range(repeats):  # alternate step by step so drift (clocks, allocator) hits both alike
+        off.append(_timed(lambda: step(False), device))
+        on.append(_timed(lambda: step(True), device))
     off_ms, on_ms = statistics.median(off), statistics.median(on)
     return {"unmasked_ms": off_ms, "masked_ms": on_ms, "overhead_pct": 100.0 * (on_ms - off_ms) / off_ms}
 
 
 def _parse(argv: Sequence[str]) -> dict[str, str]:
-    allowed = {"device", "batch", "image", "repeats", "model", "out", "growth"}
+    allowed = {"device", "batch", "image", "repeats", "model", "out", "growth", "profile"}
     opts: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -230,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| measurement | median | note |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    if opts.get("profile", "0") not in ("0", ""):
+        print(profile_update(model, device, growths[0]))
     if "out" in opts:
         with open(opts["out"], "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)

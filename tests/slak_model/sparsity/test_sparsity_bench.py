@@ -32,3 +32,8 @@ def test_step_benchmark_runs(make_toy) -> None:
 def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="key=value"):
         bench.main(["devices=cpu"])
+
+
+def test_profile_table_names_the_selection_ops(make_toy) -> None:
+    table = bench.profile_update(make_toy(0), torch.device("cpu"), "random")
+    assert "topk" in table
