@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from timm.layers import LayerNorm2d, trunc_normal_
+from timm.models._features import feature_take_indices  # not re-exported publicly in timm 1.0.31
 from torch import nn
 
 from .config import SLaKConfig
@@ -168,6 +169,49 @@ class SLaK(nn.Module):
                 (r"^norm", (99999,)),
             ],
         }
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs for dense-prediction backbones (timm protocol; ``features_only`` uses it).
+
+        Args:
+            x: Images (N, C, H, W).
+            indices: Last n stages if an int, all if ``None``, else the listed stage indices.
+            norm: Accepted for the timm protocol; SLaK has no per-stage norms, so maps are returned raw.
+            stop_early: Skip the stages after the last requested one.
+            output_fmt: Only ``"NCHW"``.
+            intermediates_only: Return only the list of maps.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: SLaK feature maps are 'NCHW' only")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head / final norm if asked)."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     # forward -----------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

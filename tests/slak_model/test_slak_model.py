@@ -155,3 +155,14 @@ def test_sparsity_engine_targets_the_rectangular_strips(model: SLaK) -> None:
     params = dict(model.named_parameters())
     rect = [p for lk in model.large_kernel_modules() for p in lk.rectangular_parameters()]
     assert [id(p) for p in rect] == [id(params[n]) for n in expected]
+
+
+def test_forward_intermediates_follow_timm(model: SLaK) -> None:
+    x = torch.randn(1, 3, 64, 64)
+    final, maps = model.forward_intermediates(x)
+    assert [m.shape[1] for m in maps] == [8, 16, 24, 32] and torch.equal(final, model.forward_features(x))
+    last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert [m.shape[1] for m in last_two] == [24, 32]
+    getter = timm.create_model("slak_test", features_only=True, feature_cls="getter", out_indices=(0, 2))
+    assert [o.shape[1] for o in getter(x)] == [8, 24]
+    assert model.prune_intermediate_layers([1]) == [1] and len(model.stages) == 2
