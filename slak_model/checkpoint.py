@@ -33,8 +33,10 @@ __all__ = [
     "checkpoint_filter_fn",
     "extract_state_dict",
     "load_official_checkpoint",
+    "ours_to_reference",
     "read_checkpoint",
     "reference_to_ours",
+    "to_reference_state_dict",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,50 @@ def reference_to_ours(key: str) -> str:
             parts = ["mlp", "fc" + parts[0][-1], *parts[1:]]
         return f"stages.{m.group(1)}.blocks.{m.group(2)}.{'.'.join(parts)}"
     return key
+
+
+_OURS_TO_REF_BRANCH = {
+    "tall": "LoRA1",
+    "wide": "LoRA2",
+    "small": "small_conv",
+    "square": "lkb_origin",
+    "deploy_square": "lkb_reparam",
+}
+_OURS_STAGE_RE = re.compile(r"^stages\.(\d+)\.(downsample|blocks)\.(.+)$")
+
+
+def ours_to_reference(key: str) -> str:
+    """The reference name of one of our keys (inverse of :func:`reference_to_ours`).
+
+    Raises:
+        ValueError: the key has no reference counterpart (``deploy_tall``/``deploy_wide``: the reference
+            cannot represent a merged decomposed kernel).
+    """
+    if key.startswith("stem."):
+        return "downsample_layers.0." + key[len("stem.") :]
+    m = _OURS_STAGE_RE.match(key)
+    if not m:
+        return key
+    stage, kind, rest = m.groups()
+    if kind == "downsample":
+        return f"downsample_layers.{stage}.{rest}"
+    block, _, rest = rest.partition(".")
+    parts = rest.split(".")
+    if parts[0] == "large_kernel" and len(parts) > 1:
+        if parts[1] not in _OURS_TO_REF_BRANCH:
+            raise ValueError(
+                f"{key!r} has no reference counterpart: the reference cannot hold merged "
+                "decomposed kernels; export the unmerged model"
+            )
+        parts[1] = _OURS_TO_REF_BRANCH[parts[1]]
+    elif parts[0] == "mlp":
+        parts = ["pwconv" + parts[1][-1], *parts[2:]]
+    return f"stages.{stage}.{block}.{'.'.join(parts)}"
+
+
+def to_reference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the reference's names, e.g. for the reference's downstream code."""
+    return {ours_to_reference(k): v for k, v in model.state_dict().items()}
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], key: str | None = None) -> dict[str, torch.Tensor]:

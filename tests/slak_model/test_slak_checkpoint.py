@@ -9,7 +9,12 @@ import timm
 import torch
 
 from slak_model import CheckpointMismatchError, create_model, load_official_checkpoint
-from slak_model.checkpoint import checkpoint_filter_fn, reference_to_ours
+from slak_model.checkpoint import (
+    checkpoint_filter_fn,
+    ours_to_reference,
+    reference_to_ours,
+    to_reference_state_dict,
+)
 
 
 @pytest.mark.parametrize(
@@ -205,3 +210,27 @@ def test_merged_checkpoint_needs_a_merged_model(reference_state_dict, test_arch)
     text = _error(model, merged.state_dict())
     assert "merge_for_inference()" in text
     load_official_checkpoint(create_model("slak_test").merge_for_inference(), merged.state_dict())
+
+
+@pytest.mark.parametrize(
+    "overrides,ref_change",
+    [({}, {}), ({"kernel_mode": "replknet"}, {"decom": False}), ({"use_bn": False}, {"bn": False})],
+    ids=["slak", "replknet", "no-bn"],
+)
+def test_export_round_trips_to_reference_names(overrides, ref_change, ref_shapes, test_arch) -> None:
+    model = create_model("slak_test", **overrides)
+    exported = to_reference_state_dict(model)
+    assert {k: tuple(v.shape) for k, v in exported.items()} == ref_shapes(**{**test_arch, **ref_change})
+    fresh = load_official_checkpoint(create_model("slak_test", **overrides), exported)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+
+
+def test_merged_decomposed_kernels_cannot_be_exported() -> None:
+    assert ours_to_reference("stages.0.blocks.0.large_kernel.deploy_square.weight") == (
+        "stages.0.0.large_kernel.lkb_reparam.weight"
+    )
+    with pytest.raises(ValueError, match="cannot hold merged decomposed kernels"):
+        to_reference_state_dict(create_model("slak_test").eval().merge_for_inference())
