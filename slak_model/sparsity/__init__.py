@@ -19,11 +19,13 @@ from .grow import grow_, growth_scores, momentum_of
 from .masks import FlatMasks, draw_exact_masks, load_masks, mask_summary, save_masks, select_targets
 from .prune import magnitude_prune_, prune_count
 from .schedule import AdaptationSchedule, cosine_prune_rate
+from .select import SELECT_METHODS, get_select_method, set_select_method, top_k_indices
 
 __all__ = [
     "GROWTH_MODES",
     "INIT_MODES",
     "PRUNE_MODES",
+    "SELECT_METHODS",
     "TARGETS",
     "AdaptationSchedule",
     "Collective",
@@ -36,6 +38,7 @@ __all__ = [
     "cosine_prune_rate",
     "draw_exact_masks",
     "erk_densities",
+    "get_select_method",
     "grow_",
     "growth_scores",
     "layer_group",
@@ -46,6 +49,8 @@ __all__ = [
     "prune_count",
     "save_masks",
     "select_targets",
+    "set_select_method",
     "snip_densities",
+    "top_k_indices",
     "uniform_densities",
 ]

@@ -4,7 +4,8 @@ Usage (``key=value`` arguments, all optional)::
 
     python -m slak_model.sparsity.bench device=cuda batch=64 image=224 repeats=10 model=auto out=bench.json
 
-``growth=random,gradient`` limits the growth modes; ``profile=1`` also prints the profiler's top
+``growth=random,gradient`` limits the growth modes; ``select=topk,sort`` times each selection
+method (see ``select.py``); ``profile=1`` also prints the profiler's top
 operations of one update (to see where its time goes).
 
 ``model=auto`` builds ``slak_model.create_model("slak_tiny", width_factor=1.3)`` when the model
@@ -33,6 +34,7 @@ from torch import nn
 
 from .config import SparsityConfig
 from .engine import DynamicSparsity
+from .select import get_select_method, set_select_method
 
 __all__ = ["SLAK_T_ELIGIBLE", "bench_apply", "bench_step", "bench_update", "main", "profile_update", "slak_t_shapes"]
 
@@ -208,7 +210,7 @@ def bench_step(model: nn.Module, device: torch.device, batch: int, image: int, r
 
 
 def _parse(argv: Sequence[str]) -> dict[str, str]:
-    allowed = {"device", "batch", "image", "repeats", "model", "out", "growth", "profile"}
+    allowed = {"device", "batch", "image", "repeats", "model", "out", "growth", "profile", "select"}
     opts: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -237,12 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     rows: list[tuple[str, str, str]] = []
     results: dict[str, Any] = {"info": info}
-    for growth in growths:
-        r = bench_update(model, device, growth, repeats)
-        results[f"update_{growth}"] = r
-        rows.append((f"topology update, growth={growth} ({int(r['masked_tensors'])} tensors, "
-                     f"{r['masked_weights'] / 1e6:.1f}M masked, {r['moved_per_update'] / 1e6:.2f}M moved)",
-                     f"{r['median_ms']:.2f} ms", f"min {r['min_ms']:.2f} ms"))
+    default_select = get_select_method()
+    for method in opts.get("select", default_select).split(","):
+        set_select_method(method)
+        for growth in growths:
+            r = bench_update(model, device, growth, repeats)
+            results[f"update_{growth}_{method}"] = r
+            rows.append((f"topology update, growth={growth}, select={method} ({int(r['masked_tensors'])} tensors, "
+                         f"{r['masked_weights'] / 1e6:.1f}M masked, {r['moved_per_update'] / 1e6:.2f}M moved)",
+                         f"{r['median_ms']:.2f} ms", f"min {r['min_ms']:.2f} ms"))
+    set_select_method(default_select)
     a = bench_apply(model, device, repeats)
     results["apply"] = a
     rows.append(("apply_masks (per optimizer step)", f"{a['median_ms']:.3f} ms", f"min {a['min_ms']:.3f} ms"))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .select import top_k_indices
+
 __all__ = ["growth_scores", "grow_", "momentum_of"]
 
 
@@ -67,6 +69,6 @@ def grow_(mask: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:
     if count <= 0:
         return torch.empty(0, dtype=torch.long, device=mask.device)
     masked = torch.where(mask, -torch.inf, scores)
-    idx = torch.topk(masked, count, sorted=False).indices
+    idx = top_k_indices(masked, count)
     mask[idx] = True
     return idx

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .select import top_k_indices
+
 __all__ = [
     "FlatMasks",
     "draw_exact_masks",
@@ -156,7 +158,7 @@ def draw_exact_masks(
             view.fill_(True)
         elif count > 0:
             scores = torch.rand(n, generator=generator, device=view.device)
-            view[torch.topk(scores, count, sorted=False).indices] = True
+            view[top_k_indices(scores, count)] = True
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .select import top_k_indices
+
 __all__ = ["magnitude_prune_", "prune_count"]
 
 
@@ -34,6 +36,6 @@ def magnitude_prune_(mask: torch.Tensor, weight: torch.Tensor, count: int) -> to
     if count <= 0:
         return torch.empty(0, dtype=torch.long, device=mask.device)
     scores = torch.where(mask, weight.detach().reshape(-1).abs(), torch.inf)
-    idx = torch.topk(scores, count, largest=False, sorted=False).indices
+    idx = top_k_indices(scores, count, largest=False)
     mask[idx] = False
     return idx

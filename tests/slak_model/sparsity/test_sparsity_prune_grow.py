@@ -90,3 +90,19 @@ def test_growth_needs_its_signal() -> None:
         growth_scores("gradient", 3, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="not one of"):
         growth_scores("mix", 3, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["topk", "sort"])
+def test_selection_methods_choose_the_same_set(method: str) -> None:
+    from slak_model.sparsity import get_select_method, set_select_method, top_k_indices
+
+    scores = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).float()
+    old = get_select_method()
+    set_select_method(method)
+    try:
+        assert set(scores[top_k_indices(scores, 37)].tolist()) == {float(v) for v in range(963, 1000)}
+        assert set(scores[top_k_indices(scores, 5, largest=False)].tolist()) == {0.0, 1.0, 2.0, 3.0, 4.0}
+    finally:
+        set_select_method(old)
+    with pytest.raises(ValueError, match="'heap'"):
+        set_select_method("heap")
