@@ -26,6 +26,10 @@ Deliberate differences from the reference (spec section 3; each one fixes a list
       and any disagreement raises an error naming the first differing layer.
     * Layers at or above ``dense_threshold`` after init leave the mask set, decided once from
       rank 0's densities (the reference decides per rank and can desynchronise collectives).
+    * The step counter counts ``on_optimizer_step`` calls, i.e. optimizer steps after gradient
+      accumulation, including steps a GradScaler skipped (the loop calls it for every step).
+    * Statistics are metrics (``stats()``), not prints; ``sparsity/itop_rate`` is the fraction of
+      the masked layers' weights that have ever been active (dense layers excluded).
     * Masks, the step counter, the ITOP record and the generator state are part of
       ``state_dict()``, so a resumed run continues bit-for-bit (the reference saves no masks).
 """
@@ -166,7 +170,6 @@ class DynamicSparsity:
             densities = uniform_densities(shapes, cfg.density)
         if self.collective.world_size > 1:
             densities = self.collective.broadcast_object(densities, src=0)
-        assert densities is not None
 
         counts = {n: min(math.prod(s), round(densities[n] * math.prod(s))) for n, s in shapes.items()}
         self._dense = [n for n, s in shapes.items() if counts[n] >= cfg.dense_threshold * math.prod(s)]
