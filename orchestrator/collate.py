@@ -92,9 +92,9 @@ def tidy_runs(runs: pd.DataFrame, experiment: str, histories: pd.DataFrame | Non
         stopped_early, epochs_done, top1_final, top1_best, ema_top1_final, ema_top1_best, density,
         params_m, flops_g`` followed by every logged param under its dotted name.
     """
-    if runs.empty or "tags.slak.role" not in runs:
+    if runs.empty or "tags.slak.grid_role" not in runs:
         return pd.DataFrame(columns=["experiment", "table", "row", "setting", "point", "run_id", "status"])
-    mine = runs[(runs["tags.slak.role"] == "trial") & (_tag(runs, "slak.experiment") == experiment)].copy()
+    mine = runs[(runs["tags.slak.grid_role"] == "trial") & (_tag(runs, "slak.experiment") == experiment)].copy()
     tidy = pd.DataFrame({
         "experiment": experiment,
         "table": _tag(mine, "slak.table"),
@@ -303,9 +303,9 @@ def plot_table(summary: pd.DataFrame, table: str, path: Path) -> Path | None:
 
 def find_experiment(runs: pd.DataFrame, table: str | None = None) -> str | None:
     """The most recent Tune experiment (parent run) in ``runs``, optionally of one table."""
-    if runs.empty or "tags.slak.role" not in runs:
+    if runs.empty or "tags.slak.grid_role" not in runs:
         return None
-    parents = runs[runs["tags.slak.role"] == "experiment"]
+    parents = runs[runs["tags.slak.grid_role"] == "experiment"]
     if table is not None:
         parents = parents[_tag(parents, "slak.table") == table]
     if parents.empty:
@@ -368,7 +368,7 @@ def collate_experiment(uri: str, mlflow_experiment: str, experiment: str, out_di
 
 
 def _parent_run_id(runs: pd.DataFrame, experiment: str) -> str | None:
-    if runs.empty or "tags.slak.role" not in runs:
+    if runs.empty or "tags.slak.grid_role" not in runs:
         return None
-    parents = runs[(runs["tags.slak.role"] == "experiment") & (_tag(runs, "slak.experiment") == experiment)]
+    parents = runs[(runs["tags.slak.grid_role"] == "experiment") & (_tag(runs, "slak.experiment") == experiment)]
     return None if parents.empty else str(parents.sort_values("start_time").iloc[-1]["run_id"])

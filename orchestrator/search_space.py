@@ -25,8 +25,10 @@ from typing import Any
 import yaml
 from ray import tune
 
+import torch
+
 from orchestrator.config import ConfigError, ExperimentConfig, replace, validate
-from slak_model import variant_config
+from orchestrator.loop import build_model
 
 __all__ = [
     "ADAPTATION_F_VALUES",
@@ -37,9 +39,9 @@ __all__ = [
     "GridError",
     "GridPoint",
     "adaptation_grid",
+    "build_meta_model",
     "build_grid",
     "kernel_size_grid",
-    "model_kwargs",
     "param_space",
     "parse_point",
     "scale_kernel_sizes",
@@ -257,10 +259,12 @@ def build_grid(base: ExperimentConfig, table: str, **kwargs: Any) -> list[GridPo
     raise ValueError(f"table={table!r} is unknown; allowed: {', '.join(TABLES)}")
 
 
-def parse_point(text: str, table: str) -> GridPoint:
+def parse_point(text: str, table: str, setting: str = "extra") -> GridPoint:
     """Parse an extra CLI point ``"sparse.sparsity=0.9,model.width_factor=3.0"`` into a GridPoint.
 
-    Values go through YAML, so ``0.9`` is a float, ``[9,9,7,5,5]`` a list and ``true`` a bool.
+    Values go through YAML, so ``0.9`` is a float, ``[9,9,7,5,5]`` a list and ``true`` a bool. The
+    point becomes a row of its own under ``setting`` (use the table's setting, e.g. ``"slak"`` for
+    Table 8, to show it in the same column group as the paper's points).
     """
     overrides: dict[str, Any] = {}
     for part in _split_top_level(text):
@@ -272,7 +276,7 @@ def parse_point(text: str, table: str) -> GridPoint:
             )
         overrides[key.strip()] = yaml.safe_load(value.strip())
     row = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
-    return GridPoint(table, row, "extra", overrides)
+    return GridPoint(table, row, setting, overrides)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -290,21 +294,11 @@ def _split_top_level(text: str) -> list[str]:
     return [p for p in (s.strip() for s in parts) if p]
 
 
-def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The ``slak_model.create_model(cfg.model.variant, **kwargs)`` arguments of a config.
-
-    Used to run the model's own architecture checks (e.g. a short edge longer than a stage kernel)
-    on every grid point before Ray starts, and to count a point's params and FLOPs.
-    """
-    m = cfg.model
-    kwargs: dict[str, Any] = {
-        "width_factor": m.width_factor, "kernel_mode": m.kernel_mode, "use_bn": m.use_bn,
-        "drop_path_rate": m.drop_path_rate, "layer_scale_init": m.layer_scale_init,
-        "num_classes": m.num_classes or cfg.data.num_classes,
-    }
-    if m.kernel_size is not None:
-        kwargs["kernel_size"] = list(m.kernel_size)
-    return kwargs
+def build_meta_model(cfg: ExperimentConfig) -> Any:
+    """The point's model on the ``meta`` device: runs the model's own architecture checks (e.g. a
+    short edge longer than a stage kernel) and gives its params/FLOPs, without allocating weights."""
+    with torch.device("meta"):
+        return build_model(cfg)
 
 
 def validate_points(base: ExperimentConfig, points: Sequence[GridPoint], *, seeds: int = 1) -> list[ExperimentConfig]:
@@ -330,7 +324,7 @@ def validate_points(base: ExperimentConfig, points: Sequence[GridPoint], *, seed
         try:
             cfg = replace(base, dict(point.overrides))
             validate(cfg)
-            variant_config(cfg.model.variant, **model_kwargs(cfg))
+            build_meta_model(cfg)
         except (ConfigError, ValueError, TypeError, KeyError) as err:
             detail = str(err).replace("\n", "; ")
             problems.append(f"point #{index} ({point.row} / {point.setting}) {dict(point.overrides)}: {detail}")

@@ -25,7 +25,7 @@ def _run(run_id: str, row: str, seed: int, status: str = "FINISHED", top1: float
          width: str = "1.1") -> dict:
     record = {
         "run_id": run_id, "status": status, "start_time": pd.Timestamp("2026-01-01", tz="UTC"),
-        "tags.slak.role": "trial", "tags.slak.experiment": experiment, "tags.slak.table": table,
+        "tags.slak.grid_role": "trial", "tags.slak.experiment": experiment, "tags.slak.table": table,
         "tags.slak.row": row, "tags.slak.setting": setting, "tags.slak.point": f"{row}__{setting}",
         "tags.slak.seed_index": str(seed), "tags.ray_trial_id": f"t_{run_id}", "tags.mlflow.runName": run_id,
         "tags.slak.stopped_early": "asha" if stopped else None,
@@ -40,7 +40,7 @@ def _run(run_id: str, row: str, seed: int, status: str = "FINISHED", top1: float
 @pytest.fixture()
 def runs() -> pd.DataFrame:
     parent = {"run_id": "p", "status": "RUNNING", "start_time": pd.Timestamp("2026-01-01", tz="UTC"),
-              "tags.slak.role": "experiment", "tags.slak.experiment": EXP, "tags.slak.table": "table8"}
+              "tags.slak.grid_role": "experiment", "tags.slak.experiment": EXP, "tags.slak.table": "table8"}
     return pd.DataFrame([
         parent,
         _run("a", "0.20/1.1x", 0, top1=70.0),
@@ -132,7 +132,7 @@ def test_plot_and_parquet_are_written(runs: pd.DataFrame, tmp_path: Path) -> Non
 
 def test_find_experiment_picks_the_newest_parent_of_a_table(runs: pd.DataFrame) -> None:
     older = {"run_id": "p0", "status": "FINISHED", "start_time": pd.Timestamp("2025-01-01", tz="UTC"),
-             "tags.slak.role": "experiment", "tags.slak.experiment": "table8-old", "tags.slak.table": "table8"}
+             "tags.slak.grid_role": "experiment", "tags.slak.experiment": "table8-old", "tags.slak.table": "table8"}
     both = pd.concat([runs, pd.DataFrame([older])], ignore_index=True)
     assert collate.find_experiment(both, "table8") == EXP
     assert collate.find_experiment(both, "table1") is None

@@ -1,0 +1,34 @@
+"""The adaptation sweeps of SLaK: prune rate p at fixed f, and update frequency f at p = 0.3.
+
+Examples::
+
+    python experiments/tune_adaptation.py --sweep p                       # p in 0.1, 0.3, 0.5, 0.7 at f = 100
+    python experiments/tune_adaptation.py --sweep f --values 50 100 200   # f (optimizer steps) at p = 0.3
+"""
+
+from __future__ import annotations
+
+import sys
+
+from orchestrator import search_space, tune_runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = tune_runner.cli_parser(__doc__.splitlines()[0])
+    parser.add_argument("--sweep", choices=("p", "f"), default="p", help="which knob to sweep (default: p)")
+    parser.add_argument("--values", type=float, nargs="+", default=None,
+                        help="the swept values (default: the paper's figure)")
+    args = parser.parse_args(argv)
+    table = f"adapt_{args.sweep}"
+    try:
+        cfg, outcome = tune_runner.run_cli(
+            args, table, lambda c: search_space.adaptation_grid(c, args.sweep, args.values))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(tune_runner.summary_text(cfg, outcome))
+    return 1 if outcome.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""Run one paper grid as a Ray Tune experiment whose trials are Ray Train DDP jobs.
+
+Shape (Train V2 inside Tune): a Tune trial is a plain function, the *trial driver*, that builds the
+trainer with :func:`orchestrator.ray_train.build_trainer` and calls ``fit()``; Ray Train's
+``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, so ASHA can stop a trial on
+``val/top1`` with ``epochs_done`` as its clock (Tune's own iteration counter restarts after a restore,
+the epoch count does not). The inner Train run is named after the Tune trial id, so a Tune retry or
+``Tuner.restore`` finds the inner run's snapshot in the shared ``run.storage_path`` and resumes from
+its last checkpoint instead of starting over.
+
+MLflow: the driver owns one *parent* run per experiment; each trial driver owns one nested *child*
+run, created on first start and found again by its ``ray_trial_id`` tag on retry or restore (never a
+second run per trial or per rank; rank 0 logs into it by id). A Tune callback in the driver gives each
+child its final status: FINISHED when the trial completes, FAILED when it errors (also when it
+failed before creating its run: the run is then created to record the failure), and FINISHED with
+tag ``slak.stopped_early=asha`` when ASHA stopped it (its numbers are real, only shorter). Runs of
+trials that were still going when the experiment was interrupted become KILLED, and RUNNING again
+when ``--resume`` picks them up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from orchestrator import collate, tracking
+from orchestrator.config import ExperimentConfig, replace
+from orchestrator.search_space import GridPoint, build_meta_model, param_space, validate_points
+
+__all__ = [
+    "ExperimentOutcome",
+    "cli_parser",
+    "run_cli",
+    "summary_text",
+    "TrialStatusCallback",
+    "experiment_config_for_trial",
+    "init_ray",
+    "mlflow_ui_command",
+    "run_experiment",
+    "trial_identity",
+]
+
+logger = logging.getLogger(__name__)
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_TIME_ATTR, _METRIC = "epochs_done", "val/top1"
+
+
+@dataclass
+class ExperimentOutcome:
+    """What one experiment left behind: where, how its trials ended, and the collated tables."""
+
+    name: str
+    path: Path
+    parent_run_id: str | None
+    trials: int
+    errors: int
+    interrupted: bool
+    seconds: float
+    collated: collate.CollatedExperiment | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on ``uri`` (a server URI is simply opened in a browser)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+# -- the trial driver ---------------------------------------------------------------------------------
+def experiment_config_for_trial(config: Mapping[str, Any]) -> ExperimentConfig:
+    """Rebuild the typed config of one trial from Tune's config (base flat dict + point + seed)."""
+    base = ExperimentConfig.from_flat(dict(config["base"]))
+    point = GridPoint.from_dict(config["point"])
+    seed_index = int(config["seed_index"])
+    overrides = dict(point.overrides)
+    if seed_index:
+        overrides["train.seed"] = base.train.seed + seed_index
+        if base.sparse.seed is not None:
+            overrides["sparse.seed"] = base.sparse.seed + seed_index
+    return replace(base, overrides)
+
+
+def trial_identity(config: Mapping[str, Any], trial_id: str) -> tuple[str, dict[str, str]]:
+    """Run name and tags of a trial's MLflow run; the same for the trial driver and the callback."""
+    point = GridPoint.from_dict(config["point"])
+    seed_index = int(config["seed_index"])
+    tags = {
+        "slak.grid_role": "trial",
+        "slak.experiment": str(config["experiment"]),
+        "slak.table": point.table,
+        "slak.row": point.row,
+        "slak.setting": point.setting,
+        "slak.point": point.label,
+        "slak.seed_index": str(seed_index),
+        "ray_trial_id": trial_id,
+    }
+    return f"{point.label}-seed{seed_index}", tags
+
+
+def _trial_name(trial: Any) -> str:
+    """Short, path-safe trial names (Tune would otherwise spell the whole point dict into the folder)."""
+    name, _ = trial_identity(trial.config, trial.trial_id)
+    return f"{name}_{trial.trial_id}"
+
+
+def _find_trial_run(config: Mapping[str, Any], trial_id: str) -> str:
+    run_name, tags = trial_identity(config, trial_id)
+    return tracking.find_or_create_run(
+        config["tracking"], run_name=run_name, tags=tags, parent_run_id=config.get("parent_run_id"),
+        match_tag=("ray_trial_id", trial_id),
+    )
+
+
+def _complexity_metrics(cfg: ExperimentConfig) -> dict[str, float]:
+    """Params and FLOPs of this trial's model, logged once so that collation can read them.
+
+    The model is built on the ``meta`` device (no memory, any size). With sparsity on, the counts are
+    ``count_complexity``'s uniform-sparsity estimate (sparse weights not counted, as in the paper).
+    """
+    from slak_model import count_complexity
+
+    model = build_meta_model(cfg)
+    counts = count_complexity(model, image_size=cfg.data.image_size,
+                              sparsity=cfg.sparse.sparsity if cfg.sparse.enabled else None)
+    return {"complexity/params": float(counts.nonzero_params), "complexity/flops": float(counts.sparse_macs),
+            "complexity/dense_params": float(counts.params), "complexity/dense_flops": float(counts.macs)}
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: own (or find again) the MLflow child run, then fit one Ray Train DDP job."""
+    from orchestrator import ray_train  # imported here: the trial actor is the only place it runs
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = experiment_config_for_trial(config)
+    run_id = None
+    if config["tracking"].get("enabled", True):
+        run_id = _find_trial_run(config, trial_id)
+        tracker = tracking.create_tracker(config["tracking"], run_id=run_id)  # marks the run RUNNING again
+        tracker.log_params(cfg.to_flat())
+        try:
+            tracker.log_metrics(_complexity_metrics(cfg), step=0)
+        except Exception as exc:  # noqa: BLE001 - a counting problem must not cost the training run
+            logger.warning("could not count params/FLOPs for trial %s: %s", trial_id, exc)
+    trainer = ray_train.build_trainer(
+        cfg, run_name=f"{config['experiment']}_train_{trial_id}", mlflow_run_id=run_id,
+        mlflow_parent_run_id=config.get("parent_run_id"), callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+class TrialStatusCallback(tune.Callback):
+    """Driver-side: shows progress and gives every trial's MLflow run its final status."""
+
+    def __init__(self, tracking_flat: Mapping[str, Any], total_epochs: int, total_trials: int) -> None:
+        self.tracking = dict(tracking_flat)
+        self.total_epochs = total_epochs
+        self.total_trials = total_trials
+        self._started: dict[str, float] = {}
+
+    def _finish(self, trial: Any, status: str, tags: Mapping[str, str]) -> None:
+        if not self.tracking.get("enabled", True):
+            return
+        try:
+            run_id = _find_trial_run(trial.config, trial.trial_id)
+            tracker = tracking.create_tracker(self.tracking, run_id=run_id, tags=dict(tags))
+            tracker.end(status)
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop the experiment
+            logger.warning("could not mark the MLflow run of trial %s %s: %s", trial.trial_id, status, exc)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._started[trial.trial_id] = time.monotonic()
+        point = trial.config["point"]
+        logger.info("trial %s started: %s / %s, seed %s", trial.trial_id, point["row"], point["setting"],
+                    trial.config["seed_index"])
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        done = sum(t.status == "TERMINATED" for t in trials)
+        elapsed = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
+        logger.info("[%d/%d trials done] %s %s epoch %s/%d  val/top1=%.2f  train/loss=%.3f  (%.0f s)", done,
+                    max(self.total_trials, len(trials)), trial.trial_id, trial.config["point"]["row"], result.get(_TIME_ATTR, "?"),
+                    self.total_epochs, float(result.get(_METRIC, float("nan"))),
+                    float(result.get("train/loss", float("nan"))), elapsed)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epochs = int((trial.last_result or {}).get(_TIME_ATTR, 0) or 0)
+        target = experiment_config_for_trial(trial.config).train.epochs
+        tags = {"slak.stopped_early": "asha", "slak.epochs_done": str(epochs)} if 0 < epochs < target else {}
+        self._finish(trial, "FINISHED", tags)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        logger.warning("trial %s failed (%s); the experiment goes on", trial.trial_id, trial.error_file)
+        self._finish(trial, "FAILED", {"slak.error_file": str(trial.error_file or "")})
+
+
+# -- the experiment driver ------------------------------------------------------------------------------
+def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
+    """Join ``address`` or start a local Ray sized for the grid (no-op when Ray is already up).
+
+    Locally the logical CPU count is raised to what one round of concurrent trials needs (a driver CPU
+    plus the workers' CPUs per trial): on a 2-core laptop the processes then share the cores instead
+    of waiting forever for CPUs that do not exist. The dashboard stays on: Train V2 inside Tune needs
+    its state API to release the workers of a stopped trial.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": {"PYTHONPATH": str(_PROJECT_ROOT)}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+        return
+    per_trial = 1 + cfg.run.num_workers * max(1, int(cfg.run.cpus_per_worker))
+    concurrent = max(1, int(cfg.tune.max_concurrent_trials or 1))
+    num_cpus = max(os.cpu_count() or 1, per_trial * concurrent)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=runtime_env,
+             object_store_memory=512 * 2**20, log_to_driver=False)
+
+
+def _fitting_concurrency(cfg: ExperimentConfig) -> int:
+    """``tune.max_concurrent_trials``, lowered to what the cluster's CPUs can hold.
+
+    A trial driver reserves one CPU and its Train workers reserve theirs only later: if more drivers
+    start than there are CPUs for their workers, every trial waits for workers forever.
+    """
+    per_trial = 1 + cfg.run.num_workers * max(1, int(cfg.run.cpus_per_worker))
+    available = int(ray.cluster_resources().get("CPU", 0))
+    fits = max(1, available // per_trial)
+    wanted = int(cfg.tune.max_concurrent_trials)
+    if wanted > fits:
+        logger.warning("tune.max_concurrent_trials=%d needs %d CPUs but the cluster has %d; running %d trial(s) "
+                       "at a time (raise the CPUs or lower run.num_workers to run more)", wanted,
+                       wanted * per_trial, available, fits)
+    return min(wanted, fits)
+
+
+def _live_placement_groups() -> set[str]:
+    """Ids of this driver job's placement groups that still hold (or wait for) resources."""
+    from ray.util.state import list_placement_groups
+
+    job = ray.get_runtime_context().get_job_id()
+    groups = list_placement_groups(filters=[("creator_job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
+    return {g.placement_group_id for g in groups if g.state in ("CREATED", "PENDING", "RESCHEDULING", "PREPARED")}
+
+
+def _release_leaked_placement_groups(before: set[str]) -> int:
+    """Remove the Train worker groups that an interrupted experiment left behind.
+
+    When Tune stops a running trial because the experiment was interrupted, the trial's Train
+    controller dies without removing its workers' placement group; in a Ray session that lives on
+    (a notebook, a test session, ``--address``) the next trial would then wait forever for those CPUs.
+    Only groups created by this job during the experiment are touched.
+    """
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        leaked = _live_placement_groups() - before
+        for pg_id in leaked:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+    except Exception as exc:  # noqa: BLE001 - best effort; the state API may be unavailable
+        logger.warning("could not check for leftover placement groups: %s", exc)
+        return 0
+    if leaked:
+        logger.info("released %d placement group(s) left by interrupted trials", len(leaked))
+    return len(leaked)
+
+
+def _latest_experiment(storage: Path, table: str) -> str | None:
+    candidates = sorted(
+        (p for p in storage.glob(f"{table}-*") if tune.Tuner.can_restore(p)), key=lambda p: p.stat().st_mtime
+    )
+    return candidates[-1].name if candidates else None
+
+
+def _scheduler(cfg: ExperimentConfig) -> ASHAScheduler | None:
+    if not cfg.tune.asha:
+        return None
+    return ASHAScheduler(time_attr=_TIME_ATTR, metric=_METRIC, mode="max", max_t=cfg.train.epochs,
+                         grace_period=min(cfg.tune.grace_period, cfg.train.epochs), reduction_factor=2)
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Trials run in their own working directory: every path they receive must be absolute."""
+    updates = {"run.storage_path": str(Path(cfg.run.storage_path).expanduser().absolute())}
+    if cfg.tracking.offline_dir:
+        updates["tracking.offline_dir"] = str(Path(cfg.tracking.offline_dir).expanduser().absolute())
+    return replace(cfg, updates)
+
+
+def _tracking_flat(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {k.split(".", 1)[1]: v for k, v in cfg.to_flat().items() if k.startswith("tracking.")}
+
+
+def _close_unfinished_runs(tracking_flat: Mapping[str, Any], experiment: str) -> int:
+    """Runs of this experiment still RUNNING after Tune returned were interrupted: mark them KILLED."""
+    runs = tracking.runs_dataframe(tracking_flat["uri"], tracking_flat["experiment"])
+    if runs.empty or "tags.slak.experiment" not in runs:
+        return 0
+    stale = runs[(runs["tags.slak.experiment"] == experiment) & (runs["status"] == "RUNNING")
+                 & (runs.get("tags.slak.grid_role") == "trial")]
+    for run_id in stale["run_id"]:
+        tracking.set_run_status(tracking_flat["uri"], run_id, "KILLED")
+    return len(stale)
+
+
+def run_experiment(cfg: ExperimentConfig, points: Sequence[GridPoint], *, table: str,
+                   address: str | None = None, resume: bool = False,
+                   collate_into: str | Path | None = None,
+                   callbacks: Sequence[tune.Callback] = ()) -> ExperimentOutcome:
+    """Run (or resume) one grid and collate its tables.
+
+    Args:
+        cfg: the base config; each point's overrides are applied on top of it.
+        points: the grid (see :mod:`orchestrator.search_space`); validated before Ray starts.
+        table: grid name, used in the experiment name ``<table>-<UTC time>`` unless ``run.name`` is set.
+        address: Ray cluster address (``"auto"``); ``None`` starts a local Ray.
+        resume: continue the experiment called ``run.name`` or, if unset, the newest one of ``table``
+            under ``run.storage_path``; finished trials are kept, errored and unfinished ones resume.
+        collate_into: folder for the tables (default ``<storage_path>/<name>/tables``).
+        callbacks: more Tune callbacks for a new experiment (a restored one keeps its own).
+
+    Raises:
+        GridError: some points are invalid (nothing was started).
+        ValueError: a new experiment would overwrite an existing one, or there is nothing to resume.
+    """
+    started = time.monotonic()
+    cfg = _absolute_paths(cfg)
+    validate_points(cfg, points, seeds=cfg.tune.seeds)
+    storage = Path(cfg.run.storage_path)
+    name = cfg.run.name or None
+    if resume:
+        name = name or _latest_experiment(storage, table)
+        if name is None or not tune.Tuner.can_restore(storage / name):
+            raise ValueError(f"--resume: no restorable experiment {name or table + '-*'} under "
+                             f"run.storage_path={storage}; start a new one without --resume")
+    else:
+        name = name or f"{table}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        if tune.Tuner.can_restore(storage / name):
+            raise ValueError(f"run.name={name!r} already exists under run.storage_path={storage}; pass --resume "
+                             "to continue it, or choose another run.name")
+    tracking_flat = _tracking_flat(cfg)
+    parent = None
+    if tracking_flat.get("enabled", True):
+        parent = tracking.find_or_create_run(
+            tracking_flat, run_name=name, match_tag=("slak.parent_of", name),
+            tags={"slak.grid_role": "experiment", "slak.experiment": name, "slak.table": table,
+                  "slak.grid_points": str(len(points)), "slak.seeds": str(cfg.tune.seeds)},
+        )
+        parent_tracker = tracking.create_tracker(tracking_flat, run_id=parent)
+        if not resume:
+            parent_tracker.log_params(cfg.to_flat())
+            parent_tracker.log_dict([p.to_dict() for p in points], "grid.json")
+    init_ray(cfg, address)
+    trainable = tune.with_resources(_trial, {"cpu": 1})
+    expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
+    if resume:
+        logger.info("resuming experiment %s from %s", name, storage / name)
+        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
+    else:
+        concurrent = _fitting_concurrency(cfg)
+        constants = {"base": cfg.to_flat(), "experiment": name, "parent_run_id": parent, "tracking": tracking_flat}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(points, seeds=cfg.tune.seeds, constants=constants),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent,
+                                        scheduler=_scheduler(cfg), trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.trial_max_failures),
+                callbacks=[TrialStatusCallback(tracking_flat, cfg.train.epochs, expected), *callbacks],
+            ),
+        )
+    groups_before = _live_placement_groups()
+    try:
+        results = tuner.fit()
+    except BaseException:
+        if parent is not None:
+            _close_unfinished_runs(tracking_flat, name)
+            tracking.set_run_status(tracking_flat["uri"], parent, "KILLED")
+        raise
+    errors = results.num_errors
+    trials = max(expected, len(results))
+    interrupted = results.num_terminated + errors < trials
+    if interrupted:
+        _release_leaked_placement_groups(groups_before)
+    outcome = ExperimentOutcome(name, storage / name, parent, trials, errors, interrupted,
+                                time.monotonic() - started)
+    if parent is not None:
+        killed = _close_unfinished_runs(tracking_flat, name)
+        if killed:
+            logger.warning("%d trial run(s) of %s were interrupted and marked KILLED; --resume continues them",
+                           killed, name)
+        out_dir = Path(collate_into) if collate_into else storage / name / "tables"
+        outcome.collated = collate.collate_experiment(tracking_flat["uri"], tracking_flat["experiment"], name,
+                                                      out_dir)
+        outcome.files = list(outcome.collated.files)
+        tracking.create_tracker(tracking_flat, run_id=parent,
+                                tags={"slak.failed_trials": str(errors), "slak.trials": str(trials)},
+                                ).end("KILLED" if interrupted else "FINISHED")
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+# -- the command line shared by the experiments/tune_*.py scripts -------------------------------------------
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """Flags every grid script takes; everything else is a dotted ``key=value`` override."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. train.epochs=120 data.path=/data/imagenet")
+    parser.add_argument("--config", default=None, help="YAML preset, e.g. experiments/configs/paper.yaml")
+    parser.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite ./mlflow.db)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest (or run.name=...) experiment of this grid; finished trials stay")
+    return parser
+
+
+def run_cli(args: argparse.Namespace, table: str,
+            make_points: Callable[[ExperimentConfig], list[GridPoint]]) -> tuple[ExperimentConfig, ExperimentOutcome]:
+    """Config -> grid -> :func:`run_experiment` for a grid script (which prints :func:`summary_text`).
+
+    Raises:
+        ConfigError, GridError, ValueError: a bad config, grid or resume request; nothing was started.
+    """
+    from orchestrator.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    overrides = list(args.overrides)
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    cfg = load_config(args.config, overrides)
+    outcome = run_experiment(cfg, make_points(cfg), table=table, address=args.address, resume=args.resume)
+    return cfg, outcome
+
+
+def summary_text(cfg: ExperimentConfig, outcome: ExperimentOutcome) -> str:
+    """What a grid script prints at the end: the tables, where the files are, how to open MLflow."""
+    lines = []
+    if outcome.collated is not None:
+        lines += ["", outcome.collated.markdown, f"tables, plots and per-trial parquet: {outcome.path / 'tables'}"]
+    state = "INTERRUPTED (continue with --resume)" if outcome.interrupted else "complete"
+    lines.append(f"experiment {outcome.name}: {outcome.trials} trial(s), {outcome.errors} failed, {state}, "
+                 f"{outcome.seconds:.0f} s")
+    if cfg.tracking.enabled:
+        lines.append(f"open the MLflow UI: {mlflow_ui_command(cfg.tracking.uri)}")
+    return "\n".join(lines)
