@@ -11,9 +11,8 @@ import os
 import signal
 from pathlib import Path
 
+import pandas as pd
 import pytest
-
-pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
 
@@ -21,6 +20,7 @@ from ray import tune  # noqa: E402
 
 from orchestrator import search_space, tracking, tune_runner  # noqa: E402
 from orchestrator.config import load_config, replace  # noqa: E402
+from orchestrator.search_space import GridPoint  # noqa: E402
 
 
 class _InterruptAfterFirstTrial(tune.Callback):
@@ -43,6 +43,7 @@ def _children(uri: str, experiment: str, name: str):
     return parents, children
 
 
+@pytest.mark.slow
 def test_two_trial_grid_interrupt_and_resume(ray_cluster, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(None, {
@@ -83,3 +84,41 @@ def test_two_trial_grid_interrupt_and_resume(ray_cluster, tmp_path: Path) -> Non
     assert table.loc["0.82/2.5x", "status"] == "missing"
     assert (second.path / "tables" / "trials.parquet").exists()
     assert (second.path / "tables" / "table8.md").read_text().count("|") > 10
+
+
+class _FakeTrial:
+    """The few attributes of ``ray.tune.experiment.Trial`` the status callback reads."""
+
+    def __init__(self, trial_id: str, config: dict, last_result: dict | None = None) -> None:
+        self.trial_id, self.config, self.last_result = trial_id, config, last_result or {}
+        self.error_file = "/tmp/error.txt"
+
+
+def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) -> None:
+    """No Ray needed: FINISHED, FINISHED + ASHA tag when stopped early, FAILED (run created if missing)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, {"tracking.uri": uri, "tracking.experiment": "cb", "train.epochs": 4,
+                             "tracking.offline_dir": str(tmp_path / "offline")})
+    flat = {k.split(".", 1)[1]: v for k, v in cfg.to_flat().items() if k.startswith("tracking.")}
+
+    def config(row: str) -> dict:
+        point = GridPoint("table8", row, "slak", {"sparse.sparsity": 0.2})
+        return {"base": cfg.to_flat(), "point": point.to_dict(), "seed_index": 0, "experiment": "cb-exp",
+                "parent_run_id": None, "tracking": flat}
+
+    full, short, broken = (_FakeTrial("t1", config("a"), {"epochs_done": 4}),
+                           _FakeTrial("t2", config("b"), {"epochs_done": 1}), _FakeTrial("t3", config("c")))
+    existing = tune_runner._find_trial_run(full.config, "t1")  # the trial driver made its run
+    callback = tune_runner.TrialStatusCallback(flat, total_epochs=4, total_trials=3)
+    callback.on_trial_complete(0, [], full)
+    callback.on_trial_complete(0, [], short)
+    callback.on_trial_error(0, [], broken)
+    callback.on_trial_complete(0, [], full)  # a repeated event must not create a second run
+
+    runs = tracking.runs_dataframe(uri, "cb").set_index("tags.ray_trial_id")
+    assert sorted(runs.index) == ["t1", "t2", "t3"]
+    assert runs.loc["t1", "run_id"] == existing
+    assert dict(runs["status"]) == {"t1": "FINISHED", "t2": "FINISHED", "t3": "FAILED"}
+    assert runs.loc["t2", "tags.slak.stopped_early"] == "asha"
+    assert pd.isna(runs.loc["t1"].get("tags.slak.stopped_early"))
+    assert runs.loc["t3", "tags.slak.grid_role"] == "trial"
