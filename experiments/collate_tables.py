@@ -20,13 +20,19 @@ from orchestrator.config import load_config
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (tracking.*)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted config overrides (tracking.*)"
+    )
     parser.add_argument("--config", default=None, help="YAML preset the experiment was run with")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite ./mlflow.db)")
     parser.add_argument("--experiment", default=None, help="Tune experiment name (default: the newest)")
-    parser.add_argument("--table", default=None, help="restrict the default to the newest experiment of a table")
+    parser.add_argument(
+        "--table", default=None, help="restrict the default to the newest experiment of a table"
+    )
     parser.add_argument("--out", default="collated", help="output folder (default: ./collated/<experiment>)")
-    parser.add_argument("--no-log", action="store_true", help="do not attach the files to the parent MLflow run")
+    parser.add_argument(
+        "--no-log", action="store_true", help="do not attach the files to the parent MLflow run"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
@@ -36,13 +42,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     uri, mlflow_experiment = cfg.tracking.uri, cfg.tracking.experiment
-    name = args.experiment or collate.find_experiment(tracking.runs_dataframe(uri, mlflow_experiment), args.table)
+    name = args.experiment or collate.find_experiment(
+        tracking.runs_dataframe(uri, mlflow_experiment), args.table
+    )
     if name is None:
-        print(f"error: no experiment found in MLflow experiment {mlflow_experiment!r} at {uri}; run a "
-              "tune_*.py script first or pass --experiment", file=sys.stderr)
+        print(
+            f"error: no experiment found in MLflow experiment {mlflow_experiment!r} at {uri}; run a "
+            "tune_*.py script first or pass --experiment",
+            file=sys.stderr,
+        )
         return 2
-    result = collate.collate_experiment(uri, mlflow_experiment, name, Path(args.out) / name,
-                                        log_to_parent=not args.no_log)
+    result = collate.collate_experiment(
+        uri, mlflow_experiment, name, Path(args.out) / name, log_to_parent=not args.no_log
+    )
     print(result.markdown)
     print(f"{len(result.tidy)} trial run(s); files in {Path(args.out) / name}")
     return 0

@@ -16,13 +16,15 @@ from orchestrator import search_space, tune_runner
 def main(argv: list[str] | None = None) -> int:
     parser = tune_runner.cli_parser(__doc__.splitlines()[0])
     parser.add_argument("--sweep", choices=("p", "f"), default="p", help="which knob to sweep (default: p)")
-    parser.add_argument("--values", type=float, nargs="+", default=None,
-                        help="the swept values (default: the paper's figure)")
+    parser.add_argument(
+        "--values", type=float, nargs="+", default=None, help="the swept values (default: the paper's figure)"
+    )
     args = parser.parse_args(argv)
     table = f"adapt_{args.sweep}"
     try:
         cfg, outcome = tune_runner.run_cli(
-            args, table, lambda c: search_space.adaptation_grid(c, args.sweep, args.values))
+            args, table, lambda c: search_space.adaptation_grid(c, args.sweep, args.values)
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,14 +14,19 @@ from orchestrator import search_space, tune_runner
 
 def main(argv: list[str] | None = None) -> int:
     parser = tune_runner.cli_parser(__doc__.splitlines()[0])
-    parser.add_argument("--table", choices=("table1", "table2", "table9"), default="table2",
-                        help="which table to run (default: table2)")
+    parser.add_argument(
+        "--table",
+        choices=("table1", "table2", "table9"),
+        default="table2",
+        help="which table to run (default: table2)",
+    )
     parser.add_argument("--short-edges", type=int, nargs="+", default=[3, 5, 7], help="Table 9's N values")
     args = parser.parse_args(argv)
     kwargs = {"short_edges": args.short_edges} if args.table == "table9" else {}
     try:
         cfg, outcome = tune_runner.run_cli(
-            args, args.table, lambda c: search_space.kernel_size_grid(c, args.table, **kwargs))
+            args, args.table, lambda c: search_space.kernel_size_grid(c, args.table, **kwargs)
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,18 +22,27 @@ def _pair(text: str) -> tuple[float, float]:
     try:
         sparsity, width = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--point {text!r}: write SPARSITY,WIDTH, e.g. --point 0.9,3.0") from None
+        raise argparse.ArgumentTypeError(
+            f"--point {text!r}: write SPARSITY,WIDTH, e.g. --point 0.9,3.0"
+        ) from None
     return sparsity, width
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = tune_runner.cli_parser(__doc__.splitlines()[0])
-    parser.add_argument("--point", action="append", default=[], metavar="S,W", type=_pair,
-                        help="extra (sparsity, width) point, e.g. --point 0.9,3.0 (repeatable)")
+    parser.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="S,W",
+        type=_pair,
+        help="extra (sparsity, width) point, e.g. --point 0.9,3.0 (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
-        cfg, outcome = tune_runner.run_cli(args, "table8",
-                                           lambda c: search_space.sparsity_width_grid(c, extra_pairs=args.point))
+        cfg, outcome = tune_runner.run_cli(
+            args, "table8", lambda c: search_space.sparsity_width_grid(c, extra_pairs=args.point)
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

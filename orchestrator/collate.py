@@ -52,8 +52,14 @@ TABLE_TITLES: dict[str, str] = {
 TOP1, EMA_TOP1, EPOCHS_DONE, DENSITY = "val/top1", "ema/top1", "epochs_done", "sparsity/density"
 PARAMS, FLOPS = "complexity/params", "complexity/flops"
 #: Params kept as typed columns in the tidy frame (the rest stay as strings).
-_NUMERIC_PARAMS = ("model.width_factor", "sparse.sparsity", "sparse.prune_rate", "sparse.update_frequency",
-                   "train.seed", "train.epochs")
+_NUMERIC_PARAMS = (
+    "model.width_factor",
+    "sparse.sparsity",
+    "sparse.prune_rate",
+    "sparse.update_frequency",
+    "train.seed",
+    "train.epochs",
+)
 _MISSING = "—"
 
 
@@ -94,26 +100,30 @@ def tidy_runs(runs: pd.DataFrame, experiment: str, histories: pd.DataFrame | Non
     """
     if runs.empty or "tags.slak.grid_role" not in runs:
         return pd.DataFrame(columns=["experiment", "table", "row", "setting", "point", "run_id", "status"])
-    mine = runs[(runs["tags.slak.grid_role"] == "trial") & (_tag(runs, "slak.experiment") == experiment)].copy()
-    tidy = pd.DataFrame({
-        "experiment": experiment,
-        "table": _tag(mine, "slak.table"),
-        "row": _tag(mine, "slak.row"),
-        "setting": _tag(mine, "slak.setting"),
-        "point": _tag(mine, "slak.point"),
-        "seed_index": pd.to_numeric(_tag(mine, "slak.seed_index"), errors="coerce"),
-        "trial_id": _tag(mine, "ray_trial_id"),
-        "run_id": mine["run_id"],
-        "run_name": _tag(mine, "mlflow.runName"),
-        "status": mine["status"],
-        "stopped_early": _tag(mine, "slak.stopped_early", "").fillna("").astype(str) != "",
-        "epochs_done": _metric(mine, EPOCHS_DONE),
-        "top1_final": _metric(mine, TOP1),
-        "ema_top1_final": _metric(mine, EMA_TOP1),
-        "density": _metric(mine, DENSITY),
-        "params_m": _metric(mine, PARAMS) / 1e6,
-        "flops_g": _metric(mine, FLOPS) / 1e9,
-    })
+    mine = runs[
+        (runs["tags.slak.grid_role"] == "trial") & (_tag(runs, "slak.experiment") == experiment)
+    ].copy()
+    tidy = pd.DataFrame(
+        {
+            "experiment": experiment,
+            "table": _tag(mine, "slak.table"),
+            "row": _tag(mine, "slak.row"),
+            "setting": _tag(mine, "slak.setting"),
+            "point": _tag(mine, "slak.point"),
+            "seed_index": pd.to_numeric(_tag(mine, "slak.seed_index"), errors="coerce"),
+            "trial_id": _tag(mine, "ray_trial_id"),
+            "run_id": mine["run_id"],
+            "run_name": _tag(mine, "mlflow.runName"),
+            "status": mine["status"],
+            "stopped_early": _tag(mine, "slak.stopped_early", "").fillna("").astype(str) != "",
+            "epochs_done": _metric(mine, EPOCHS_DONE),
+            "top1_final": _metric(mine, TOP1),
+            "ema_top1_final": _metric(mine, EMA_TOP1),
+            "density": _metric(mine, DENSITY),
+            "params_m": _metric(mine, PARAMS) / 1e6,
+            "flops_g": _metric(mine, FLOPS) / 1e9,
+        }
+    )
     tidy["top1_best"] = tidy["top1_final"]
     tidy["ema_top1_best"] = tidy["ema_top1_final"]
     if histories is not None and not histories.empty:
@@ -123,10 +133,12 @@ def tidy_runs(runs: pd.DataFrame, experiment: str, histories: pd.DataFrame | Non
                 mapped = tidy["run_id"].map(best[key])
                 tidy[column] = mapped.where(mapped.notna(), tidy[column])
     for column in sorted(c for c in mine.columns if c.startswith("params.")):
-        name = column[len("params."):]
+        name = column[len("params.") :]
         values = mine[column]
         tidy[name] = pd.to_numeric(values, errors="coerce") if name in _NUMERIC_PARAMS else values
-    return tidy.sort_values(["table", "row", "setting", "seed_index"], na_position="last").reset_index(drop=True)
+    return tidy.sort_values(["table", "row", "setting", "seed_index"], na_position="last").reset_index(
+        drop=True
+    )
 
 
 def _cell_status(group: pd.DataFrame) -> str:
@@ -136,8 +148,12 @@ def _cell_status(group: pd.DataFrame) -> str:
     stopped = int(group.loc[group["status"] == "FINISHED", "stopped_early"].sum())
     if stopped:
         parts.append(f"{stopped} stopped early")
-    for status, word in (("RUNNING", "running"), ("SCHEDULED", "queued"), ("FAILED", "failed"),
-                         ("KILLED", "killed")):
+    for status, word in (
+        ("RUNNING", "running"),
+        ("SCHEDULED", "queued"),
+        ("FAILED", "failed"),
+        ("KILLED", "killed"),
+    ):
         if counts.get(status, 0):
             parts.append(f"{int(counts[status])} {word}")
     return ", ".join(parts) or "missing"
@@ -156,19 +172,28 @@ def summarize(tidy: pd.DataFrame, table: str, published: pd.DataFrame | None = N
     """
     ours = tidy[tidy["table"] == table] if not tidy.empty else tidy
     published = published if published is not None else pd.DataFrame(columns=["row", "setting", "top1"])
-    order: list[tuple[str, str]] = [(r, s) for r, s in zip(published["row"], published["setting"])]
-    for key in zip(ours.get("row", []), ours.get("setting", [])):
+    paper_keys = list(zip(published["row"], published["setting"], strict=True))
+    order: list[tuple[str, str]] = list(paper_keys)
+    for key in zip(ours.get("row", []), ours.get("setting", []), strict=True):
         if key not in order:
             order.append(key)
-    paper_index = {(r, s): i for i, (r, s) in enumerate(zip(published["row"], published["setting"]))}
+    paper_index = {key: i for i, key in enumerate(paper_keys)}
     lines = []
     for row, setting in order:
         group = ours[(ours["row"] == row) & (ours["setting"] == setting)] if len(ours) else ours
         done = group[group["status"] == "FINISHED"] if len(group) else group
         line: dict[str, Any] = {"row": row, "setting": setting, "seeds": len(done)}
-        for column, source in (("top1", "top1_final"), ("top1_best", "top1_best"), ("ema_top1", "ema_top1_final"),
-                               ("params_m", "params_m"), ("flops_g", "flops_g"), ("density", "density")):
-            line[column] = float(done[source].mean()) if len(done) and done[source].notna().any() else math.nan
+        for column, source in (
+            ("top1", "top1_final"),
+            ("top1_best", "top1_best"),
+            ("ema_top1", "ema_top1_final"),
+            ("params_m", "params_m"),
+            ("flops_g", "flops_g"),
+            ("density", "density"),
+        ):
+            line[column] = (
+                float(done[source].mean()) if len(done) and done[source].notna().any() else math.nan
+            )
         line["top1_std"] = float(done["top1_final"].std(ddof=1)) if len(done) > 1 else math.nan
         ref = published.iloc[paper_index[(row, setting)]] if (row, setting) in paper_index else None
         for column in ("top1", "params_m", "flops_g"):
@@ -177,8 +202,23 @@ def summarize(tidy: pd.DataFrame, table: str, published: pd.DataFrame | None = N
         line["delta"] = line["top1"] - line["published_top1"]
         line["status"] = _cell_status(group) if len(group) else "missing"
         lines.append(line)
-    columns = ["row", "setting", "top1", "top1_std", "top1_best", "ema_top1", "params_m", "flops_g", "density",
-               "seeds", "published_top1", "published_params_m", "published_flops_g", "delta", "status"]
+    columns = [
+        "row",
+        "setting",
+        "top1",
+        "top1_std",
+        "top1_best",
+        "ema_top1",
+        "params_m",
+        "flops_g",
+        "density",
+        "seeds",
+        "published_top1",
+        "published_params_m",
+        "published_flops_g",
+        "delta",
+        "status",
+    ]
     return pd.DataFrame(lines, columns=columns)
 
 
@@ -215,7 +255,7 @@ def to_display(summary: pd.DataFrame) -> pd.DataFrame:
         part = summary[summary["setting"] == setting].set_index("row").reindex(rows)
         top1 = [
             _MISSING if math.isnan(t) else (f"{t:.1f} ± {s:.1f}" if not math.isnan(s) else f"{t:.1f}")
-            for t, s in zip(part["top1"], part["top1_std"])
+            for t, s in zip(part["top1"], part["top1_std"], strict=True)
         ]
         out[f"{prefix}top-1"] = top1
         out[f"{prefix}best"] = [_fmt(v) for v in part["top1_best"]]
@@ -261,9 +301,14 @@ def _x_value(table: str, row: str) -> float:
         return math.nan
 
 
-_X_LABELS = {"table8": "width factor (sparsity rises with it)", "adapt_p": "adaptation rate p",
-             "adapt_f": "adaptation frequency f (steps)", "table9": "short edge N",
-             "table1": "stage-1 kernel size (paper)", "table2": "stage-1 kernel size (paper)"}
+_X_LABELS = {
+    "table8": "width factor (sparsity rises with it)",
+    "adapt_p": "adaptation rate p",
+    "adapt_f": "adaptation frequency f (steps)",
+    "table9": "short edge N",
+    "table1": "stage-1 kernel size (paper)",
+    "table2": "stage-1 kernel size (paper)",
+}
 
 
 def plot_table(summary: pd.DataFrame, table: str, path: Path) -> Path | None:
@@ -282,11 +327,19 @@ def plot_table(summary: pd.DataFrame, table: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for setting, part in data.groupby("setting", sort=False):
         part = part.sort_values("x")
-        ax.errorbar(part["x"], part["top1"], yerr=part["top1_std"].fillna(0), marker="o", capsize=3,
-                    label=str(setting))
+        ax.errorbar(
+            part["x"],
+            part["top1"],
+            yerr=part["top1_std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=str(setting),
+        )
         if table == "table8":
-            for x, y, row in zip(part["x"], part["top1"], part["row"]):
-                ax.annotate(f"s={row.split('/')[0]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for x, y, row in zip(part["x"], part["top1"], part["row"], strict=True):
+                ax.annotate(
+                    f"s={row.split('/')[0]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+                )
     if table == "adapt_f":
         ax.set_xscale("log")
     ax.set_xlabel(_X_LABELS.get(table, "point"))
@@ -313,8 +366,9 @@ def find_experiment(runs: pd.DataFrame, table: str | None = None) -> str | None:
     return str(parents.sort_values("start_time").iloc[-1]["tags.slak.experiment"])
 
 
-def collate_experiment(uri: str, mlflow_experiment: str, experiment: str, out_dir: str | Path, *,
-                       log_to_parent: bool = True) -> CollatedExperiment:
+def collate_experiment(
+    uri: str, mlflow_experiment: str, experiment: str, out_dir: str | Path, *, log_to_parent: bool = True
+) -> CollatedExperiment:
     """Rebuild every table of Tune experiment ``experiment`` from MLflow and write them under ``out_dir``.
 
     Args:
@@ -339,8 +393,10 @@ def collate_experiment(uri: str, mlflow_experiment: str, experiment: str, out_di
     tidy.to_parquet(tidy_path, engine="pyarrow", index=False)
     result.files.append(tidy_path)
     sections = []
-    note = ("Published numbers are ImageNet-1K top-1 after 120 epochs (paper). Our params/FLOPs are for the model "
-            "we trained, sparse weights not counted.")
+    note = (
+        "Published numbers are ImageNet-1K top-1 after 120 epochs (paper). Our params/FLOPs are for the "
+        "model we trained, sparse weights not counted."
+    )
     for table, summary in result.tables.items():
         display = to_display(summary)
         title = f"{TABLE_TITLES.get(table, table)} — {experiment}"
@@ -363,12 +419,16 @@ def collate_experiment(uri: str, mlflow_experiment: str, experiment: str, out_di
             for path in result.files:
                 tracking.log_artifact_to_run(uri, parent, path, "tables")
         else:
-            logger.warning("no parent run found for experiment %s; tables were only written to %s", experiment, out)
+            logger.warning(
+                "no parent run found for experiment %s; tables were only written to %s", experiment, out
+            )
     return result
 
 
 def _parent_run_id(runs: pd.DataFrame, experiment: str) -> str | None:
     if runs.empty or "tags.slak.grid_role" not in runs:
         return None
-    parents = runs[(runs["tags.slak.grid_role"] == "experiment") & (_tag(runs, "slak.experiment") == experiment)]
+    parents = runs[
+        (runs["tags.slak.grid_role"] == "experiment") & (_tag(runs, "slak.experiment") == experiment)
+    ]
     return None if parents.empty else str(parents.sort_values("start_time").iloc[-1]["run_id"])

@@ -22,10 +22,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 from ray import tune
-
-import torch
 
 from orchestrator.config import ConfigError, ExperimentConfig, replace, validate
 from orchestrator.loop import build_model
@@ -52,7 +51,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Table 8: the paired (sparsity, width factor) points of SLaK-T.
-TABLE8_PAIRS: tuple[tuple[float, float], ...] = ((0.20, 1.1), (0.40, 1.3), (0.55, 1.5), (0.70, 1.9), (0.82, 2.5))
+TABLE8_PAIRS: tuple[tuple[float, float], ...] = (
+    (0.20, 1.1),
+    (0.40, 1.3),
+    (0.55, 1.5),
+    (0.70, 1.9),
+    (0.82, 2.5),
+)
 #: The paper's stage kernels by their headline size; the short edge N is appended separately.
 PAPER_KERNELS: dict[int, tuple[int, int, int, int]] = {
     7: (7, 7, 7, 7),
@@ -82,7 +87,9 @@ class GridError(ValueError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} invalid grid point(s); fix or drop them before starting Ray:\n{lines}")
+        super().__init__(
+            f"{len(self.problems)} invalid grid point(s); fix or drop them before starting Ray:\n{lines}"
+        )
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,12 @@ class GridPoint:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for Tune's param space (must survive pickling and Tuner.restore)."""
-        return {"table": self.table, "row": self.row, "setting": self.setting, "overrides": dict(self.overrides)}
+        return {
+            "table": self.table,
+            "row": self.row,
+            "setting": self.setting,
+            "overrides": dict(self.overrides),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GridPoint:
@@ -171,7 +183,9 @@ def sparsity_width_grid(
     return points
 
 
-def kernel_size_grid(base: ExperimentConfig, table: str, short_edges: Sequence[int] = (3, 5, 7)) -> list[GridPoint]:
+def kernel_size_grid(
+    base: ExperimentConfig, table: str, short_edges: Sequence[int] = (3, 5, 7)
+) -> list[GridPoint]:
     """Tables 1, 2 and 9 as grid points.
 
     Table 1: naive enlarging vs RepLKNet-style (large + 5x5 re-parameterised branch) at 7/31/51/61,
@@ -191,7 +205,11 @@ def kernel_size_grid(base: ExperimentConfig, table: str, short_edges: Sequence[i
     elif table == "table2":
         settings = {
             "decomposed": dense,
-            "sparse_groups": {"sparse.enabled": True, "sparse.sparsity": SLAK_SPARSITY, "model.width_factor": 1.0},
+            "sparse_groups": {
+                "sparse.enabled": True,
+                "sparse.sparsity": SLAK_SPARSITY,
+                "model.width_factor": 1.0,
+            },
             "sparse_groups_wide": {
                 "sparse.enabled": True,
                 "sparse.sparsity": SLAK_SPARSITY,
@@ -200,7 +218,11 @@ def kernel_size_grid(base: ExperimentConfig, table: str, short_edges: Sequence[i
         }
         for size in PAPER_KERNELS:
             for setting, extra in settings.items():
-                overrides = {**extra, "model.kernel_mode": "decomposed", "model.kernel_size": _kernel(base, size)}
+                overrides = {
+                    **extra,
+                    "model.kernel_mode": "decomposed",
+                    "model.kernel_size": _kernel(base, size),
+                }
                 points.append(GridPoint(table, _kernel_row(size), setting, overrides))
     elif table == "table9":
         for n in short_edges:
@@ -234,18 +256,28 @@ def adaptation_grid(
     if sweep == "p":
         grid = values if values is not None else ADAPTATION_P_VALUES
         return [
-            GridPoint("adapt_p", f"p={p:g}", "slak", {**recipe, "sparse.prune_rate": float(p),
-                                                      "sparse.update_frequency": ADAPTATION_FIXED_F})
+            GridPoint(
+                "adapt_p",
+                f"p={p:g}",
+                "slak",
+                {**recipe, "sparse.prune_rate": float(p), "sparse.update_frequency": ADAPTATION_FIXED_F},
+            )
             for p in grid
         ]
     if sweep == "f":
         grid = values if values is not None else ADAPTATION_F_VALUES
         return [
-            GridPoint("adapt_f", f"f={int(f)}", "slak", {**recipe, "sparse.prune_rate": ADAPTATION_FIXED_P,
-                                                         "sparse.update_frequency": int(f)})
+            GridPoint(
+                "adapt_f",
+                f"f={int(f)}",
+                "slak",
+                {**recipe, "sparse.prune_rate": ADAPTATION_FIXED_P, "sparse.update_frequency": int(f)},
+            )
             for f in grid
         ]
-    raise ValueError(f"sweep={sweep!r} is not an adaptation sweep; allowed: 'p' (prune rate) or 'f' (frequency)")
+    raise ValueError(
+        f"sweep={sweep!r} is not an adaptation sweep; allowed: 'p' (prune rate) or 'f' (frequency)"
+    )
 
 
 def build_grid(base: ExperimentConfig, table: str, **kwargs: Any) -> list[GridPoint]:
@@ -301,7 +333,9 @@ def build_meta_model(cfg: ExperimentConfig) -> Any:
         return build_model(cfg)
 
 
-def validate_points(base: ExperimentConfig, points: Sequence[GridPoint], *, seeds: int = 1) -> list[ExperimentConfig]:
+def validate_points(
+    base: ExperimentConfig, points: Sequence[GridPoint], *, seeds: int = 1
+) -> list[ExperimentConfig]:
     """Build every point's config through the config's own validation; report all bad points at once.
 
     Raises:
@@ -318,7 +352,9 @@ def validate_points(base: ExperimentConfig, points: Sequence[GridPoint], *, seed
         problems.append(f"tune.seeds={seeds} must be >= 1 (number of seeds per grid point)")
     for index, point in enumerate(points):
         if point.label in seen:
-            problems.append(f"point #{index} ({point.row} / {point.setting}) duplicates point #{seen[point.label]}")
+            problems.append(
+                f"point #{index} ({point.row} / {point.setting}) duplicates point #{seen[point.label]}"
+            )
             continue
         seen[point.label] = index
         try:
@@ -327,7 +363,9 @@ def validate_points(base: ExperimentConfig, points: Sequence[GridPoint], *, seed
             build_meta_model(cfg)
         except (ConfigError, ValueError, TypeError, KeyError) as err:
             detail = str(err).replace("\n", "; ")
-            problems.append(f"point #{index} ({point.row} / {point.setting}) {dict(point.overrides)}: {detail}")
+            problems.append(
+                f"point #{index} ({point.row} / {point.setting}) {dict(point.overrides)}: {detail}"
+            )
             continue
         configs.append(cfg)
     if problems:

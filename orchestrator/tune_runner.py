@@ -120,7 +120,10 @@ def _trial_name(trial: Any) -> str:
 def _find_trial_run(config: Mapping[str, Any], trial_id: str) -> str:
     run_name, tags = trial_identity(config, trial_id)
     return tracking.find_or_create_run(
-        config["tracking"], run_name=run_name, tags=tags, parent_run_id=config.get("parent_run_id"),
+        config["tracking"],
+        run_name=run_name,
+        tags=tags,
+        parent_run_id=config.get("parent_run_id"),
         match_tag=("ray_trial_id", trial_id),
     )
 
@@ -134,10 +137,15 @@ def _complexity_metrics(cfg: ExperimentConfig) -> dict[str, float]:
     from slak_model import count_complexity
 
     model = build_meta_model(cfg)
-    counts = count_complexity(model, image_size=cfg.data.image_size,
-                              sparsity=cfg.sparse.sparsity if cfg.sparse.enabled else None)
-    return {"complexity/params": float(counts.nonzero_params), "complexity/flops": float(counts.sparse_macs),
-            "complexity/dense_params": float(counts.params), "complexity/dense_flops": float(counts.macs)}
+    counts = count_complexity(
+        model, image_size=cfg.data.image_size, sparsity=cfg.sparse.sparsity if cfg.sparse.enabled else None
+    )
+    return {
+        "complexity/params": float(counts.nonzero_params),
+        "complexity/flops": float(counts.sparse_macs),
+        "complexity/dense_params": float(counts.params),
+        "complexity/dense_flops": float(counts.macs),
+    }
 
 
 def _trial(config: dict[str, Any]) -> None:
@@ -156,8 +164,11 @@ def _trial(config: dict[str, Any]) -> None:
         except Exception as exc:  # noqa: BLE001 - a counting problem must not cost the training run
             logger.warning("could not count params/FLOPs for trial %s: %s", trial_id, exc)
     trainer = ray_train.build_trainer(
-        cfg, run_name=f"{config['experiment']}_train_{trial_id}", mlflow_run_id=run_id,
-        mlflow_parent_run_id=config.get("parent_run_id"), callbacks=[TuneReportCallback()],
+        cfg,
+        run_name=f"{config['experiment']}_train_{trial_id}",
+        mlflow_run_id=run_id,
+        mlflow_parent_run_id=config.get("parent_run_id"),
+        callbacks=[TuneReportCallback()],
     )
     trainer.fit()
 
@@ -184,16 +195,29 @@ class TrialStatusCallback(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._started[trial.trial_id] = time.monotonic()
         point = trial.config["point"]
-        logger.info("trial %s started: %s / %s, seed %s", trial.trial_id, point["row"], point["setting"],
-                    trial.config["seed_index"])
+        logger.info(
+            "trial %s started: %s / %s, seed %s",
+            trial.trial_id,
+            point["row"],
+            point["setting"],
+            trial.config["seed_index"],
+        )
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         done = sum(t.status == "TERMINATED" for t in trials)
         elapsed = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
-        logger.info("[%d/%d trials done] %s %s epoch %s/%d  val/top1=%.2f  train/loss=%.3f  (%.0f s)", done,
-                    max(self.total_trials, len(trials)), trial.trial_id, trial.config["point"]["row"], result.get(_TIME_ATTR, "?"),
-                    self.total_epochs, float(result.get(_METRIC, float("nan"))),
-                    float(result.get("train/loss", float("nan"))), elapsed)
+        logger.info(
+            "[%d/%d trials done] %s %s epoch %s/%d  val/top1=%.2f  train/loss=%.3f  (%.0f s)",
+            done,
+            max(self.total_trials, len(trials)),
+            trial.trial_id,
+            trial.config["point"]["row"],
+            result.get(_TIME_ATTR, "?"),
+            self.total_epochs,
+            float(result.get(_METRIC, float("nan"))),
+            float(result.get("train/loss", float("nan"))),
+            elapsed,
+        )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epochs = int((trial.last_result or {}).get(_TIME_ATTR, 0) or 0)
@@ -225,8 +249,13 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     per_trial = 1 + cfg.run.num_workers * max(1, int(cfg.run.cpus_per_worker))
     concurrent = max(1, int(cfg.tune.max_concurrent_trials or 1))
     num_cpus = max(os.cpu_count() or 1, per_trial * concurrent)
-    ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=runtime_env,
-             object_store_memory=512 * 2**20, log_to_driver=False)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        runtime_env=runtime_env,
+        object_store_memory=512 * 2**20,
+        log_to_driver=False,
+    )
 
 
 def _fitting_concurrency(cfg: ExperimentConfig) -> int:
@@ -240,9 +269,14 @@ def _fitting_concurrency(cfg: ExperimentConfig) -> int:
     fits = max(1, available // per_trial)
     wanted = int(cfg.tune.max_concurrent_trials)
     if wanted > fits:
-        logger.warning("tune.max_concurrent_trials=%d needs %d CPUs but the cluster has %d; running %d trial(s) "
-                       "at a time (raise the CPUs or lower run.num_workers to run more)", wanted,
-                       wanted * per_trial, available, fits)
+        logger.warning(
+            "tune.max_concurrent_trials=%d needs %d CPUs but the cluster has %d; running %d trial(s) "
+            "at a time (raise the CPUs or lower run.num_workers to run more)",
+            wanted,
+            wanted * per_trial,
+            available,
+            fits,
+        )
     return min(wanted, fits)
 
 
@@ -251,8 +285,12 @@ def _live_placement_groups() -> set[str]:
     from ray.util.state import list_placement_groups
 
     job = ray.get_runtime_context().get_job_id()
-    groups = list_placement_groups(filters=[("creator_job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
-    return {g.placement_group_id for g in groups if g.state in ("CREATED", "PENDING", "RESCHEDULING", "PREPARED")}
+    groups = list_placement_groups(
+        filters=[("creator_job_id", "=", job)], limit=10_000, raise_on_missing_output=False
+    )
+    return {
+        g.placement_group_id for g in groups if g.state in ("CREATED", "PENDING", "RESCHEDULING", "PREPARED")
+    }
 
 
 def _release_leaked_placement_groups(before: set[str]) -> int:
@@ -287,15 +325,24 @@ def _latest_experiment(storage: Path, table: str) -> str | None:
 def _scheduler(cfg: ExperimentConfig) -> ASHAScheduler | None:
     if not cfg.tune.asha:
         return None
-    return ASHAScheduler(time_attr=_TIME_ATTR, metric=_METRIC, mode="max", max_t=cfg.train.epochs,
-                         grace_period=min(cfg.tune.grace_period, cfg.train.epochs), reduction_factor=2)
+    return ASHAScheduler(
+        time_attr=_TIME_ATTR,
+        metric=_METRIC,
+        mode="max",
+        max_t=cfg.train.epochs,
+        grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+        reduction_factor=2,
+    )
 
 
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Trials run in their own working directory: every path they receive must be absolute."""
     updates = {"run.storage_path": str(Path(cfg.run.storage_path).expanduser().absolute())}
-    if cfg.tracking.offline_dir:
-        updates["tracking.offline_dir"] = str(Path(cfg.tracking.offline_dir).expanduser().absolute())
+    for name in ("tracking.offline_dir", "data.path"):
+        section, leaf = name.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if value and "://" not in str(value):
+            updates[name] = str(Path(value).expanduser().absolute())
     return replace(cfg, updates)
 
 
@@ -308,17 +355,26 @@ def _close_unfinished_runs(tracking_flat: Mapping[str, Any], experiment: str) ->
     runs = tracking.runs_dataframe(tracking_flat["uri"], tracking_flat["experiment"])
     if runs.empty or "tags.slak.experiment" not in runs:
         return 0
-    stale = runs[(runs["tags.slak.experiment"] == experiment) & (runs["status"] == "RUNNING")
-                 & (runs.get("tags.slak.grid_role") == "trial")]
+    stale = runs[
+        (runs["tags.slak.experiment"] == experiment)
+        & (runs["status"] == "RUNNING")
+        & (runs.get("tags.slak.grid_role") == "trial")
+    ]
     for run_id in stale["run_id"]:
         tracking.set_run_status(tracking_flat["uri"], run_id, "KILLED")
     return len(stale)
 
 
-def run_experiment(cfg: ExperimentConfig, points: Sequence[GridPoint], *, table: str,
-                   address: str | None = None, resume: bool = False,
-                   collate_into: str | Path | None = None,
-                   callbacks: Sequence[tune.Callback] = ()) -> ExperimentOutcome:
+def run_experiment(
+    cfg: ExperimentConfig,
+    points: Sequence[GridPoint],
+    *,
+    table: str,
+    address: str | None = None,
+    resume: bool = False,
+    collate_into: str | Path | None = None,
+    callbacks: Sequence[tune.Callback] = (),
+) -> ExperimentOutcome:
     """Run (or resume) one grid and collate its tables.
 
     Args:
@@ -343,20 +399,31 @@ def run_experiment(cfg: ExperimentConfig, points: Sequence[GridPoint], *, table:
     if resume:
         name = name or _latest_experiment(storage, table)
         if name is None or not tune.Tuner.can_restore(storage / name):
-            raise ValueError(f"--resume: no restorable experiment {name or table + '-*'} under "
-                             f"run.storage_path={storage}; start a new one without --resume")
+            raise ValueError(
+                f"--resume: no restorable experiment {name or table + '-*'} under "
+                f"run.storage_path={storage}; start a new one without --resume"
+            )
     else:
         name = name or f"{table}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         if tune.Tuner.can_restore(storage / name):
-            raise ValueError(f"run.name={name!r} already exists under run.storage_path={storage}; pass --resume "
-                             "to continue it, or choose another run.name")
+            raise ValueError(
+                f"run.name={name!r} already exists under run.storage_path={storage}; pass --resume "
+                "to continue it, or choose another run.name"
+            )
     tracking_flat = _tracking_flat(cfg)
     parent = None
     if tracking_flat.get("enabled", True):
         parent = tracking.find_or_create_run(
-            tracking_flat, run_name=name, match_tag=("slak.parent_of", name),
-            tags={"slak.grid_role": "experiment", "slak.experiment": name, "slak.table": table,
-                  "slak.grid_points": str(len(points)), "slak.seeds": str(cfg.tune.seeds)},
+            tracking_flat,
+            run_name=name,
+            match_tag=("slak.parent_of", name),
+            tags={
+                "slak.grid_role": "experiment",
+                "slak.experiment": name,
+                "slak.table": table,
+                "slak.grid_points": str(len(points)),
+                "slak.seeds": str(cfg.tune.seeds),
+            },
         )
         parent_tracker = tracking.create_tracker(tracking_flat, run_id=parent)
         if not resume:
@@ -370,15 +437,24 @@ def run_experiment(cfg: ExperimentConfig, points: Sequence[GridPoint], *, table:
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
     else:
         concurrent = _fitting_concurrency(cfg)
-        constants = {"base": cfg.to_flat(), "experiment": name, "parent_run_id": parent, "tracking": tracking_flat}
+        constants = {
+            "base": cfg.to_flat(),
+            "experiment": name,
+            "parent_run_id": parent,
+            "tracking": tracking_flat,
+        }
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(points, seeds=cfg.tune.seeds, constants=constants),
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent,
-                                        scheduler=_scheduler(cfg), trial_name_creator=_trial_name,
-                                        trial_dirname_creator=_trial_name),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=concurrent,
+                scheduler=_scheduler(cfg),
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
             run_config=tune.RunConfig(
-                name=name, storage_path=str(storage),
+                name=name,
+                storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.trial_max_failures),
                 callbacks=[TrialStatusCallback(tracking_flat, cfg.train.epochs, expected), *callbacks],
             ),
@@ -396,20 +472,27 @@ def run_experiment(cfg: ExperimentConfig, points: Sequence[GridPoint], *, table:
     interrupted = results.num_terminated + errors < trials
     if interrupted:
         _release_leaked_placement_groups(groups_before)
-    outcome = ExperimentOutcome(name, storage / name, parent, trials, errors, interrupted,
-                                time.monotonic() - started)
+    outcome = ExperimentOutcome(
+        name, storage / name, parent, trials, errors, interrupted, time.monotonic() - started
+    )
     if parent is not None:
         killed = _close_unfinished_runs(tracking_flat, name)
         if killed:
-            logger.warning("%d trial run(s) of %s were interrupted and marked KILLED; --resume continues them",
-                           killed, name)
+            logger.warning(
+                "%d trial run(s) of %s were interrupted and marked KILLED; --resume continues them",
+                killed,
+                name,
+            )
         out_dir = Path(collate_into) if collate_into else storage / name / "tables"
-        outcome.collated = collate.collate_experiment(tracking_flat["uri"], tracking_flat["experiment"], name,
-                                                      out_dir)
+        outcome.collated = collate.collate_experiment(
+            tracking_flat["uri"], tracking_flat["experiment"], name, out_dir
+        )
         outcome.files = list(outcome.collated.files)
-        tracking.create_tracker(tracking_flat, run_id=parent,
-                                tags={"slak.failed_trials": str(errors), "slak.trials": str(trials)},
-                                ).end("KILLED" if interrupted else "FINISHED")
+        tracking.create_tracker(
+            tracking_flat,
+            run_id=parent,
+            tags={"slak.failed_trials": str(errors), "slak.trials": str(trials)},
+        ).end("KILLED" if interrupted else "FINISHED")
     outcome.seconds = time.monotonic() - started
     return outcome
 
@@ -418,18 +501,28 @@ def run_experiment(cfg: ExperimentConfig, points: Sequence[GridPoint], *, table:
 def cli_parser(description: str) -> argparse.ArgumentParser:
     """Flags every grid script takes; everything else is a dotted ``key=value`` override."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. train.epochs=120 data.path=/data/imagenet")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted config overrides, e.g. train.epochs=120 data.path=/data/imagenet",
+    )
     parser.add_argument("--config", default=None, help="YAML preset, e.g. experiments/configs/paper.yaml")
-    parser.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster)")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address ('auto' joins a running cluster)"
+    )
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite ./mlflow.db)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the newest (or run.name=...) experiment of this grid; finished trials stay")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest (or run.name=...) experiment of this grid; finished trials stay",
+    )
     return parser
 
 
-def run_cli(args: argparse.Namespace, table: str,
-            make_points: Callable[[ExperimentConfig], list[GridPoint]]) -> tuple[ExperimentConfig, ExperimentOutcome]:
+def run_cli(
+    args: argparse.Namespace, table: str, make_points: Callable[[ExperimentConfig], list[GridPoint]]
+) -> tuple[ExperimentConfig, ExperimentOutcome]:
     """Config -> grid -> :func:`run_experiment` for a grid script (which prints :func:`summary_text`).
 
     Raises:
@@ -437,8 +530,9 @@ def run_cli(args: argparse.Namespace, table: str,
     """
     from orchestrator.config import load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     overrides = list(args.overrides)
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
@@ -451,10 +545,16 @@ def summary_text(cfg: ExperimentConfig, outcome: ExperimentOutcome) -> str:
     """What a grid script prints at the end: the tables, where the files are, how to open MLflow."""
     lines = []
     if outcome.collated is not None:
-        lines += ["", outcome.collated.markdown, f"tables, plots and per-trial parquet: {outcome.path / 'tables'}"]
+        lines += [
+            "",
+            outcome.collated.markdown,
+            f"tables, plots and per-trial parquet: {outcome.path / 'tables'}",
+        ]
     state = "INTERRUPTED (continue with --resume)" if outcome.interrupted else "complete"
-    lines.append(f"experiment {outcome.name}: {outcome.trials} trial(s), {outcome.errors} failed, {state}, "
-                 f"{outcome.seconds:.0f} s")
+    lines.append(
+        f"experiment {outcome.name}: {outcome.trials} trial(s), {outcome.errors} failed, {state}, "
+        f"{outcome.seconds:.0f} s"
+    )
     if cfg.tracking.enabled:
         lines.append(f"open the MLflow UI: {mlflow_ui_command(cfg.tracking.uri)}")
     return "\n".join(lines)

@@ -46,15 +46,25 @@ def _children(uri: str, experiment: str, name: str):
 @pytest.mark.slow
 def test_two_trial_grid_interrupt_and_resume(ray_cluster, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(None, {
-        "run.name": "t8-itest", "run.num_workers": 2, "run.storage_path": str(tmp_path / "ray"),
-        "tracking.uri": uri, "tracking.experiment": "itest", "tracking.offline_dir": str(tmp_path / "offline"),
-        "tune.max_concurrent_trials": 1, "tune.seeds": 1, "train.epochs": 2,
-    })
+    cfg = load_config(
+        None,
+        {
+            "run.name": "t8-itest",
+            "run.num_workers": 2,
+            "run.storage_path": str(tmp_path / "ray"),
+            "tracking.uri": uri,
+            "tracking.experiment": "itest",
+            "tracking.offline_dir": str(tmp_path / "offline"),
+            "tune.max_concurrent_trials": 1,
+            "tune.seeds": 1,
+            "train.epochs": 2,
+        },
+    )
     points = search_space.sparsity_width_grid(cfg)[:2]
 
-    first = tune_runner.run_experiment(cfg, points, table="table8",
-                                       callbacks=[_InterruptAfterFirstTrial(tmp_path / "interrupted")])
+    first = tune_runner.run_experiment(
+        cfg, points, table="table8", callbacks=[_InterruptAfterFirstTrial(tmp_path / "interrupted")]
+    )
     assert first.interrupted and first.trials == 2
     parents, children = _children(uri, "itest", "t8-itest")
     assert len(parents) == 1 and parents["status"].item() == "KILLED"
@@ -97,17 +107,33 @@ class _FakeTrial:
 def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) -> None:
     """No Ray needed: FINISHED, FINISHED + ASHA tag when stopped early, FAILED (run created if missing)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(None, {"tracking.uri": uri, "tracking.experiment": "cb", "train.epochs": 4,
-                             "tracking.offline_dir": str(tmp_path / "offline")})
+    cfg = load_config(
+        None,
+        {
+            "tracking.uri": uri,
+            "tracking.experiment": "cb",
+            "train.epochs": 4,
+            "tracking.offline_dir": str(tmp_path / "offline"),
+        },
+    )
     flat = {k.split(".", 1)[1]: v for k, v in cfg.to_flat().items() if k.startswith("tracking.")}
 
     def config(row: str) -> dict:
         point = GridPoint("table8", row, "slak", {"sparse.sparsity": 0.2})
-        return {"base": cfg.to_flat(), "point": point.to_dict(), "seed_index": 0, "experiment": "cb-exp",
-                "parent_run_id": None, "tracking": flat}
+        return {
+            "base": cfg.to_flat(),
+            "point": point.to_dict(),
+            "seed_index": 0,
+            "experiment": "cb-exp",
+            "parent_run_id": None,
+            "tracking": flat,
+        }
 
-    full, short, broken = (_FakeTrial("t1", config("a"), {"epochs_done": 4}),
-                           _FakeTrial("t2", config("b"), {"epochs_done": 1}), _FakeTrial("t3", config("c")))
+    full, short, broken = (
+        _FakeTrial("t1", config("a"), {"epochs_done": 4}),
+        _FakeTrial("t2", config("b"), {"epochs_done": 1}),
+        _FakeTrial("t3", config("c")),
+    )
     existing = tune_runner._find_trial_run(full.config, "t1")  # the trial driver made its run
     callback = tune_runner.TrialStatusCallback(flat, total_epochs=4, total_trials=3)
     callback.on_trial_complete(0, [], full)

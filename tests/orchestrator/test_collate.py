@@ -11,26 +11,50 @@ import pytest
 from orchestrator import collate
 
 EXP = "table8-20260101-000000"
-PUBLISHED8 = pd.DataFrame({
-    "row": ["0.20/1.1x", "0.40/1.3x", "0.55/1.5x"],
-    "setting": ["slak"] * 3,
-    "top1": [81.3, 81.6, 81.7],
-    "params_m": [29.0, 30.0, 30.0],
-    "flops_g": [5.0, 5.0, 4.9],
-})
+PUBLISHED8 = pd.DataFrame(
+    {
+        "row": ["0.20/1.1x", "0.40/1.3x", "0.55/1.5x"],
+        "setting": ["slak"] * 3,
+        "top1": [81.3, 81.6, 81.7],
+        "params_m": [29.0, 30.0, 30.0],
+        "flops_g": [5.0, 5.0, 4.9],
+    }
+)
 
 
-def _run(run_id: str, row: str, seed: int, status: str = "FINISHED", top1: float | None = 70.0, *,
-         table: str = "table8", setting: str = "slak", experiment: str = EXP, stopped: bool = False,
-         width: str = "1.1") -> dict:
+def _run(
+    run_id: str,
+    row: str,
+    seed: int,
+    status: str = "FINISHED",
+    top1: float | None = 70.0,
+    *,
+    table: str = "table8",
+    setting: str = "slak",
+    experiment: str = EXP,
+    stopped: bool = False,
+    width: str = "1.1",
+) -> dict:
     record = {
-        "run_id": run_id, "status": status, "start_time": pd.Timestamp("2026-01-01", tz="UTC"),
-        "tags.slak.grid_role": "trial", "tags.slak.experiment": experiment, "tags.slak.table": table,
-        "tags.slak.row": row, "tags.slak.setting": setting, "tags.slak.point": f"{row}__{setting}",
-        "tags.slak.seed_index": str(seed), "tags.ray_trial_id": f"t_{run_id}", "tags.mlflow.runName": run_id,
+        "run_id": run_id,
+        "status": status,
+        "start_time": pd.Timestamp("2026-01-01", tz="UTC"),
+        "tags.slak.grid_role": "trial",
+        "tags.slak.experiment": experiment,
+        "tags.slak.table": table,
+        "tags.slak.row": row,
+        "tags.slak.setting": setting,
+        "tags.slak.point": f"{row}__{setting}",
+        "tags.slak.seed_index": str(seed),
+        "tags.ray_trial_id": f"t_{run_id}",
+        "tags.mlflow.runName": run_id,
         "tags.slak.stopped_early": "asha" if stopped else None,
-        "params.model.width_factor": width, "params.sparse.sparsity": "0.2", "params.model.kernel_mode": "decomposed",
-        "metrics.epochs_done": 3.0, "metrics.complexity/params": 2.5e6, "metrics.complexity/flops": 1.2e8,
+        "params.model.width_factor": width,
+        "params.sparse.sparsity": "0.2",
+        "params.model.kernel_mode": "decomposed",
+        "metrics.epochs_done": 3.0,
+        "metrics.complexity/params": 2.5e6,
+        "metrics.complexity/flops": 1.2e8,
     }
     if top1 is not None:
         record["metrics.val/top1"] = top1
@@ -39,17 +63,25 @@ def _run(run_id: str, row: str, seed: int, status: str = "FINISHED", top1: float
 
 @pytest.fixture()
 def runs() -> pd.DataFrame:
-    parent = {"run_id": "p", "status": "RUNNING", "start_time": pd.Timestamp("2026-01-01", tz="UTC"),
-              "tags.slak.grid_role": "experiment", "tags.slak.experiment": EXP, "tags.slak.table": "table8"}
-    return pd.DataFrame([
-        parent,
-        _run("a", "0.20/1.1x", 0, top1=70.0),
-        _run("b", "0.20/1.1x", 1, top1=72.0),
-        _run("c", "0.40/1.3x", 0, status="FAILED", top1=None, width="1.3"),
-        _run("d", "0.40/1.3x", 1, status="RUNNING", top1=50.0, width="1.3"),
-        _run("e", "0.90/3x", 0, top1=60.0, setting="extra", width="3.0", stopped=True),
-        _run("z", "0.20/1.1x", 0, top1=10.0, experiment="another-experiment"),
-    ])
+    parent = {
+        "run_id": "p",
+        "status": "RUNNING",
+        "start_time": pd.Timestamp("2026-01-01", tz="UTC"),
+        "tags.slak.grid_role": "experiment",
+        "tags.slak.experiment": EXP,
+        "tags.slak.table": "table8",
+    }
+    return pd.DataFrame(
+        [
+            parent,
+            _run("a", "0.20/1.1x", 0, top1=70.0),
+            _run("b", "0.20/1.1x", 1, top1=72.0),
+            _run("c", "0.40/1.3x", 0, status="FAILED", top1=None, width="1.3"),
+            _run("d", "0.40/1.3x", 1, status="RUNNING", top1=50.0, width="1.3"),
+            _run("e", "0.90/3x", 0, top1=60.0, setting="extra", width="3.0", stopped=True),
+            _run("z", "0.20/1.1x", 0, top1=10.0, experiment="another-experiment"),
+        ]
+    )
 
 
 def test_tidy_keeps_only_trials_of_the_experiment_with_dotted_params(runs: pd.DataFrame) -> None:
@@ -63,8 +95,9 @@ def test_tidy_keeps_only_trials_of_the_experiment_with_dotted_params(runs: pd.Da
 
 
 def test_best_comes_from_the_metric_history(runs: pd.DataFrame) -> None:
-    history = pd.DataFrame({"run_id": ["a", "a", "a"], "key": ["val/top1"] * 3, "step": [0, 1, 2],
-                            "value": [50.0, 75.0, 70.0]})
+    history = pd.DataFrame(
+        {"run_id": ["a", "a", "a"], "key": ["val/top1"] * 3, "step": [0, 1, 2], "value": [50.0, 75.0, 70.0]}
+    )
     tidy = collate.tidy_runs(runs, EXP, history).set_index("run_id")
     assert tidy.loc["a", "top1_final"] == 70.0 and tidy.loc["a", "top1_best"] == 75.0
     assert tidy.loc["b", "top1_best"] == 72.0  # no history -> best is the final value
@@ -100,12 +133,19 @@ def test_display_markdown_and_latex_mark_missing_cells(runs: pd.DataFrame) -> No
 
 
 def test_multi_setting_tables_get_one_column_group_per_setting() -> None:
-    runs = pd.DataFrame([
-        _run("n", "31-29-27-13", 0, table="table1", setting="naive", top1=60.0),
-        _run("r", "31-29-27-13", 0, table="table1", setting="replknet", top1=65.0),
-    ])
-    published = pd.DataFrame({"row": ["7-7-7-7", "31-29-27-13", "31-29-27-13"],
-                              "setting": ["naive", "naive", "replknet"], "top1": [81.0, 80.5, 81.5]})
+    runs = pd.DataFrame(
+        [
+            _run("n", "31-29-27-13", 0, table="table1", setting="naive", top1=60.0),
+            _run("r", "31-29-27-13", 0, table="table1", setting="replknet", top1=65.0),
+        ]
+    )
+    published = pd.DataFrame(
+        {
+            "row": ["7-7-7-7", "31-29-27-13", "31-29-27-13"],
+            "setting": ["naive", "naive", "replknet"],
+            "top1": [81.0, 80.5, 81.5],
+        }
+    )
     display = collate.to_display(collate.summarize(collate.tidy_runs(runs, EXP), "table1", published))
     assert list(display["row"]) == ["7-7-7-7", "31-29-27-13"]
     assert display.loc[1, "naive top-1"] == "60.0" and display.loc[1, "replknet top-1"] == "65.0"
@@ -131,8 +171,14 @@ def test_plot_and_parquet_are_written(runs: pd.DataFrame, tmp_path: Path) -> Non
 
 
 def test_find_experiment_picks_the_newest_parent_of_a_table(runs: pd.DataFrame) -> None:
-    older = {"run_id": "p0", "status": "FINISHED", "start_time": pd.Timestamp("2025-01-01", tz="UTC"),
-             "tags.slak.grid_role": "experiment", "tags.slak.experiment": "table8-old", "tags.slak.table": "table8"}
+    older = {
+        "run_id": "p0",
+        "status": "FINISHED",
+        "start_time": pd.Timestamp("2025-01-01", tz="UTC"),
+        "tags.slak.grid_role": "experiment",
+        "tags.slak.experiment": "table8-old",
+        "tags.slak.table": "table8",
+    }
     both = pd.concat([runs, pd.DataFrame([older])], ignore_index=True)
     assert collate.find_experiment(both, "table8") == EXP
     assert collate.find_experiment(both, "table1") is None

@@ -79,7 +79,9 @@ def test_every_grid_builds_and_validates(base, table: str, count: int, settings:
 def test_adaptation_sweeps_fix_the_other_knob(base) -> None:
     p_points = ss.adaptation_grid(base, "p", [0.2, 0.4])
     assert [(p.overrides["sparse.prune_rate"], p.overrides["sparse.update_frequency"]) for p in p_points] == [
-        (0.2, 100), (0.4, 100)]
+        (0.2, 100),
+        (0.4, 100),
+    ]
     f_points = ss.adaptation_grid(base, "f", [10, 20])
     assert {p.overrides["sparse.prune_rate"] for p in f_points} == {0.3}
     with pytest.raises(ValueError, match="sweep='q'"):
@@ -105,8 +107,16 @@ def test_every_bad_point_is_listed_in_one_error(base) -> None:
     problems = info.value.problems
     assert len(problems) == 4, problems
     text = str(info.value)
-    for needle in ("point #1 (s1", "sparse.sparsity", "point #2 (w0", "model.width_factor", "point #3 (even",
-                   "model.kernel_size", "point #4", "duplicates point #0"):
+    for needle in (
+        "point #1 (s1",
+        "sparse.sparsity",
+        "point #2 (w0",
+        "model.width_factor",
+        "point #3 (even",
+        "model.kernel_size",
+        "point #4",
+        "duplicates point #0",
+    ):
         assert needle in text, text
 
 
@@ -129,7 +139,9 @@ def test_points_round_trip_through_plain_dicts() -> None:
 
 def test_model_architecture_problems_are_caught_before_ray(base) -> None:
     # a valid experiment config, but the short edge N=9 is longer than the stage-4 kernel 7
-    bad = GridPoint("table9", "N=9", "slak", {"model.kernel_size": [15, 15, 13, 7, 9], "model.kernel_mode": "decomposed"})
+    bad = GridPoint(
+        "table9", "N=9", "slak", {"model.kernel_size": [15, 15, 13, 7, 9], "model.kernel_mode": "decomposed"}
+    )
     with pytest.raises(GridError, match="short_edge"):
         ss.validate_points(base, [bad])
 
@@ -141,7 +153,7 @@ def test_grid_cells_are_exactly_the_papers_cells(base, table: str) -> None:
     published = paper.published_cells(table)
     assert len(published) > 0
     grid = {(p.row, p.setting) for p in ss.build_grid(base, table)}
-    assert grid == set(zip(published["row"], published["setting"]))
+    assert grid == set(zip(published["row"], published["setting"], strict=True))
 
 
 def test_sweeps_without_printed_numbers_have_no_published_cells() -> None:
