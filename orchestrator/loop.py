@@ -397,8 +397,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpointing
     def local_rng(self) -> dict[str, Any]:
-        """This rank's RNG streams now and at the start of the current epoch (gather these across ranks)."""
-        return {"now": rng_state(), "epoch": self._epoch_rng}
+        """What differs between ranks: RNG streams now and at the start of the epoch, and the running
+        epoch sums of this rank's shard (gather these across ranks for a checkpoint)."""
+        return {"now": rng_state(), "epoch": self._epoch_rng, "sums": dict(self._sums)}
 
     def state_dict(self, rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything needed to continue bitwise: weights, EMA, optimizer, scaler, schedule position,
@@ -417,7 +418,6 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "step_in_epoch": self.step_in_epoch,
-            "sums": dict(self._sums),
             "rng": rng_states if rng_states is not None else [self.local_rng()],
         }
 
@@ -440,11 +440,11 @@ class Trainer:
             self.engine.load_state_dict(state["sparsity"])
             self.sparsity_ready = True
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        self._sums = dict(state["sums"])
         rngs = state["rng"]
         if len(rngs) != self.world_size:
             log.warning("checkpoint holds RNG streams of %d ranks, this run has %d: continuing, but not bitwise",
                         len(rngs), self.world_size)
         mine = rngs[self.rank % len(rngs)]
         self._epoch_rng = mine["epoch"]
+        self._sums = dict(mine["sums"])
         set_rng_state(mine["now"])

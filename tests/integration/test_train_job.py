@@ -1,0 +1,159 @@
+"""The smoke training job end to end on Ray Train (2 CPU workers, gloo): checkpoints, MLflow, recovery.
+
+One reference job runs once per module; the fault test runs the same config with rank 1 raising
+mid-epoch and must end with bitwise-identical weights, EMA, masks and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ray = pytest.importorskip("ray")
+mlflow_tracking = pytest.importorskip("mlflow.tracking")
+
+from orchestrator import ray_train  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SMOKE = REPO_ROOT / "experiments" / "configs" / "smoke.yaml"
+EXPERIMENT = "itest-train"
+
+
+def _cfg(root: Path, name: str, **extra):
+    return load_config(SMOKE, {
+        "run.name": name, "run.storage_path": str(root / "ray"), "run.max_failures": 1,
+        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "tracking.experiment": EXPERIMENT,
+        "tracking.offline_dir": str(root / "offline"), "train.checkpoint_every_steps": 5, **extra,
+    })
+
+
+def _final_state(result) -> dict:
+    with result.checkpoint.as_directory() as d:
+        state, _ = ray_train.load_checkpoint_dir(d)
+    return state
+
+
+def _client(cfg):
+    return mlflow_tracking.MlflowClient(cfg.tracking.uri)
+
+
+def _run_of(cfg):
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`slak.run_name` = '{cfg.run.name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    cfg = _cfg(root, "reference")
+    t0 = time.monotonic()
+    result = ray_train.run_training(cfg)
+    return cfg, result, time.monotonic() - t0
+
+
+def test_smoke_job_end_to_end(reference) -> None:
+    cfg, result, seconds = reference
+    m = result.metrics
+    assert m["epochs_done"] == 2 and m["step"] == 16
+    for key in ("train/loss", "train/lr", "val/top1", "val/top5", "ema/top1", "perf/img_per_s", "sparsity/churn",
+                "sparsity/itop_rate", "sparsity/prune_rate", "sparsity/density/stage1"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["sparsity/density"] == pytest.approx(0.6, abs=0.01)
+
+    # checkpoints: sealed, the newest kept ones only, with the full trainer state
+    run_dir = Path(cfg.run.storage_path) / "reference"
+    kept = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(("epoch_", "step_")))
+    assert "epoch_0002" in kept and len(kept) <= cfg.run.checkpoints_to_keep, kept
+    state = _final_state(result)
+    assert state["epoch"] == 2 and state["sparsity"]["step"] == 16 and len(state["rng"]) == 2
+    for name, mask in state["sparsity"]["masks"].items():
+        assert not state["model"][name][~mask].any(), name
+
+    # MLflow: one FINISHED run with dotted params, per-epoch metrics, masks, density table, config, checkpoint
+    run = _run_of(cfg)
+    client = _client(cfg)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["sparse.sparsity"] == "0.4" and run.data.params["run.num_workers"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 8  # every 2 steps + epochs
+    files = _artifacts(client, run.info.run_id)
+    assert any(f.startswith("masks/") and f.endswith(".npz") for f in files), files
+    assert any(f.startswith("masks/density") for f in files), files
+    assert "config/resolved.yaml" in files and "checkpoint/state.pt" in files
+    assert run.data.tags.get("slak.kernel.backend")
+
+
+def test_worker_failure_resumes_to_identical_result(reference, tmp_path: Path, monkeypatch) -> None:
+    ref_cfg, ref_result, _ = reference
+    monkeypatch.setenv(ray_train.FAULT_ENV, "1:12")  # rank 1 raises after step 12 (epoch 2, after step ckpt 10)
+    cfg = _cfg(Path(ref_cfg.run.storage_path).parent, "faulty")
+    result = ray_train.run_training(cfg)
+    marker = Path(cfg.run.storage_path) / "faulty" / ".fault_injected_rank1_step12"
+    assert marker.exists(), "the injected fault never fired"
+
+    ref, got = _final_state(ref_result), _final_state(result)
+    for key in ("model", "ema"):
+        for name, a in ref[key].items():
+            assert torch.equal(a, got[key][name]), f"{key}.{name} differs after recovery"
+    for name, a in ref["sparsity"]["masks"].items():
+        assert torch.equal(a, got["sparsity"]["masks"][name]), f"mask {name} differs after recovery"
+    same = {k: v for k, v in ref_result.metrics.items() if not k.startswith("perf/")}
+    assert {k: result.metrics[k] for k in same} == same
+
+    client = _client(cfg)
+    ref_run, run = _run_of(ref_cfg), _run_of(cfg)
+    assert run.info.status == "FINISHED"
+    for key in ("val/top1", "ema/top1", "sparsity/churn"):
+        hist = [(h.step, h.value) for h in client.get_metric_history(run.info.run_id, key)]
+        ref_hist = [(h.step, h.value) for h in client.get_metric_history(ref_run.info.run_id, key)]
+        assert hist == ref_hist, key
+
+
+def test_rerunning_a_finished_job_continues_it(reference) -> None:
+    cfg, first, _ = reference
+    again = ray_train.run_training(cfg)
+    assert again.metrics["val/top1"] == first.metrics["val/top1"] and again.metrics["step"] == 16
+    assert len(_client(cfg).get_metric_history(_run_of(cfg).info.run_id, "val/top1")) == 2
+
+
+def test_bad_config_fails_fast_with_one_message(capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", REPO_ROOT / "experiments" / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    t0 = time.monotonic()
+    code = cli.main(["--config", str(SMOKE), "train.epochs=0", "sparse.sparsity=2", "train.lrr=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - t0 < 5
+    assert err.count("error:") == 1 and "3 problems" in err
+    assert "train.epochs=0" in err and "sparse.sparsity=2" in err and "did you mean 'train.lr'" in err
+
+
+def test_interrupted_checkpoint_write_is_refused(tmp_path: Path) -> None:
+    path = ray_train.save_checkpoint_dir({"epoch": 1, "step": 3, "w": torch.arange(1000)}, tmp_path / "ck")
+    state, manifest = ray_train.load_checkpoint_dir(tmp_path / "ck")
+    assert state["step"] == 3 and manifest["step"] == 3
+    path.write_bytes(path.read_bytes()[:100])  # the process died while writing
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        ray_train.load_checkpoint_dir(tmp_path / "ck")
+    (tmp_path / "ck" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="not completely written"):
+        ray_train.load_checkpoint_dir(tmp_path / "ck")
