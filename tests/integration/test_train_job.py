@@ -140,11 +140,11 @@ def test_bad_config_fails_fast_with_one_message(capsys) -> None:
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     t0 = time.monotonic()
-    code = cli.main(["--config", str(SMOKE), "train.epochs=0", "sparse.sparsity=2", "train.lrr=1"])
+    code = cli.main(["--config", str(SMOKE), "data.image_size=8", "sparse.sparsity=2", "train.lrr=1"])
     err = capsys.readouterr().err
     assert code == 2 and time.monotonic() - t0 < 5
     assert err.count("error:") == 1 and "3 problems" in err
-    assert "train.epochs=0" in err and "sparse.sparsity=2" in err and "did you mean 'train.lr'" in err
+    assert "data.image_size=8" in err and "sparse.sparsity=2" in err and "did you mean 'train.lr'" in err
 
 
 def test_interrupted_checkpoint_write_is_refused(tmp_path: Path) -> None:
