@@ -32,6 +32,7 @@ struct Plan {
   int64_t smem_bytes;
   int n_chunks;    // wgrad: batch split (second-level reduction over chunks in fp32)
   int chunk;       // wgrad: planes of one channel per block
+  int small;       // wgrad: 1 = small-map kernel (one plane per lane, whole chunk in registers)
 };
 
 // Build the launch plan; returns 0 or a negative code when no tiling fits the device's shared memory.

@@ -38,35 +38,61 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Copy one plane's tile (slide orientation rows [ty0-ph, ty0-ph+rows), cols [tx0-pw, tx0-pw+cols)) into
-// shared memory as fp32, zero outside the image. The loop walks the tile in global row-major order so that
-// neighbouring threads read neighbouring addresses whichever orientation the tile has; the odd pitch keeps
-// the transposed shared-memory writes free of bank conflicts.
+// Exact a / b for 0 <= a < 2^17 with a precomputed 1/b: the +0.5 keeps the float product at least 0.5/b
+// away from an integer, well beyond its rounding error. Integer division by a run-time value costs ~20
+// instructions per element in the load loops, which dominated small feature maps.
+__device__ __forceinline__ int fdiv(int a, float inv_b) { return __float2int_rz((a + 0.5f) * inv_b); }
+
+// Copy `nplanes` planes' tiles (slide-orientation rows [ys0, ys0+rows), cols [xs0, xs0+cols)) into shared
+// memory as fp32: plane k at dst + k * plane_sz, row r at r * pitch. Tile positions outside the image must
+// already be zero (see zero_fill). Only in-image elements are read, in global row-major order so that
+// neighbouring threads read neighbouring addresses in either orientation, four independent loads in
+// flight per thread (one load at a time left small maps latency-bound).
 template <typename T>
-__device__ __forceinline__ void load_tile(const T* __restrict__ src, const Plan& p, int ty0, int tx0, int rows,
-                                          int cols, int pitch, float* __restrict__ dst) {
-  const int total = rows * cols;
-  const int fast = p.transposed ? rows : cols;  // extent along the global column axis
-  int slow = threadIdx.x / fast;
-  int f = threadIdx.x - slow * fast;
-  const int inc_slow = blockDim.x / fast, inc_f = blockDim.x - inc_slow * fast;
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
-    const int r = p.transposed ? f : slow;
-    const int q = p.transposed ? slow : f;
-    const int ys = ty0 + r, xs = tx0 + q;
-    float v = 0.f;
-    if (ys >= 0 && ys < p.Hs && xs >= 0 && xs < p.Ws) {
-      const int gy = p.transposed ? xs : ys, gx = p.transposed ? ys : xs;
-      v = to_float(src[(int64_t)gy * p.W + gx]);
+__device__ __forceinline__ void load_tiles(const T* __restrict__ src, int64_t plane_stride, int nplanes,
+                                           const Plan& p, int ys0, int xs0, int rows, int cols, int pitch,
+                                           int plane_sz, float* __restrict__ dst) {
+  const int r0 = max(0, -ys0), r1 = min(rows, p.Hs - ys0);
+  const int q0 = max(0, -xs0), q1 = min(cols, p.Ws - xs0);
+  if (r1 <= r0 || q1 <= q0 || nplanes <= 0) return;
+  const int nr = r1 - r0, nq = q1 - q0;
+  const int fast = p.transposed ? nr : nq;
+  const int per = nr * nq;
+  const int total = nplanes * per;
+  const float inv_fast = 1.f / fast, inv_per = 1.f / per;
+  const int step = blockDim.x;
+  for (int base = threadIdx.x; base < total; base += 4 * step) {
+    float v[4];
+    int off[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int e = base + u * step;
+      off[u] = -1;
+      v[u] = 0.f;
+      if (e < total) {
+        const int pl = fdiv(e, inv_per);
+        const int rem = e - pl * per;
+        const int sl = fdiv(rem, inv_fast);
+        const int f = rem - sl * fast;
+        const int r = r0 + (p.transposed ? f : sl), q = q0 + (p.transposed ? sl : f);
+        const int ys = ys0 + r, xs = xs0 + q;
+        const int gy = p.transposed ? xs : ys, gx = p.transposed ? ys : xs;
+        v[u] = to_float(src[pl * plane_stride + (int64_t)gy * p.W + gx]);
+        off[u] = pl * plane_sz + r * pitch + q;
+      }
     }
-    dst[r * pitch + q] = v;
-    f += inc_f;
-    slow += inc_slow;
-    if (f >= fast) {
-      f -= fast;
-      ++slow;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (off[u] >= 0) dst[off[u]] = v[u];
     }
   }
+}
+
+// Zero `n` floats from a 16-byte aligned shared address (n rounded up to 4: allocations carry the slack).
+__device__ __forceinline__ void zero_fill(float* dst, int n) {
+  float4* d4 = reinterpret_cast<float4*>(dst);
+  const int n4 = (n + 3) / 4;
+  for (int t = threadIdx.x; t < n4; t += blockDim.x) d4[t] = make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
 // Forward. Each thread owns R outputs along the slide axis at one column. Its input window holds rows
@@ -76,11 +102,11 @@ template <typename T, int R>
 __global__ void __launch_bounds__(256)
     forward_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
                    T* __restrict__ y, const Plan p) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   const int ksz = p.kh * p.kw;
   const int in_sz = p.in_rows * p.pitch;
   float* s_w = smem;
-  float* s_in = smem + p.P * ksz;
+  float* s_in = smem + ((p.P * ksz + 3) & ~3);
 
   int64_t blk = blockIdx.x;
   const int tile_x = static_cast<int>(blk % p.tiles_x);
@@ -91,16 +117,15 @@ __global__ void __launch_bounds__(256)
   const int ty0 = tile_y * p.TH, tx0 = tile_x * p.TW;
   const int64_t HW = static_cast<int64_t>(p.H) * p.W;
 
+  const int nplanes = static_cast<int>(min(static_cast<int64_t>(p.P), p.planes - plane0));
   for (int t = threadIdx.x; t < p.P * ksz; t += blockDim.x) {
     const int pl = t / ksz;
     const int64_t plane = plane0 + pl;
     s_w[t] = plane < p.planes ? w[(plane % p.channels) * ksz + (t - pl * ksz)] : 0.f;
   }
-  for (int pl = 0; pl < p.P; ++pl) {
-    const int64_t plane = plane0 + pl;
-    if (plane >= p.planes) break;
-    load_tile(x + plane * HW, p, ty0 - p.ph, tx0 - p.pw, p.in_rows, p.in_cols, p.pitch, s_in + pl * in_sz);
-  }
+  zero_fill(s_in, p.P * in_sz);
+  __syncthreads();
+  load_tiles(x + plane0 * HW, HW, nplanes, p, ty0 - p.ph, tx0 - p.pw, p.in_rows, p.in_cols, p.pitch, in_sz, s_in);
   __syncthreads();
 
   const int per_plane = p.G * p.TW;
@@ -159,23 +184,23 @@ __global__ void __launch_bounds__(256)
   }
   __syncthreads();
 
-  for (int pl2 = 0; pl2 < p.P; ++pl2) {
-    const int64_t plane = plane0 + pl2;
-    if (plane >= p.planes) break;
-    const float b = bias != nullptr ? bias[plane % p.channels] : 0.f;
-    const float* so = s_in + pl2 * in_sz;
-    T* dst = y + plane * HW;
-    const int total = p.TH * p.TW;
-    const int fast = p.transposed ? p.TH : p.TW;
+  {
+    const int nr = min(p.TH, p.Hs - ty0), nq = min(p.TW, p.Ws - tx0);
+    const int fast = p.transposed ? nr : nq;
+    const int per = nr * nq;
+    const float inv_fast = 1.f / fast, inv_per = 1.f / per;
+    const int total = nplanes * per;
     for (int e = threadIdx.x; e < total; e += blockDim.x) {
-      const int slow = e / fast, f = e - slow * fast;
-      const int r = p.transposed ? f : slow;
-      const int q = p.transposed ? slow : f;
+      const int pl2 = fdiv(e, inv_per);
+      const int rem = e - pl2 * per;
+      const int sl = fdiv(rem, inv_fast), f = rem - sl * fast;
+      const int r = p.transposed ? f : sl;
+      const int q = p.transposed ? sl : f;
+      const int64_t plane = plane0 + pl2;
+      const float b = bias != nullptr ? bias[plane % p.channels] : 0.f;
       const int ys = ty0 + r, xs = tx0 + q;
-      if (ys < p.Hs && xs < p.Ws) {
-        const int gy = p.transposed ? xs : ys, gx = p.transposed ? ys : xs;
-        dst[(int64_t)gy * p.W + gx] = from_float<T>(so[r * opitch + q] + b);
-      }
+      const int gy = p.transposed ? xs : ys, gx = p.transposed ? ys : xs;
+      y[plane * HW + (int64_t)gy * p.W + gx] = from_float<T>(s_in[pl2 * in_sz + r * opitch + q] + b);
     }
   }
 }
@@ -183,13 +208,13 @@ __global__ void __launch_bounds__(256)
 template <typename T, int R>
 __global__ void __launch_bounds__(256)
     wgrad_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ ws, const Plan p) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   const int groups = (p.kh + R - 1) / R;
   const int U = groups * p.kw;
   const int dpitch = p.TW | 1;
   float* s_acc = smem;
-  float* s_x = s_acc + U * R;
-  float* s_dy = s_x + p.in_rows * p.pitch;
+  float* s_x = s_acc + ((U * R + 3) & ~3);
+  float* s_dy = s_x + ((p.in_rows * p.pitch + 3) & ~3);
 
   const int c = static_cast<int>(blockIdx.x % p.channels);
   const int chunk = static_cast<int>(blockIdx.x / p.channels);
@@ -213,8 +238,11 @@ __global__ void __launch_bounds__(256)
       for (int txi = 0; txi < p.tiles_x; ++txi) {
         const int ty0 = tyi * p.TH, tx0 = txi * p.TW;
         __syncthreads();
-        load_tile(x + plane * HW, p, ty0 - p.ph, tx0 - p.pw, p.in_rows, p.in_cols, p.pitch, s_x);
-        load_tile(dy + plane * HW, p, ty0, tx0, p.TH, p.TW, dpitch, s_dy);
+        zero_fill(s_x, p.in_rows * p.pitch);
+        zero_fill(s_dy, p.TH * dpitch);
+        __syncthreads();
+        load_tiles(x + plane * HW, HW, 1, p, ty0 - p.ph, tx0 - p.pw, p.in_rows, p.in_cols, p.pitch, 0, s_x);
+        load_tiles(dy + plane * HW, HW, 1, p, ty0, tx0, p.TH, p.TW, dpitch, 0, s_dy);
         __syncthreads();
         for (int u = warp; u < U; u += nw) {
           const int gi = u / p.kw, j = u - gi * p.kw;
@@ -284,6 +312,143 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// Weight gradient for small maps (H*W <= 256: SLaK's 14x14 and 7x7 stages). The general kernel spends its
+// time there on per-plane barriers, loads and warp reductions. Here each lane owns one plane of a batch of
+// 32 and walks all of it, so partial sums stay in registers for the block's whole batch chunk and are
+// reduced once at the end. Shared memory holds, per lane, the in-image rows of x plus R-1 zero rows on
+// each side (all the sliding window can reach once taps are clipped) and dy; the odd slot stride keeps the
+// 32 lanes on 32 banks.
+constexpr int kSmallUnits = 4;  // tap units per warp held in registers
+
+template <typename T, int R>
+__global__ void __launch_bounds__(256)
+    wgrad_small_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ ws, const Plan p) {
+  extern __shared__ __align__(16) float smem[];
+  const int xrows = p.Hs + 2 * (R - 1);
+  const int xsz = xrows * p.Ws;
+  const int hw = p.Hs * p.Ws;
+  const int slot = (xsz + hw) | 1;
+  const int groups = (p.kh + R - 1) / R;
+  const int U = groups * p.kw;
+
+  const int c = static_cast<int>(blockIdx.x % p.channels);
+  const int chunk = static_cast<int>(blockIdx.x / p.channels);
+  const int64_t N = p.planes / p.channels;
+  const int64_t n0 = static_cast<int64_t>(chunk) * p.chunk;
+  const int64_t n1 = min(N, n0 + p.chunk);
+  const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+  const int64_t cstride = static_cast<int64_t>(p.channels) * HW;  // from plane (n, c) to (n + 1, c)
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  zero_fill(smem, 32 * slot);  // zero rows stay zero: batches only overwrite in-image rows
+
+  float acc[kSmallUnits][R];
+#pragma unroll
+  for (int m = 0; m < kSmallUnits; ++m)
+#pragma unroll
+    for (int k = 0; k < R; ++k) acc[m][k] = 0.f;
+
+  const float inv_w = 1.f / p.W, inv_hw = 1.f / hw;
+  for (int64_t nb = n0; nb < n1; nb += 32) {
+    const int nbatch = static_cast<int>(min(static_cast<int64_t>(32), n1 - nb));
+    __syncthreads();
+    // Load x (into rows R-1 .. R-1+Hs of each slot) and dy (after x) for nbatch planes, 4 loads in flight.
+    const int total = 2 * nbatch * hw;
+    const int64_t base_plane = (nb * p.channels + c) * HW;
+    for (int base = threadIdx.x; base < total; base += 4 * blockDim.x) {
+      float v[4];
+      int off[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int e = base + u * blockDim.x;
+        off[u] = -1;
+        v[u] = 0.f;
+        if (e < total) {
+          const int which = e >= nbatch * hw;  // 0: x, 1: dy
+          const int e2 = e - which * nbatch * hw;
+          const int b = fdiv(e2, inv_hw);
+          const int g = e2 - b * hw;
+          const int gy = fdiv(g, inv_w), gx = g - gy * p.W;
+          const T* src = which ? dy : x;
+          v[u] = to_float(src[base_plane + b * cstride + g]);
+          const int ys = p.transposed ? gx : gy, xs = p.transposed ? gy : gx;
+          off[u] = b * slot + (which ? xsz + ys * p.Ws : (ys + R - 1) * p.Ws) + xs;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (off[u] >= 0) smem[off[u]] = v[u];
+      }
+    }
+    __syncthreads();
+    if (lane < nbatch) {
+      const float* sx = smem + lane * slot;
+      const float* sd = sx + xsz;
+#pragma unroll
+      for (int m = 0; m < kSmallUnits; ++m) {
+        const int u = warp + m * nw;
+        if (u >= U) break;
+        const int gi = u / p.kw, j = u - gi * p.kw;
+        const int i0 = gi * R;
+        const int ya = max(0, p.ph - i0 - R + 1), yb = min(p.Hs, p.Hs + p.ph - i0);
+        if (ya >= yb) continue;
+        const int xa = max(0, p.pw - j), xb = min(p.Ws, p.Ws + p.pw - j);
+        for (int xs = xa; xs < xb; ++xs) {
+          // window row k at output row y reads x row y + i0 + k - ph, stored at row (that + R - 1).
+          const float* col = sx + (ya + i0 - p.ph + R - 1) * p.Ws + xs + j - p.pw;
+          float win[R];
+#pragma unroll
+          for (int k = 0; k < R - 1; ++k) win[k] = col[k * p.Ws];
+          const float* src = col + (R - 1) * p.Ws;
+          const float* dp = sd + ya * p.Ws + xs;
+          int yl = ya;
+          for (; yl + R <= yb; yl += R) {
+#pragma unroll
+            for (int q = 0; q < R; ++q) {
+              win[(q + R - 1) % R] = src[q * p.Ws];
+              const float d = dp[q * p.Ws];
+#pragma unroll
+              for (int k = 0; k < R; ++k) acc[m][k] = fmaf(win[(q + k) % R], d, acc[m][k]);
+            }
+            src += R * p.Ws;
+            dp += R * p.Ws;
+          }
+#pragma unroll
+          for (int q = 0; q < R - 1; ++q) {
+            if (yl + q < yb) {
+              win[(q + R - 1) % R] = src[q * p.Ws];
+              const float d = dp[q * p.Ws];
+#pragma unroll
+              for (int k = 0; k < R; ++k) acc[m][k] = fmaf(win[(q + k) % R], d, acc[m][k]);
+            }
+          }
+        }
+      }
+    }
+  }
+  const int ksz = p.kh * p.kw;
+  float* out = ws + (static_cast<int64_t>(chunk) * p.channels + c) * ksz;
+#pragma unroll
+  for (int m = 0; m < kSmallUnits; ++m) {
+    const int u = warp + m * nw;
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      float v = acc[m][k];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      acc[m][k] = v;
+    }
+    if (u < U && lane == 0) {
+      const int gi = u / p.kw, j = u - gi * p.kw;
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        const int i = gi * R + k;
+        if (i < p.kh) out[i * p.kw + j] = acc[m][k];
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Host side: plans and launches.
 
@@ -314,6 +479,24 @@ void orient(int64_t N, int C, int H, int W, int kh, int kw, Plan* p) {
 constexpr int kForwardR[] = {4, 7, 8, 14, 16};
 constexpr int kWgradR[] = {4, 5, 8, 16};
 
+// Forward: per column and kernel column, a row group of R outputs walks min(kh, Hs + R - 1) taps (taps
+// off the map are clipped) after preloading R - 1 inputs; each step is one input LDS, one weight LDS and
+// R FMAs, so it costs max(R/4, 2) shared-memory-or-FMA cycles plus loop overhead (the +2, fitted to
+// the first H100 runs: R = 14 beat R = 8 on 56x56 with 51 taps). Pick the R with the fewest cycles.
+int pick_forward_r(int hs, int kh) {
+  int best = kForwardR[0];
+  int64_t best_cost = -1;
+  for (int r : kForwardR) {
+    const int64_t steps = std::min(kh, hs + r - 1);
+    const int64_t cost = static_cast<int64_t>((hs + r - 1) / r) * (steps * (std::max(r, 8) + 2) + 4 * (r - 1));
+    if (best_cost < 0 || cost <= best_cost) {
+      best_cost = cost;
+      best = r;
+    }
+  }
+  return best;
+}
+
 template <size_t M>
 int pick_r(const int (&options)[M], int extent) {
   int best = options[0];
@@ -329,13 +512,15 @@ int pick_r(const int (&options)[M], int extent) {
 }
 
 int64_t forward_smem(const Plan& p) {
-  return 4LL * (static_cast<int64_t>(p.P) * p.kh * p.kw + static_cast<int64_t>(p.P) * p.in_rows * p.pitch);
+  return 4LL * (((static_cast<int64_t>(p.P) * p.kh * p.kw + 3) & ~3LL) +
+                static_cast<int64_t>(p.P) * p.in_rows * p.pitch + 4);
 }
 
 int64_t wgrad_smem(const Plan& p) {
   const int groups = (p.kh + p.R - 1) / p.R;
-  return 4LL * (static_cast<int64_t>(groups) * p.kw * p.R + static_cast<int64_t>(p.in_rows) * p.pitch +
-                static_cast<int64_t>(p.TH) * (p.TW | 1));
+  return 4LL * (((static_cast<int64_t>(groups) * p.kw * p.R + 3) & ~3LL) +
+                ((static_cast<int64_t>(p.in_rows) * p.pitch + 3) & ~3LL) + static_cast<int64_t>(p.TH) * (p.TW | 1) +
+                4);
 }
 
 }  // namespace
@@ -343,7 +528,7 @@ int64_t wgrad_smem(const Plan& p) {
 int make_forward_plan(int64_t N, int C, int H, int W, int kh, int kw, Plan* plan) {
   Plan& p = *plan;
   orient(N, C, H, W, kh, kw, &p);
-  p.R = pick_r(kForwardR, p.Hs);
+  p.R = pick_forward_r(p.Hs, p.kh);
   const int groups_total = (p.Hs + p.R - 1) / p.R;
   const int hard = smem_optin_limit();
   for (int limit : {64 * 1024, hard}) {
@@ -379,9 +564,30 @@ int make_forward_plan(int64_t N, int C, int H, int W, int kh, int kw, Plan* plan
 int make_wgrad_plan(int64_t N, int C, int H, int W, int kh, int kw, int sm_count, Plan* plan) {
   Plan& p = *plan;
   orient(N, C, H, W, kh, kw, &p);
+  const int hard = smem_optin_limit();
+  const int64_t target = 4LL * std::max(1, sm_count);
+  if (p.Hs * p.Ws <= 256) {
+    // Small-map kernel: R = 8 windows (the map is short, so a long window mostly preloads), whole plane
+    // per lane; eligible while every warp's tap units fit in registers.
+    p.R = 8;
+    const int units = ((p.kh + p.R - 1) / p.R) * p.kw;
+    const int slot = ((p.Hs + 2 * (p.R - 1)) * p.Ws + p.Hs * p.Ws) | 1;
+    p.smem_bytes = 4LL * (((32LL * slot) + 3) & ~3LL) + 16;
+    if (units <= 8 * kSmallUnits && p.smem_bytes <= std::min(hard, 96 * 1024)) {
+      p.small = 1;
+      p.threads = 32 * std::min(8, units);  // >= ceil(units / kSmallUnits) warps since units <= 32
+      p.TH = p.Hs;
+      p.TW = p.Ws;
+      p.tiles_y = p.tiles_x = 1;
+      // Chunks of whole 32-plane batches; enough blocks to fill the GPU.
+      int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>((N + 31) / 32, (target + C - 1) / C));
+      p.chunk = static_cast<int>((N + n_chunks - 1) / n_chunks);
+      p.n_chunks = static_cast<int>((N + p.chunk - 1) / p.chunk);
+      return 0;
+    }
+  }
   p.R = pick_r(kWgradR, p.kh);
   const int groups = (p.kh + p.R - 1) / p.R;
-  const int hard = smem_optin_limit();
   for (int limit : {64 * 1024, hard}) {
     p.TH = std::min(p.Hs, 64);
     p.TW = std::min(p.Ws, 64);
@@ -406,7 +612,6 @@ int make_wgrad_plan(int64_t N, int C, int H, int W, int kh, int kw, int sm_count
   p.tiles_y = (p.Hs + p.TH - 1) / p.TH;
   p.tiles_x = (p.Ws + p.TW - 1) / p.TW;
   p.threads = 32 * std::min(8, groups * p.kw);
-  const int64_t target = 4LL * std::max(1, sm_count);
   int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(N, (target + C - 1) / C));
   p.chunk = static_cast<int>((N + n_chunks - 1) / n_chunks);
   p.n_chunks = static_cast<int>((N + p.chunk - 1) / p.chunk);
@@ -444,7 +649,7 @@ int launch_forward(const void* x, const float* w, const float* bias, void* y, co
 
 template <typename T, int R>
 int launch_wgrad_r(const void* x, const void* dy, float* ws, const Plan& p, cudaStream_t stream) {
-  auto kernel = wgrad_kernel<T, R>;
+  auto kernel = p.small ? wgrad_small_kernel<T, 8> : wgrad_kernel<T, R>;
   if (p.smem_bytes > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
