@@ -1,0 +1,278 @@
+"""Datasets, per-worker loaders and Mixup/CutMix for training jobs (spec section 4.5).
+
+Three sources behind one call, :func:`build_datasets`:
+
+* ``imagenet``: the folder layout ``data.path/{train,val}/<class>/<image>`` read through timm's
+  ``ImageDataset`` and ``create_transform`` (RandomResizedCrop, hflip, RandAugment, random erasing,
+  bicubic; eval resizes to ``image_size / crop_pct`` and centre-crops). The layout is checked before
+  any training starts, and every image is decoded through a wrapper so a broken file is reported by
+  name (or skipped and counted when ``data.on_bad_image="skip"``) instead of timm's silent retry.
+* ``shapes``: a learnable procedural dataset where long-range structure decides the label
+  (:mod:`orchestrator.datasets_procedural`); for demos, CI and the kernel-size ablation on CPU.
+* ``synthetic``: noise with fixed labels, for throughput runs.
+
+Loss for the training loop: with :func:`build_mixup` returning a ``Mixup`` the targets are soft,
+use ``timm.loss.SoftTargetCrossEntropy``; when it returns None use
+``timm.loss.LabelSmoothingCrossEntropy(data.smoothing)`` (or plain cross-entropy if smoothing is 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from PIL import Image
+from timm.data import ImageDataset, Mixup, create_transform
+from timm.data.readers.img_extensions import get_img_extensions
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from orchestrator.datasets_procedural import ShapesDataset, SyntheticDataset
+
+__all__ = [
+    "DataError",
+    "DataBundle",
+    "CheckedImageDataset",
+    "ShardSampler",
+    "build_datasets",
+    "build_loaders",
+    "build_mixup",
+    "build_transforms",
+    "check_image_folder",
+    "skipped_images",
+    "SOURCES",
+]
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("shapes", "synthetic", "imagenet")
+#: Consecutive unreadable files after which "skip" gives up: a corrupt mount fails fast, never spins.
+MAX_CONSECUTIVE_BAD = 50
+#: Colour jitter of the reference recipe; timm applies it only when RandAugment is off.
+_COLOR_JITTER = 0.4
+
+
+class DataError(ValueError):
+    """The data on disk cannot be used as configured; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """The two splits of one source and the class names, which fix ``num_classes`` for the model."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+
+
+# ---------------------------------------------------------------------- folder layout
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def check_image_folder(root: str | os.PathLike) -> list[str]:
+    """Check the ``train/`` + ``val/`` layout and return the sorted class names.
+
+    Raises:
+        DataError: missing or empty folders, images directly under a split (no class folders),
+            or train/val class sets that differ (the message lists the differences).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.path={str(root)!r} does not exist or is not a folder; point data.path at the "
+                        "folder that holds train/<class>/* and val/<class>/*")
+    splits: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir():
+            raise DataError(f"{d} is missing: data.path must hold train/<class>/* and val/<class>/*")
+        classes = _class_dirs(d)
+        if not classes:
+            exts = get_img_extensions(as_set=True)
+            loose = [e.name for e in os.scandir(d) if Path(e.name).suffix.lower() in exts]
+            what = (f"has {len(loose)} images but no class subfolders; move them into {d}/<class>/"
+                    if loose else "is empty; it needs one subfolder of images per class")
+            raise DataError(f"{d} {what}")
+        splits[split] = classes
+    train, val = set(splits["train"]), set(splits["val"])
+    if train != val:
+        only_train, only_val = sorted(train - val), sorted(val - train)
+        raise DataError(f"class folders of {root / 'train'} and {root / 'val'} differ: only in train "
+                        f"{_preview(only_train)}, only in val {_preview(only_val)}; both splits need the same "
+                        "class folders")
+    return splits["train"]
+
+
+def _preview(names: list[str], n: int = 10) -> str:
+    return str(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+class CheckedImageDataset(Dataset):
+    """timm's folder reader with decode errors that name the file, or a counted skip.
+
+    timm's ``ImageDataset`` logs and moves on for up to 10 broken files; a run must instead either
+    stop with the path (``on_bad_image="error"``) or skip on purpose and say how many it skipped.
+    The skip count is shared with DataLoader worker processes through a ``multiprocessing.Value``.
+    """
+
+    def __init__(self, split_dir: Path, class_to_idx: dict[str, int], transform: Any, *,
+                 on_bad_image: str = "error") -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_image={on_bad_image!r}: allowed 'error' or 'skip'")
+        try:
+            self.inner = ImageDataset(str(split_dir), class_map=class_to_idx)
+        except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+            raise DataError(f"{split_dir} has no images with a known extension in its class folders ({e})") from e
+        counts = Counter(t for _, t in self.inner.reader.samples)
+        empty = sorted(c for c, i in class_to_idx.items() if counts[i] == 0)
+        if empty:
+            raise DataError(f"{split_dir}: class folders without images: {_preview(empty)}; add images or remove "
+                            "the folders from both splits")
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+        self._skipped = multiprocessing.Value("l", 0)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def path(self, index: int) -> str:
+        return self.inner.reader.samples[index][0]
+
+    @property
+    def skipped(self) -> int:
+        """Files skipped so far by every process reading this dataset."""
+        return int(self._skipped.value)
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        path, target = self.inner.reader.samples[index]
+        with Image.open(path) as im:
+            return im.convert("RGB"), target  # convert() decodes every pixel: truncation shows here
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(min(MAX_CONSECUTIVE_BAD, len(self))):
+            i = (index + attempt) % len(self)
+            try:
+                img, target = self._load(i)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                if self.on_bad_image == "error":
+                    raise DataError(f"cannot decode image {self.path(i)}: {e}; fix or delete the file, or set "
+                                    "data.on_bad_image=skip to skip unreadable images") from e
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                    total = self._skipped.value
+                log.warning("skipped unreadable image %s (%s); %d skipped so far", self.path(i), e, total)
+                continue
+            return self.transform(img), target
+        raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from {self.path(index)} on; the "
+                        "folder looks corrupt, check the storage")
+
+
+def build_transforms(data_cfg: Any) -> tuple[Any, Any]:
+    """timm's train and eval transforms for the ImageNet recipe (spec 4.5)."""
+    train = create_transform(
+        input_size=data_cfg.image_size, is_training=True, hflip=0.5, color_jitter=_COLOR_JITTER,
+        auto_augment=data_cfg.auto_augment or None, interpolation=data_cfg.interpolation,
+        re_prob=data_cfg.reprob, re_mode="pixel", re_count=1)
+    val = create_transform(input_size=data_cfg.image_size, is_training=False,
+                           interpolation=data_cfg.interpolation, crop_pct=data_cfg.crop_pct)
+    return train, val
+
+
+# ---------------------------------------------------------------------- public builders
+def build_datasets(data_cfg: Any, *, seed: int) -> DataBundle:
+    """Both splits of ``data.source``; checks an ImageNet layout before returning.
+
+    Args:
+        data_cfg: The ``data`` section (``ExperimentConfig.data``).
+        seed: Seeds the generated sources (the same on every worker, so shards are disjoint).
+
+    Raises:
+        DataError: the folder layout is unusable (see :func:`check_image_folder`).
+        ValueError: ``data.source`` is unknown.
+    """
+    source = data_cfg.source
+    if source in ("shapes", "synthetic"):
+        cls = ShapesDataset if source == "shapes" else SyntheticDataset
+        train = cls(data_cfg.train_size, data_cfg.image_size, data_cfg.num_classes, seed=seed, split="train")
+        val = cls(data_cfg.val_size, data_cfg.image_size, data_cfg.num_classes, seed=seed, split="val")
+        return DataBundle(train, val, data_cfg.num_classes, list(train.classes))
+    if source != "imagenet":
+        raise ValueError(f"data.source={source!r}: allowed {list(SOURCES)}")
+    if not data_cfg.path:
+        raise DataError("data.path=None: data.source='imagenet' needs the folder holding train/ and val/")
+    root = Path(data_cfg.path).expanduser()
+    classes = check_image_folder(root)
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    train_tf, val_tf = build_transforms(data_cfg)
+    train = CheckedImageDataset(root / "train", class_to_idx, train_tf, on_bad_image=data_cfg.on_bad_image)
+    val = CheckedImageDataset(root / "val", class_to_idx, val_tf, on_bad_image=data_cfg.on_bad_image)
+    log.info("imagenet layout at %s: %d classes, %d train / %d val images", root, len(classes), len(train),
+             len(val))
+    return DataBundle(train, val, len(classes), classes)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` reads indices ``r, r + w, ...`` once: eval without padding duplicates.
+
+    ``DistributedSampler`` pads every shard to equal length by repeating samples, which biases
+    top-1 on small validation sets; summing correct counts over ranks only needs disjoint shards.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def build_loaders(bundle: DataBundle, cfg: Any, *, rank: int, world_size: int, micro_batch_size: int,
+                  seed: int) -> tuple[DataLoader, DataLoader]:
+    """This worker's train and val loaders.
+
+    Train: ``DistributedSampler`` (shuffled with ``seed``, re-shuffled by ``sampler.set_epoch``,
+    tail dropped so no sample repeats) and ``drop_last`` batches. Val: disjoint shards
+    (:class:`ShardSampler`), batch 1.5x the micro batch as in the reference.
+
+    Raises:
+        ValueError: the shard gives no full training batch, or Mixup/CutMix is on with an odd
+            micro batch (timm mixes the batch with its reverse).
+    """
+    d = cfg.data
+    if build_mixup(d, bundle.num_classes) is not None and micro_batch_size % 2:
+        raise ValueError(f"train.micro_batch_size={micro_batch_size}: Mixup/CutMix (data.mixup={d.mixup}, "
+                         f"data.cutmix={d.cutmix}) needs an even micro batch; use an even size or disable both")
+    per_rank = len(bundle.train) // world_size
+    if per_rank < micro_batch_size:
+        raise ValueError(f"data.train_size={len(bundle.train)}: {world_size} workers get {per_rank} samples each, "
+                         f"fewer than one micro batch ({micro_batch_size}); use more data or a smaller batch")
+    train_sampler = DistributedSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                       drop_last=True)
+    common: dict[str, Any] = {"num_workers": d.workers, "pin_memory": bool(getattr(cfg.run, "use_gpu", False))}
+    train = DataLoader(bundle.train, batch_size=micro_batch_size, sampler=train_sampler, drop_last=True, **common)
+    val = DataLoader(bundle.val, batch_size=max(1, math.floor(1.5 * micro_batch_size)),
+                     sampler=ShardSampler(len(bundle.val), rank, world_size), drop_last=False, **common)
+    return train, val
+
+
+def build_mixup(data_cfg: Any, num_classes: int) -> Mixup | None:
+    """timm ``Mixup`` in batch mode with label smoothing inside, or None when both alphas are 0."""
+    if (data_cfg.mixup <= 0 and data_cfg.cutmix <= 0) or data_cfg.mixup_prob <= 0:
+        return None
+    return Mixup(mixup_alpha=data_cfg.mixup, cutmix_alpha=data_cfg.cutmix, prob=data_cfg.mixup_prob,
+                 switch_prob=data_cfg.mixup_switch_prob, mode="batch", label_smoothing=data_cfg.smoothing,
+                 num_classes=num_classes)
+
+
+def skipped_images(bundle: DataBundle) -> int:
+    """Unreadable files skipped so far across both splits (0 for generated sources)."""
+    return sum(getattr(ds, "skipped", 0) for ds in (bundle.train, bundle.val))
