@@ -83,11 +83,17 @@ def test_accumulation_and_small_data_errors() -> None:
         Trainer(cfg, steps_per_epoch=0, num_classes=4)
 
 
-def test_two_epoch_sparse_run_learns_and_keeps_masks() -> None:
+@pytest.fixture(scope="module")
+def reference() -> tuple[Trainer, list[dict[str, float]]]:
+    """One uninterrupted 2-epoch sparse run, shared by the tests below."""
     loader = _loader()
     tr = _trainer(_cfg(), loader)
     tr.initialize_sparsity(next(iter(loader)))
-    history = _run(tr, loader)
+    return tr, _run(tr, loader)
+
+
+def test_two_epoch_sparse_run_learns_and_keeps_masks(reference) -> None:
+    tr, history = reference
     assert len(history) == 2 and tr.step == 2 * tr.steps_per_epoch
     last = history[-1]
     for key in ("train/loss", "train/lr", "val/top1", "val/top5", "ema/top1", "sparsity/density",
@@ -104,13 +110,11 @@ def test_two_epoch_sparse_run_learns_and_keeps_masks() -> None:
 
 
 @pytest.mark.parametrize("save_at_step, stop_at_step", [(None, 8), (3, 5)], ids=["epoch-boundary", "mid-epoch"])
-def test_resume_is_bitwise_identical(save_at_step: int | None, stop_at_step: int) -> None:
+def test_resume_is_bitwise_identical(reference, save_at_step: int | None, stop_at_step: int) -> None:
     """Save at ``save_at_step`` (None = after epoch 0 ends), die at ``stop_at_step``, resume in a new trainer."""
     loader = _loader()
-    cfg = _cfg(**{"train.epochs": 2})
-    ref = _trainer(cfg, loader)
-    ref.initialize_sparsity(next(iter(loader)))
-    ref_history = _run(ref, loader)
+    cfg = _cfg()
+    ref, ref_history = reference
     assert ref.steps_per_epoch == 6
 
     first = _trainer(cfg, loader)
