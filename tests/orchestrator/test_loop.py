@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pytest
 import torch
-from timm.data import Mixup
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from orchestrator import data
 from orchestrator.config import load_config
 from orchestrator.loop import Trainer, cosine_schedule, param_groups
 
@@ -24,35 +24,33 @@ def _cfg(**extra):
 
 
 def _loader(n: int = 96, seed: int = 0) -> DataLoader:
-    """Learnable toy data: the class is the quadrant/colour pattern plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5
-    for c in range(4):
-        x[y == c, c % 3, (c // 2) * 16:(c // 2) * 16 + 16, (c % 2) * 16:(c % 2) * 16 + 16] += 2.0
-    return DataLoader(TensorDataset(x, y), batch_size=MICRO, shuffle=False, drop_last=True)
+    """The procedural shapes dataset (4 classes, 32 px), one worker, micro batch 8."""
+    cfg = _cfg(**{"data.source": "shapes", "data.num_classes": 4, "data.train_size": n, "data.val_size": 32})
+    bundle = data.build_datasets(cfg.data, seed=seed)
+    train, _ = data.build_loaders(bundle, cfg, rank=0, world_size=1, micro_batch_size=MICRO, seed=seed)
+    return train
 
 
 def _trainer(cfg, loader, mixup=True) -> Trainer:
-    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4) if mixup else None
+    mix = data.build_mixup(cfg.data, 4) if mixup else None
     tr = Trainer(cfg, steps_per_epoch=len(loader) // cfg.accumulation_steps, num_classes=4, mixup=mix)
     return tr
 
 
-def _run(tr: Trainer, loader, stop_at_step: int | None = None) -> list[dict[str, float]]:
-    """Train to the end (or raise at ``stop_at_step``); return per-epoch metrics without timings."""
+def _epoch(tr: Trainer, loader, on_step=None) -> dict[str, float]:
+    loader.sampler.set_epoch(tr.epoch)
+    m = tr.train_one_epoch(loader, on_step)
+    m.update(tr.evaluate_all(loader, loader))
+    m.update(tr.sparsity_metrics())
+    tr.end_epoch()
+    return {k: v for k, v in m.items() if not k.startswith("perf/")}
+
+
+def _run(tr: Trainer, loader) -> list[dict[str, float]]:
+    """Train to the end; per-epoch metrics without timings."""
     history = []
-
-    def on_step(t: Trainer, m: dict[str, float]) -> None:
-        if stop_at_step is not None and t.step == stop_at_step:
-            raise KeyboardInterrupt
-
     while not tr.done:
-        m = tr.train_one_epoch(loader, on_step)
-        m.update(tr.evaluate_all(loader, loader))
-        m.update(tr.sparsity_metrics())
-        tr.end_epoch()
-        history.append({k: v for k, v in m.items() if not k.startswith("perf/")})
+        history.append(_epoch(tr, loader))
     return history
 
 
@@ -135,13 +133,9 @@ def test_resume_is_bitwise_identical(reference, save_at_step: int | None, stop_a
     history = []
     with pytest.raises(KeyboardInterrupt):
         while not first.done:
-            m = first.train_one_epoch(loader, on_step)
-            m.update(first.evaluate_all(loader, loader))
-            m.update(first.sparsity_metrics())
-            first.end_epoch()
+            history.append(_epoch(first, loader, on_step))
             if save_at_step is None and first.epoch == 1:
                 save(first)
-            history.append({k: v for k, v in m.items() if not k.startswith("perf/")})
     # a fresh process: new trainer, perturbed global RNG, state loaded from bytes
     torch.manual_seed(1234)
     second = _trainer(cfg, loader)
