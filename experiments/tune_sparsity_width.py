@@ -5,7 +5,7 @@ slak_test-sized model on the procedural shapes data, then prints the collated ta
 that opens the MLflow UI. On a cluster::
 
     python experiments/tune_sparsity_width.py --address auto --tracking-uri http://HOST:5000 \\
-        --config experiments/configs/paper.yaml data.path=/data/imagenet
+        --config experiments/configs/paper_slak_tiny_120ep.yaml data.path=/data/imagenet
 
 Extra (sparsity, width) points, on the same recipe as the paper's: ``--point 0.9,3.0`` (repeatable).
 """

@@ -261,6 +261,8 @@ def to_display(summary: pd.DataFrame) -> pd.DataFrame:
         out[f"{prefix}best"] = [_fmt(v) for v in part["top1_best"]]
         if part["ema_top1"].notna().any():
             out[f"{prefix}EMA"] = [_fmt(v) for v in part["ema_top1"]]
+        if part["density"].notna().any():
+            out[f"{prefix}density"] = [_fmt(v, 2) for v in part["density"]]
         out[f"{prefix}params"] = [_human(v * 1e6) for v in part["params_m"]]
         out[f"{prefix}FLOPs"] = [_human(v * 1e9) for v in part["flops_g"]]
         out[f"{prefix}paper"] = [_fmt(v) for v in part["published_top1"]]
