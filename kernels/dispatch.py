@@ -108,6 +108,21 @@ _FIXES = {
 }
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KERNEL = 151  # the largest kernel side the cuda/numba backends are tested on
+
+
+def _unsupported(name: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Why backend ``name`` cannot take these tensors ('' when it can); torch takes everything."""
+    if name == "torch":
+        return ""
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.dtype} (the {name} kernels take float32, float16, bfloat16)"
+    if max(weight.shape[-2:]) > MAX_KERNEL:
+        return f"kernel {tuple(weight.shape[-2:])} (the {name} kernels take sides up to {MAX_KERNEL})"
+    return ""
+
+
 def active_backend(device: torch.device | str | None = None) -> str:
     """Name of the backend :func:`dwconv2d` uses on ``device`` (decided once per process per device)."""
     requested = requested_backend()
@@ -181,6 +196,13 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     x, weight, bias = _autocast(x, weight, bias)
     check_dwconv_args(x, weight, bias)
     backend = active_backend(x.device)
+    why_not = _unsupported(backend, x, weight)
+    if why_not:
+        if requested_backend() != "auto":
+            raise BackendUnavailableError(
+                f"{ENV_VAR}={backend} cannot run this call: {why_not}. Fix: set {ENV_VAR}=auto or torch"
+            )
+        backend = "torch"  # auto: the first backend in priority order that supports the call
     if backend == "cuda":
         return cuda_ext.dwconv2d(x, weight, bias)
     if backend == "numba":

@@ -106,3 +106,26 @@ def test_import_kernels_does_not_import_numba_or_build() -> None:
 
     code = "import sys, kernels; assert 'numba' not in sys.modules; from kernels import _build; assert _build.status()[0] is None"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "dtype,k,reason",
+    [(torch.float64, (3, 3), "dtype torch.float64"), (torch.float32, (153, 1), "sides up to 151")],
+    ids=["float64", "kernel-153"],
+)
+def test_kernel_backends_declare_what_they_take(dtype: torch.dtype, k: tuple[int, int], reason: str) -> None:
+    x = torch.zeros(1, 1, 4, 4, dtype=dtype)
+    w = torch.zeros(1, 1, *k, dtype=dtype)
+    assert reason in dispatch._unsupported("cuda", x, w)
+    assert reason in dispatch._unsupported("numba", x, w)
+    assert dispatch._unsupported("torch", x, w) == ""
+    assert dispatch._unsupported("cuda", x.float(), torch.zeros(1, 1, 3, 3)) == ""
+
+
+def test_auto_falls_back_to_torch_for_unsupported_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "active_backend", lambda device=None: "cuda")
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    out = kernels.dwconv2d(x, torch.randn(2, 1, 3, 3, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    with kernels.use_backend("cuda"), pytest.raises(kernels.BackendUnavailableError, match="float64"):
+        kernels.dwconv2d(x, torch.randn(2, 1, 3, 3, dtype=torch.float64))

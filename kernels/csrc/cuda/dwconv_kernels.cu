@@ -497,12 +497,14 @@ int pick_forward_r(int hs, int kh) {
   return best;
 }
 
+// Weight gradient: a tap unit of R taps costs R FMAs per step plus ~6 of per-unit work amortised per step
+// (window preload, dy load, reduction); v3 measured R = 8 LDS-bound on 51-tap kernels, hence the 6.
 template <size_t M>
 int pick_r(const int (&options)[M], int extent) {
   int best = options[0];
   int64_t best_cost = -1;
   for (int r : options) {
-    const int64_t cost = static_cast<int64_t>((extent + r - 1) / r) * (r + 2);
+    const int64_t cost = static_cast<int64_t>((extent + r - 1) / r) * (r + 6);
     if (best_cost < 0 || cost < best_cost) {
       best_cost = cost;
       best = r;
