@@ -244,9 +244,12 @@ class _Worker:
             metrics.update(trainer.sparsity_metrics())
             trainer.end_epoch()
             metrics.update({"epoch": float(epoch), "epochs_done": float(trainer.epoch), "step": float(trainer.step)})
-            self.last_metrics = {k: float(v) for k, v in metrics.items()}
+            fresh = {k: float(v) for k, v in metrics.items()}
+            # Ray/Tune always see val/* and ema/* (the latest evaluation), also on epochs without one;
+            # MLflow only gets what was measured this epoch.
+            self.last_metrics = {**self.last_metrics, **fresh}
             if self.rank == 0:
-                self.tracker.log_metrics(self.last_metrics, trainer.step)
+                self.tracker.log_metrics(fresh, trainer.step)
                 log.info("epoch %d/%d: %s", trainer.epoch, cfg.train.epochs, ", ".join(
                     f"{k} {v:.4g}" for k, v in self.last_metrics.items()
                     if k in ("train/loss", "val/top1", "val/top5", "ema/top1", "sparsity/density", "perf/img_per_s")))
