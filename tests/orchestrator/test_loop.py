@@ -168,3 +168,22 @@ def test_load_rejects_a_different_run_length() -> None:
     other = _trainer(_cfg(**{"sparse.enabled": False, "train.epochs": 2}), loader)
     with pytest.raises(ValueError, match="optimizer steps"):
         other.load_state_dict(tr.state_dict())
+
+
+def test_accumulated_micro_batches_equal_one_large_batch() -> None:
+    """accumulation = global / (micro x workers): 2 x 8 must update like 1 x 16 (per-sample norms only)."""
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(16) % 4
+    weights = []
+    for micro in (8, 16):
+        cfg = _cfg(**{"train.micro_batch_size": micro, "model.use_bn": False, "model.drop_path_rate": 0.0,
+                      "sparse.enabled": False, "train.ema": False, "train.warmup_epochs": 0.0,
+                      "data.smoothing": 0.0, "train.epochs": 1, "train.opt_eps": 1.0,  # Adam ~ SGD: scale-sensitive
+                      "train.weight_decay": 0.0})
+        loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro)
+        tr = Trainer(cfg, steps_per_epoch=1, num_classes=4)
+        assert tr.accumulation == 16 // micro
+        tr.train_one_epoch(loader)
+        weights.append(tr.module.state_dict())
+    for name, a in weights[0].items():
+        torch.testing.assert_close(a, weights[1][name], rtol=1e-4, atol=1e-6, msg=name)
