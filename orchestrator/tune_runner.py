@@ -281,20 +281,30 @@ def _fitting_concurrency(cfg: ExperimentConfig) -> int:
     return min(wanted, fits)
 
 
-def _live_placement_groups() -> set[str]:
-    """Ids of this driver job's placement groups that still hold (or wait for) resources."""
+def _live_placement_groups() -> set[str] | None:
+    """Ids of this driver job's placement groups that still hold (or wait for) resources.
+
+    Returns None when the state API cannot answer (the release below is best effort).
+    """
     from ray.util.state import list_placement_groups
 
-    job = ray.get_runtime_context().get_job_id()
-    groups = list_placement_groups(
-        filters=[("creator_job_id", "=", job)], limit=10_000, raise_on_missing_output=False
-    )
+    context = ray.get_runtime_context()
+    try:  # the address is explicit: with several local Ray instances, discovery is ambiguous
+        groups = list_placement_groups(
+            address=context.gcs_address,
+            filters=[("creator_job_id", "=", context.get_job_id())],
+            limit=10_000,
+            raise_on_missing_output=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - best effort: never fail the experiment over it
+        logger.warning("could not list placement groups: %s", exc)
+        return None
     return {
         g.placement_group_id for g in groups if g.state in ("CREATED", "PENDING", "RESCHEDULING", "PREPARED")
     }
 
 
-def _release_leaked_placement_groups(before: set[str]) -> int:
+def _release_leaked_placement_groups(before: set[str] | None) -> int:
     """Remove the Train worker groups that an interrupted experiment left behind.
 
     When Tune stops a running trial because the experiment was interrupted, the trial's Train
@@ -304,8 +314,11 @@ def _release_leaked_placement_groups(before: set[str]) -> int:
     """
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    after = _live_placement_groups()
+    if before is None or after is None:
+        return 0
     try:
-        leaked = _live_placement_groups() - before
+        leaked = after - before
         for pg_id in leaked:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
     except Exception as exc:  # noqa: BLE001 - best effort; the state API may be unavailable
@@ -530,8 +543,8 @@ def cli_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         default=None,
-        help="YAML preset, e.g. experiments/configs/paper_slak_tiny_120ep.yaml (without it: the laptop default, "
-        "a short slak_test run on procedural shapes)",
+        help="YAML preset, e.g. experiments/configs/paper_slak_tiny_120ep.yaml (without it: the laptop "
+        "default, a short slak_test run on procedural shapes)",
     )
     parser.add_argument(
         "--address", default=None, help="Ray cluster address ('auto' joins a running cluster)"
