@@ -230,6 +230,8 @@ class _Worker:
         trainer, cfg = self.trainer, self.cfg
         if trainer.done:  # re-run of a finished job: report its final state once, train nothing
             ray.train.report(dict(self.last_metrics))
+            if self.rank == 0:
+                self.tracker.end("FINISHED")  # opening the tracker marked the run RUNNING again
             return
         while not trainer.done:
             epoch = trainer.epoch

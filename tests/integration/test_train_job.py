@@ -130,7 +130,9 @@ def test_rerunning_a_finished_job_continues_it(reference) -> None:
     cfg, first, _ = reference
     again = ray_train.run_training(cfg)
     assert again.metrics["val/top1"] == first.metrics["val/top1"] and again.metrics["step"] == 16
-    assert len(_client(cfg).get_metric_history(_run_of(cfg).info.run_id, "val/top1")) == 2
+    run = _run_of(cfg)
+    assert run.info.status == "FINISHED"
+    assert len(_client(cfg).get_metric_history(run.info.run_id, "val/top1")) == 2
 
 
 def test_bad_config_fails_fast_with_one_message(capsys) -> None:
