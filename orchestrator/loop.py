@@ -375,10 +375,10 @@ class Trainer:
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        for i, (x, _) in enumerate(loader):
+        for i, (x, y) in enumerate(loader):
             if i >= n:
                 break
-            x, _ = self._to_device(x, _)
+            x, _ = self._to_device(x, y)
             with self._autocast():
                 model(x)
         model.eval()

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from orchestrator import data
 from orchestrator.config import load_config
-from orchestrator.loop import Trainer, cosine_schedule, param_groups
+from orchestrator.loop import Trainer, cosine_schedule
 
 MICRO = 8
 
