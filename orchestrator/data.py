@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from PIL import Image
-from timm.data import ImageDataset, Mixup, create_transform
+from PIL import Image, ImageOps
+from timm.data import ImageDataset, Mixup, auto_augment, create_transform
 from timm.data.readers.img_extensions import get_img_extensions
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -174,8 +174,27 @@ class CheckedImageDataset(Dataset):
                         "folder looks corrupt, check the storage")
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize with the 0-bit case Pillow >= 10 rejects: keeping no bits gives a black image."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_randaugment() -> None:
+    """RandAugment "inc1" with ``mstd`` can draw magnitude 10, i.e. ``PosterizeIncreasing`` to 0 bits;
+    timm passes that to Pillow, which raises ``ValueError: bits must be between ... 1 and 8`` mid-epoch.
+    Older Pillow returned black, which the reference recipe trained with, so restore that."""
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def build_transforms(data_cfg: Any) -> tuple[Any, Any]:
     """timm's train and eval transforms for the ImageNet recipe (spec 4.5)."""
+    _patch_randaugment()
     train = create_transform(
         input_size=data_cfg.image_size, is_training=True, hflip=0.5, color_jitter=_COLOR_JITTER,
         auto_augment=data_cfg.auto_augment or None, interpolation=data_cfg.interpolation,

@@ -244,3 +244,13 @@ def test_shapes_is_learnable_and_larger_kernels_help(one_thread) -> None:
     small = _train_tiny_cnn(3, train, val, epochs=10)
     assert large > 0.25 + 0.4, (large, small)
     assert large > small + 0.3, (large, small)
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error() -> None:
+    """Pillow >= 10 rejects 0 bits, which RandAugment "inc1" with mstd reaches at magnitude 10."""
+    train_tf, _ = data.build_transforms(_cfg().data)
+    randaug = next(t for t in train_tf.transforms if "RandAugment" in type(t).__name__)
+    op = next(o for o in randaug.ops if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    out = np.asarray(op(Image.fromarray(np.full((8, 8, 3), 200, np.uint8))))
+    assert out.shape == (8, 8, 3) and out.max() == 0
