@@ -21,18 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import slak_model  # noqa: F401  (registers the variants with timm; must precede timm imports)
-import kernels
-import timm
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from orchestrator import data
+import kernels
+from orchestrator import data  # installs the torchvision guard before timm, registers the SLaK variants
 from orchestrator.config import DataConfig
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,9 +46,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--infer-batch", type=int, default=None, help="inference batch (default 2x --batch)")
     p.add_argument("--image-size", type=int, default=None, help="default: the variant's input size")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default: 5 on GPU, 1 on CPU)"
+    )
     p.add_argument("--backends", default="available", help="comma list of cuda,numba,torch or 'available'")
-    p.add_argument("--precisions", default=None, help="comma list of fp32,bf16,fp16 (default: GPU fp32,bf16; CPU fp32)")
+    p.add_argument(
+        "--precisions", default=None, help="comma list of fp32,bf16,fp16 (default: GPU fp32,bf16; CPU fp32)"
+    )
     p.add_argument("--modes", default="train,infer", help="train, infer or both")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--jpegs", type=int, default=256, help="JPEGs for the input-pipeline row (0 = skip)")
@@ -68,8 +71,10 @@ class _Timer:
     def time(self, fn: Callable[[], None], steps: int) -> tuple[list[float], float]:
         if self.cuda:
             torch.cuda.synchronize()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(steps)]
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(steps)
+            ]
             t0 = time.perf_counter()
             for start, end in events:
                 start.record()
@@ -85,8 +90,19 @@ class _Timer:
         return out, time.perf_counter() - t0
 
 
-def _bench_model(name: str, model: torch.nn.Module, *, mode: str, precision: str, batch: int, size: int,
-                 device: torch.device, steps: int, warmup: int, channels_last: bool) -> dict[str, Any]:
+def _bench_model(
+    name: str,
+    model: torch.nn.Module,
+    *,
+    mode: str,
+    precision: str,
+    batch: int,
+    size: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    channels_last: bool,
+) -> dict[str, Any]:
     """One row: ``mode`` is "train" (fwd + bwd + AdamW step) or "infer" (inference_mode forward)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
@@ -121,10 +137,18 @@ def _bench_model(name: str, model: torch.nn.Module, *, mode: str, precision: str
     timer.time(step, warmup)
     times, wall = timer.time(step, steps)
     median = statistics.median(times)
-    return {"model": name, "mode": mode, "precision": precision, "batch": batch, "image_size": size,
-            "img_s_median": batch / (median / 1e3), "img_s_wall": batch * steps / wall, "step_ms_median": median,
-            "step_ms_min": min(times),
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {
+        "model": name,
+        "mode": mode,
+        "precision": precision,
+        "batch": batch,
+        "image_size": size,
+        "img_s_median": batch / (median / 1e3),
+        "img_s_wall": batch * steps / wall,
+        "step_ms_median": median,
+        "step_ms_min": min(times),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 # ---------------------------------------------------------------------- input pipeline
@@ -150,31 +174,57 @@ def bench_pipeline(n: int, workers: int, image_size: int = 224, batch: int = 32)
         _write_jpegs(Path(tmp), n)
         cfg = DataConfig(source="imagenet", path=tmp, image_size=image_size)
         bundle = data.build_datasets(cfg, seed=0)
-        loader = DataLoader(bundle.train, batch_size=batch, shuffle=True, num_workers=workers,
-                            persistent_workers=workers > 0, drop_last=False)
+        loader = DataLoader(
+            bundle.train,
+            batch_size=batch,
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            drop_last=False,
+        )
         for _ in loader:  # warm-up pass: worker start, lazy imports, page cache
             pass
         t0 = time.perf_counter()
         seen = sum(len(b[1]) for b in loader)
         wall = time.perf_counter() - t0
     rate = seen / wall
-    return {"model": "timm train transform (JPEG decode + RandAugment + erasing)", "mode": "pipeline",
-            "precision": "-", "batch": batch, "image_size": image_size, "img_s_wall": rate,
-            "img_s_per_worker": rate / max(workers, 1), "workers": workers, "images": seen}
+    return {
+        "model": "timm train transform (JPEG decode + RandAugment + erasing)",
+        "mode": "pipeline",
+        "precision": "-",
+        "batch": batch,
+        "image_size": image_size,
+        "img_s_wall": rate,
+        "img_s_per_worker": rate / max(workers, 1),
+        "workers": workers,
+        "images": seen,
+    }
 
 
 # ---------------------------------------------------------------------- driver
 def _environment(device: torch.device) -> dict[str, Any]:
+    import timm
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
-    return {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine(), "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "cuda": torch.version.cuda,
-            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "matmul_tf32": torch.backends.cuda.matmul.allow_tf32}
+    return {
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
 
 
 def _backends(spec: str, device: torch.device) -> list[tuple[str, str]]:
@@ -195,37 +245,59 @@ def _fmt(v: Any, digits: int = 0) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _rate(v: float | None) -> str:
+    """Whole img/s on a GPU, one decimal for the slow CPU rows."""
+    return _fmt(v, 0 if v is None or v >= 100 else 1)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table printed at the end (and pasted into experiments/RESULTS.md)."""
-    head = "| model | backend | precision | mode | batch | img/s (median) | img/s (wall) | step ms | peak GiB | note |"
+    head = (
+        "| model | backend | precision | mode | batch | img/s (median) | img/s (wall) | step ms | peak GiB "
+        "| note |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['model']} | {r.get('backend', '-')} | {r['precision']} | {r['mode']} | {r['batch']} | "
-                     f"{_fmt(r.get('img_s_median'))} | {_fmt(r.get('img_s_wall'))} | "
-                     f"{_fmt(r.get('step_ms_median'), 1)} | {_fmt(r.get('peak_gib'), 2)} | {r.get('note', '')} |")
+        lines.append(
+            f"| {r['model']} | {r.get('backend', '-')} | {r['precision']} | {r['mode']} | {r['batch']} | "
+            f"{_rate(r.get('img_s_median'))} | {_rate(r.get('img_s_wall'))} | "
+            f"{_fmt(r.get('step_ms_median'), 1)} | {_fmt(r.get('peak_gib'), 2)} | {r.get('note', '')} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import timm  # after ``orchestrator`` (torchvision guard) and ``slak_model`` (variant registry)
+
     args = _parse(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     precisions = (args.precisions or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
     modes = args.modes.split(",")
-    size = args.image_size or timm.create_model(args.variant, pretrained=False).pretrained_cfg["input_size"][-1]
+    size = (
+        args.image_size or timm.create_model(args.variant, pretrained=False).pretrained_cfg["input_size"][-1]
+    )
     batches = {"train": args.batch, "infer": args.infer_batch or 2 * args.batch}
-    models: list[tuple[str, str, str]] = [(args.variant, b, why) for b, why in _backends(args.backends, device)]
+    models: list[tuple[str, str, str]] = [
+        (args.variant, b, why) for b, why in _backends(args.backends, device)
+    ]
     if args.baseline != "none":
         models.append((args.baseline, "-", ""))
     rows: list[dict[str, Any]] = []
     for name, backend, why in models:
         for precision in precisions:
             for mode in modes:
-                base = {"model": name, "backend": backend, "precision": precision, "mode": mode,
-                        "batch": batches[mode]}
+                base = {
+                    "model": name,
+                    "backend": backend,
+                    "precision": precision,
+                    "mode": mode,
+                    "batch": batches[mode],
+                }
                 if why:
                     rows.append({**base, "note": f"skipped: {why}"})
                     continue
@@ -234,9 +306,18 @@ def main(argv: list[str] | None = None) -> int:
                         model = timm.create_model(name, pretrained=False).to(device)
                         if args.channels_last:
                             model = model.to(memory_format=torch.channels_last)
-                        row = _bench_model(name, model, mode=mode, precision=precision, batch=batches[mode],
-                                           size=size, device=device, steps=args.steps, warmup=warmup,
-                                           channels_last=args.channels_last)
+                        row = _bench_model(
+                            name,
+                            model,
+                            mode=mode,
+                            precision=precision,
+                            batch=batches[mode],
+                            size=size,
+                            device=device,
+                            steps=args.steps,
+                            warmup=warmup,
+                            channels_last=args.channels_last,
+                        )
                         row["backend"] = backend
                         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
                 except (torch.cuda.OutOfMemoryError, kernels.BackendUnavailableError, RuntimeError) as e:
@@ -250,15 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.jpegs > 0:
         rows.append(bench_pipeline(args.jpegs, args.jpeg_workers))
     env = _environment(device)
-    print(f"\n{env['date_utc']}  {env['device']}  torch {env['torch']}  timm {env['timm']}  "
-          f"commit {env['git_commit']}  channels_last={args.channels_last}\n")
+    print(
+        f"\n{env['date_utc']}  {env['device']}  torch {env['torch']}  timm {env['timm']}  "
+        f"commit {env['git_commit']}  channels_last={args.channels_last}\n"
+    )
     print(markdown(rows))
     pipe = [r for r in rows if r["mode"] == "pipeline"]
     for r in pipe:
-        print(f"\ninput pipeline: {r['img_s_per_worker']:.1f} decoded+augmented img/s per CPU worker "
-              f"({r['workers']} worker(s), {r['images']} JPEGs 256-500 px -> {r['image_size']} px)")
+        print(
+            f"\ninput pipeline: {r['img_s_per_worker']:.1f} decoded+augmented img/s per CPU worker "
+            f"({r['workers']} worker(s), {r['images']} JPEGs 256-500 px -> {r['image_size']} px)"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2)
+        )
     return 0
 
 

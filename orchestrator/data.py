@@ -23,9 +23,10 @@ import math
 import multiprocessing
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
@@ -36,9 +37,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from orchestrator.datasets_procedural import ShapesDataset, SyntheticDataset
 
 __all__ = [
-    "DataError",
-    "DataBundle",
+    "SOURCES",
     "CheckedImageDataset",
+    "DataBundle",
+    "DataError",
     "ShardSampler",
     "build_datasets",
     "build_loaders",
@@ -46,7 +48,6 @@ __all__ = [
     "build_transforms",
     "check_image_folder",
     "skipped_images",
-    "SOURCES",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,10 @@ def check_image_folder(root: str | os.PathLike) -> list[str]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data.path={str(root)!r} does not exist or is not a folder; point data.path at the "
-                        "folder that holds train/<class>/* and val/<class>/*")
+        raise DataError(
+            f"data.path={str(root)!r} does not exist or is not a folder; point data.path at the "
+            "folder that holds train/<class>/* and val/<class>/*"
+        )
     splits: dict[str, list[str]] = {}
     for split in ("train", "val"):
         d = root / split
@@ -97,16 +100,21 @@ def check_image_folder(root: str | os.PathLike) -> list[str]:
         if not classes:
             exts = get_img_extensions(as_set=True)
             loose = [e.name for e in os.scandir(d) if Path(e.name).suffix.lower() in exts]
-            what = (f"has {len(loose)} images but no class subfolders; move them into {d}/<class>/"
-                    if loose else "is empty; it needs one subfolder of images per class")
+            what = (
+                f"has {len(loose)} images but no class subfolders; move them into {d}/<class>/"
+                if loose
+                else "is empty; it needs one subfolder of images per class"
+            )
             raise DataError(f"{d} {what}")
         splits[split] = classes
     train, val = set(splits["train"]), set(splits["val"])
     if train != val:
         only_train, only_val = sorted(train - val), sorted(val - train)
-        raise DataError(f"class folders of {root / 'train'} and {root / 'val'} differ: only in train "
-                        f"{_preview(only_train)}, only in val {_preview(only_val)}; both splits need the same "
-                        "class folders")
+        raise DataError(
+            f"class folders of {root / 'train'} and {root / 'val'} differ: only in train "
+            f"{_preview(only_train)}, only in val {_preview(only_val)}; both splits need the same "
+            "class folders"
+        )
     return splits["train"]
 
 
@@ -122,19 +130,24 @@ class CheckedImageDataset(Dataset):
     The skip count is shared with DataLoader worker processes through a ``multiprocessing.Value``.
     """
 
-    def __init__(self, split_dir: Path, class_to_idx: dict[str, int], transform: Any, *,
-                 on_bad_image: str = "error") -> None:
+    def __init__(
+        self, split_dir: Path, class_to_idx: dict[str, int], transform: Any, *, on_bad_image: str = "error"
+    ) -> None:
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"data.on_bad_image={on_bad_image!r}: allowed 'error' or 'skip'")
         try:
             self.inner = ImageDataset(str(split_dir), class_map=class_to_idx)
         except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
-            raise DataError(f"{split_dir} has no images with a known extension in its class folders ({e})") from e
+            raise DataError(
+                f"{split_dir} has no images with a known extension in its class folders ({e})"
+            ) from e
         counts = Counter(t for _, t in self.inner.reader.samples)
         empty = sorted(c for c, i in class_to_idx.items() if counts[i] == 0)
         if empty:
-            raise DataError(f"{split_dir}: class folders without images: {_preview(empty)}; add images or remove "
-                            "the folders from both splits")
+            raise DataError(
+                f"{split_dir}: class folders without images: {_preview(empty)}; add images or remove "
+                "the folders from both splits"
+            )
         self.transform = transform
         self.on_bad_image = on_bad_image
         self._skipped = multiprocessing.Value("l", 0)
@@ -162,16 +175,20 @@ class CheckedImageDataset(Dataset):
                 img, target = self._load(i)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 if self.on_bad_image == "error":
-                    raise DataError(f"cannot decode image {self.path(i)}: {e}; fix or delete the file, or set "
-                                    "data.on_bad_image=skip to skip unreadable images") from e
+                    raise DataError(
+                        f"cannot decode image {self.path(i)}: {e}; fix or delete the file, or set "
+                        "data.on_bad_image=skip to skip unreadable images"
+                    ) from e
                 with self._skipped.get_lock():
                     self._skipped.value += 1
                     total = self._skipped.value
                 log.warning("skipped unreadable image %s (%s); %d skipped so far", self.path(i), e, total)
                 continue
             return self.transform(img), target
-        raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from {self.path(index)} on; the "
-                        "folder looks corrupt, check the storage")
+        raise DataError(
+            f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from {self.path(index)} on; the "
+            "folder looks corrupt, check the storage"
+        )
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -196,11 +213,22 @@ def build_transforms(data_cfg: Any) -> tuple[Any, Any]:
     """timm's train and eval transforms for the ImageNet recipe (spec 4.5)."""
     _patch_randaugment()
     train = create_transform(
-        input_size=data_cfg.image_size, is_training=True, hflip=0.5, color_jitter=_COLOR_JITTER,
-        auto_augment=data_cfg.auto_augment or None, interpolation=data_cfg.interpolation,
-        re_prob=data_cfg.reprob, re_mode="pixel", re_count=1)
-    val = create_transform(input_size=data_cfg.image_size, is_training=False,
-                           interpolation=data_cfg.interpolation, crop_pct=data_cfg.crop_pct)
+        input_size=data_cfg.image_size,
+        is_training=True,
+        hflip=0.5,
+        color_jitter=_COLOR_JITTER,
+        auto_augment=data_cfg.auto_augment or None,
+        interpolation=data_cfg.interpolation,
+        re_prob=data_cfg.reprob,
+        re_mode="pixel",
+        re_count=1,
+    )
+    val = create_transform(
+        input_size=data_cfg.image_size,
+        is_training=False,
+        interpolation=data_cfg.interpolation,
+        crop_pct=data_cfg.crop_pct,
+    )
     return train, val
 
 
@@ -232,8 +260,13 @@ def build_datasets(data_cfg: Any, *, seed: int) -> DataBundle:
     train_tf, val_tf = build_transforms(data_cfg)
     train = CheckedImageDataset(root / "train", class_to_idx, train_tf, on_bad_image=data_cfg.on_bad_image)
     val = CheckedImageDataset(root / "val", class_to_idx, val_tf, on_bad_image=data_cfg.on_bad_image)
-    log.info("imagenet layout at %s: %d classes, %d train / %d val images", root, len(classes), len(train),
-             len(val))
+    log.info(
+        "imagenet layout at %s: %d classes, %d train / %d val images",
+        root,
+        len(classes),
+        len(train),
+        len(val),
+    )
     return DataBundle(train, val, len(classes), classes)
 
 
@@ -254,8 +287,9 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world_size))
 
 
-def build_loaders(bundle: DataBundle, cfg: Any, *, rank: int, world_size: int, micro_batch_size: int,
-                  seed: int) -> tuple[DataLoader, DataLoader]:
+def build_loaders(
+    bundle: DataBundle, cfg: Any, *, rank: int, world_size: int, micro_batch_size: int, seed: int
+) -> tuple[DataLoader, DataLoader]:
     """This worker's train and val loaders.
 
     Train: ``DistributedSampler`` (shuffled with ``seed``, re-shuffled by ``sampler.set_epoch``,
@@ -268,18 +302,33 @@ def build_loaders(bundle: DataBundle, cfg: Any, *, rank: int, world_size: int, m
     """
     d = cfg.data
     if build_mixup(d, bundle.num_classes) is not None and micro_batch_size % 2:
-        raise ValueError(f"train.micro_batch_size={micro_batch_size}: Mixup/CutMix (data.mixup={d.mixup}, "
-                         f"data.cutmix={d.cutmix}) needs an even micro batch; use an even size or disable both")
+        raise ValueError(
+            f"train.micro_batch_size={micro_batch_size}: Mixup/CutMix (data.mixup={d.mixup}, "
+            f"data.cutmix={d.cutmix}) needs an even micro batch; use an even size or disable both"
+        )
     per_rank = len(bundle.train) // world_size
     if per_rank < micro_batch_size:
-        raise ValueError(f"data.train_size={len(bundle.train)}: {world_size} workers get {per_rank} samples each, "
-                         f"fewer than one micro batch ({micro_batch_size}); use more data or a smaller batch")
-    train_sampler = DistributedSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                       drop_last=True)
-    common: dict[str, Any] = {"num_workers": d.workers, "pin_memory": bool(getattr(cfg.run, "use_gpu", False))}
-    train = DataLoader(bundle.train, batch_size=micro_batch_size, sampler=train_sampler, drop_last=True, **common)
-    val = DataLoader(bundle.val, batch_size=max(1, math.floor(1.5 * micro_batch_size)),
-                     sampler=ShardSampler(len(bundle.val), rank, world_size), drop_last=False, **common)
+        raise ValueError(
+            f"data.train_size={len(bundle.train)}: {world_size} workers get {per_rank} samples each, "
+            f"fewer than one micro batch ({micro_batch_size}); use more data or a smaller batch"
+        )
+    train_sampler = DistributedSampler(
+        bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    common: dict[str, Any] = {
+        "num_workers": d.workers,
+        "pin_memory": bool(getattr(cfg.run, "use_gpu", False)),
+    }
+    train = DataLoader(
+        bundle.train, batch_size=micro_batch_size, sampler=train_sampler, drop_last=True, **common
+    )
+    val = DataLoader(
+        bundle.val,
+        batch_size=max(1, math.floor(1.5 * micro_batch_size)),
+        sampler=ShardSampler(len(bundle.val), rank, world_size),
+        drop_last=False,
+        **common,
+    )
     return train, val
 
 
@@ -287,9 +336,15 @@ def build_mixup(data_cfg: Any, num_classes: int) -> Mixup | None:
     """timm ``Mixup`` in batch mode with label smoothing inside, or None when both alphas are 0."""
     if (data_cfg.mixup <= 0 and data_cfg.cutmix <= 0) or data_cfg.mixup_prob <= 0:
         return None
-    return Mixup(mixup_alpha=data_cfg.mixup, cutmix_alpha=data_cfg.cutmix, prob=data_cfg.mixup_prob,
-                 switch_prob=data_cfg.mixup_switch_prob, mode="batch", label_smoothing=data_cfg.smoothing,
-                 num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=data_cfg.mixup,
+        cutmix_alpha=data_cfg.cutmix,
+        prob=data_cfg.mixup_prob,
+        switch_prob=data_cfg.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=data_cfg.smoothing,
+        num_classes=num_classes,
+    )
 
 
 def skipped_images(bundle: DataBundle) -> int:

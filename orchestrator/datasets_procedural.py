@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ShapesDataset", "SyntheticDataset", "shapes_class_names", "SPLIT_IDS"]
+__all__ = ["SPLIT_IDS", "ShapesDataset", "SyntheticDataset", "shapes_class_names"]
 
 #: Separate random streams for the splits: index 0 of ``val`` is not index 0 of ``train``.
 SPLIT_IDS = {"train": 0, "val": 1}
 
-_MEAN, _STD = 0.5, 0.25     # per-channel normalisation of the generated [0, 1] images
-_MARGIN = 0.15              # fraction of a sector kept empty at each edge
-_DIST = (0.30, 0.55)        # mark distance as a fraction of the image side
+_MEAN, _STD = 0.5, 0.25  # per-channel normalisation of the generated [0, 1] images
+_MARGIN = 0.15  # fraction of a sector kept empty at each edge
+_DIST = (0.30, 0.55)  # mark distance as a fraction of the image side
 _RED = np.array([0.95, 0.12, 0.10], dtype=np.float32)
 _GREEN = np.array([0.10, 0.90, 0.15], dtype=np.float32)
 _BLUE = np.array([0.15, 0.20, 0.95], dtype=np.float32)
@@ -56,14 +56,21 @@ class ShapesDataset(Dataset):
         split: ``"train"`` or ``"val"`` (independent streams).
     """
 
-    def __init__(self, size: int, image_size: int = 32, num_classes: int = 4, *, seed: int = 0,
-                 split: str = "train") -> None:
+    def __init__(
+        self, size: int, image_size: int = 32, num_classes: int = 4, *, seed: int = 0, split: str = "train"
+    ) -> None:
         if size < 1:
-            raise ValueError(f"size={size}: a dataset needs at least 1 sample; raise data.train_size/val_size")
+            raise ValueError(
+                f"size={size}: a dataset needs at least 1 sample; raise data.train_size/val_size"
+            )
         if image_size < 16:
-            raise ValueError(f"image_size={image_size}: the marks need at least 16 px; set data.image_size >= 16")
+            raise ValueError(
+                f"image_size={image_size}: the marks need at least 16 px; set data.image_size >= 16"
+            )
         if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes}: at least 2 sectors are needed; set data.num_classes >= 2")
+            raise ValueError(
+                f"num_classes={num_classes}: at least 2 sectors are needed; set data.num_classes >= 2"
+            )
         self.size, self.image_size, self.num_classes = size, image_size, num_classes
         self.seed, self.split = seed, split
         self._split_id = _check_split(split)
@@ -73,7 +80,7 @@ class ShapesDataset(Dataset):
         return self.size
 
     def target(self, index: int) -> int:
-        """Labels are balanced by construction (index modulo classes), so accuracy has a clear chance level."""
+        """Balanced labels by construction (index modulo classes): accuracy has a clear chance level."""
         return index % self.num_classes
 
     def render(self, index: int) -> np.ndarray:
@@ -83,22 +90,22 @@ class ShapesDataset(Dataset):
         s = self.image_size
         rng = np.random.default_rng([self.seed, self._split_id, index])
         img = np.full((s, s, 3), rng.uniform(0.3, 0.6), dtype=np.float32)
-        img += rng.uniform(-0.08, 0.08, size=3).astype(np.float32)          # a random tint
-        img += rng.normal(0.0, 0.06, size=img.shape).astype(np.float32)      # pixel noise
+        img += rng.uniform(-0.08, 0.08, size=3).astype(np.float32)  # a random tint
+        img += rng.normal(0.0, 0.06, size=img.shape).astype(np.float32)  # pixel noise
         m = max(3, s // 10)
-        for _ in range(int(rng.integers(1, 4))):                              # distractors
+        for _ in range(int(rng.integers(1, 4))):  # distractors
             y, x = rng.integers(0, s - m + 1, size=2)
-            img[y:y + m, x:x + m] = _BLUE * rng.uniform(0.7, 1.0)
+            img[y : y + m, x : x + m] = _BLUE * rng.uniform(0.7, 1.0)
         k = self.target(index)
         theta = 2.0 * math.pi * (k + rng.uniform(_MARGIN, 1.0 - _MARGIN)) / self.num_classes
         dist = rng.uniform(*_DIST) * s
-        dx, dy = dist * math.cos(theta), -dist * math.sin(theta)             # image y grows downwards
+        dx, dy = dist * math.cos(theta), -dist * math.sin(theta)  # image y grows downwards
         ax = rng.uniform(max(0.0, -dx), s - m - max(0.0, dx))
         ay = rng.uniform(max(0.0, -dy), s - m - max(0.0, dy))
         bx, by = ax + dx, ay + dy
         for (x, y), colour in (((ax, ay), _RED), ((bx, by), _GREEN)):
-            xi, yi = int(round(x)), int(round(y))
-            img[yi:yi + m, xi:xi + m] = colour * rng.uniform(0.8, 1.0)
+            xi, yi = round(x), round(y)
+            img[yi : yi + m, xi : xi + m] = colour * rng.uniform(0.8, 1.0)
         return np.clip(img, 0.0, 1.0)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -113,10 +120,19 @@ class SyntheticDataset(Dataset):
     decoding and is identical wherever it is read.
     """
 
-    def __init__(self, size: int, image_size: int = 224, num_classes: int = 1000, *, seed: int = 0,
-                 split: str = "train") -> None:
+    def __init__(
+        self,
+        size: int,
+        image_size: int = 224,
+        num_classes: int = 1000,
+        *,
+        seed: int = 0,
+        split: str = "train",
+    ) -> None:
         if size < 1:
-            raise ValueError(f"size={size}: a dataset needs at least 1 sample; raise data.train_size/val_size")
+            raise ValueError(
+                f"size={size}: a dataset needs at least 1 sample; raise data.train_size/val_size"
+            )
         self.size, self.image_size, self.num_classes = size, image_size, num_classes
         self.seed, self.split = seed, split
         self._split_id = _check_split(split)

@@ -59,11 +59,13 @@ def test_imagenet_layout_loads_with_recipe_transforms(tmp_path: Path) -> None:
     assert val_names[:2] == ["Resize", "CenterCrop"]
     assert bundle.val.transform.transforms[0].size == int(32 / 0.875)
     train, val = data.build_loaders(bundle, cfg, rank=0, world_size=1, micro_batch_size=4, seed=0)
-    xb, yb = next(iter(train))
+    xb, _ = next(iter(train))
     assert xb.shape == (4, 3, 32, 32) and len(train) == 3 and sum(len(b[1]) for b in val) == 6
 
 
-@pytest.mark.parametrize("case", ["missing_root", "missing_val", "empty_train", "loose_images", "empty_class"])
+@pytest.mark.parametrize(
+    "case", ["missing_root", "missing_val", "empty_train", "loose_images", "empty_class"]
+)
 def test_bad_layouts_name_the_path(tmp_path: Path, case: str) -> None:
     root = tmp_path / "imnet"
     if case != "missing_root":
@@ -156,8 +158,10 @@ def test_train_shards_are_disjoint_and_reshuffle_per_epoch() -> None:
     assert order(0, 0) == r0 and order(0, 1) != r0
     train, val = data.build_loaders(bundle, cfg, rank=1, world_size=2, micro_batch_size=4, seed=3)
     assert len(train) == 6  # 25 samples, drop_last
-    seen = [list(data.build_loaders(bundle, cfg, rank=r, world_size=2, micro_batch_size=4, seed=3)[1].sampler)
-            for r in (0, 1)]
+    seen = [
+        list(data.build_loaders(bundle, cfg, rank=r, world_size=2, micro_batch_size=4, seed=3)[1].sampler)
+        for r in (0, 1)
+    ]
     assert sorted(seen[0] + seen[1]) == list(range(11)) and val.batch_size == 6
 
 
@@ -166,7 +170,7 @@ def test_mixup_is_batch_mode_with_smoothing_and_needs_even_batches() -> None:
     mix = data.build_mixup(cfg.data, 4)
     assert mix.mode == "batch" and mix.label_smoothing == 0.1 and mix.mixup_alpha == 0.8
     torch.manual_seed(0)
-    x, y = mix(torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1]))
+    _, y = mix(torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1]))
     assert y.shape == (6, 4) and torch.allclose(y.sum(1), torch.ones(6))
     assert data.build_mixup(_cfg(**{"data.mixup": 0.0, "data.cutmix": 0.0}).data, 4) is None
     bundle = data.build_datasets(cfg.data, seed=0)
@@ -223,8 +227,14 @@ def _train_tiny_cnn(kernel: int, train: ShapesDataset, val: ShapesDataset, epoch
     def block(cin: int, cout: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(cin, cout, kernel, 2, kernel // 2), nn.BatchNorm2d(cout), nn.ReLU())
 
-    model = nn.Sequential(block(3, 16), block(16, 32), block(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(32, train.num_classes))
+    model = nn.Sequential(
+        block(3, 16),
+        block(16, 32),
+        block(32, 32),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, train.num_classes),
+    )
     opt = torch.optim.AdamW(model.parameters(), 3e-3)
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(32):
