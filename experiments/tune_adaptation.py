@@ -2,8 +2,10 @@
 
 Examples::
 
-    python experiments/tune_adaptation.py --sweep p                       # p in 0.1, 0.3, 0.5, 0.7 at f = 100
-    python experiments/tune_adaptation.py --sweep f --values 50 100 200   # f (optimizer steps) at p = 0.3
+    python experiments/tune_adaptation.py --sweep p    # p in 0.1, 0.3, 0.5, 0.7 at f = 100
+    python experiments/tune_adaptation.py train.epochs=20 --sweep f --values 50 100 200  # f at p=0.3
+
+(``key=value`` overrides go before ``--values``, which takes every number after it.)
 """
 
 from __future__ import annotations
