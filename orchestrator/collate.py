@@ -164,7 +164,8 @@ def summarize(tidy: pd.DataFrame, table: str, published: pd.DataFrame | None = N
 
     Finished runs count towards the numbers (runs stopped early by ASHA included, and said so in
     ``status``); failed, killed or running ones only towards ``status``. Cells of the paper with no
-    run at all appear with status ``missing``, in the paper's order, before any extra points.
+    run at all appear with status ``missing``, in the paper's order, before any extra points (which
+    follow sorted by the table's axis: width, p, f, kernel or N).
 
     Returns:
         Columns ``row, setting, top1, top1_std, top1_best, ema_top1, params_m, flops_g, density,
@@ -174,9 +175,10 @@ def summarize(tidy: pd.DataFrame, table: str, published: pd.DataFrame | None = N
     published = published if published is not None else pd.DataFrame(columns=["row", "setting", "top1"])
     paper_keys = list(zip(published["row"], published["setting"], strict=True))
     order: list[tuple[str, str]] = list(paper_keys)
-    for key in zip(ours.get("row", []), ours.get("setting", []), strict=True):
-        if key not in order:
-            order.append(key)
+    extras = {
+        key for key in zip(ours.get("row", []), ours.get("setting", []), strict=True) if key not in order
+    }
+    order += sorted(extras, key=lambda key: _axis_key(table, *key))
     paper_index = {key: i for i, key in enumerate(paper_keys)}
     lines = []
     for row, setting in order:
@@ -289,6 +291,12 @@ def to_latex(display: pd.DataFrame, title: str = "") -> str:
     body = body.map(lambda v: str(v).replace("±", r"$\pm$").replace("—", "--").replace("_", r"\_"))
     latex = body.to_latex(index=False, escape=False, column_format="l" * len(body.columns))
     return (f"% {title}\n" if title else "") + latex
+
+
+def _axis_key(table: str, row: str, setting: str) -> tuple[bool, float, str, str]:
+    """Sort key of a row: numeric axis value first (rows without one last), then the labels."""
+    x = _x_value(table, row)
+    return (math.isnan(x), 0.0 if math.isnan(x) else x, row, setting)
 
 
 def _x_value(table: str, row: str) -> float:

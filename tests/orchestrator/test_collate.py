@@ -182,3 +182,12 @@ def test_find_experiment_picks_the_newest_parent_of_a_table(runs: pd.DataFrame) 
     both = pd.concat([runs, pd.DataFrame([older])], ignore_index=True)
     assert collate.find_experiment(both, "table8") == EXP
     assert collate.find_experiment(both, "table1") is None
+
+
+def test_rows_without_published_cells_follow_the_numeric_axis() -> None:
+    runs = pd.DataFrame(
+        [_run(r, f"f={f}", 0, table="adapt_f") for r, f in (("a", 1000), ("b", 100), ("c", 20))]
+    )
+    summary = collate.summarize(collate.tidy_runs(runs, EXP), "adapt_f", None)
+    assert list(summary["row"]) == ["f=20", "f=100", "f=1000"]
+    assert summary["published_top1"].isna().all()
