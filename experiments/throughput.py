@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -202,6 +203,16 @@ def bench_pipeline(n: int, workers: int, image_size: int = 224, batch: int = 32)
 
 
 # ---------------------------------------------------------------------- driver
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
     import timm
 
@@ -216,7 +227,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
         "git_commit": commit,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
