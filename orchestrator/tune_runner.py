@@ -157,13 +157,17 @@ def _trial(config: dict[str, Any]) -> None:
     cfg = experiment_config_for_trial(config)
     run_id = None
     if config["tracking"].get("enabled", True):
-        run_id = _find_trial_run(config, trial_id)
-        tracker = tracking.create_tracker(config["tracking"], run_id=run_id)  # marks the run RUNNING again
-        tracker.log_params(cfg.to_flat())
         try:
-            tracker.log_metrics(_complexity_metrics(cfg), step=0)
-        except Exception as exc:  # noqa: BLE001 - a counting problem must not cost the training run
-            logger.warning("could not count params/FLOPs for trial %s: %s", trial_id, exc)
+            run_id = _find_trial_run(config, trial_id)
+        except Exception as exc:  # noqa: BLE001 - rank 0 then keeps its metrics in the offline journal
+            logger.warning("MLflow is unreachable for trial %s (%s); metrics go offline", trial_id, exc)
+        if run_id is not None:
+            tracker = tracking.create_tracker(config["tracking"], run_id=run_id)  # RUNNING again on retry
+            tracker.log_params(cfg.to_flat())
+            try:
+                tracker.log_metrics(_complexity_metrics(cfg), step=0)
+            except Exception as exc:  # noqa: BLE001 - a counting problem must not cost the training run
+                logger.warning("could not count params/FLOPs for trial %s: %s", trial_id, exc)
     trainer = ray_train.build_trainer(
         cfg,
         run_name=f"{config['experiment']}_train_{trial_id}",
@@ -379,6 +383,65 @@ def _close_unfinished_runs(tracking_flat: Mapping[str, Any], experiment: str) ->
     return len(stale)
 
 
+def _parent_run(
+    tracking_flat: Mapping[str, Any],
+    name: str,
+    table: str,
+    points: Sequence[GridPoint],
+    cfg: ExperimentConfig,
+    resume: bool,
+) -> str | None:
+    """Create (or find again on resume) the experiment's parent MLflow run; None if MLflow is down."""
+    try:
+        parent = tracking.find_or_create_run(
+            tracking_flat,
+            run_name=name,
+            match_tag=("slak.parent_of", name),
+            tags={
+                "slak.grid_role": "experiment",
+                "slak.experiment": name,
+                "slak.table": table,
+                "slak.grid_points": str(len(points)),
+                "slak.seeds": str(cfg.tune.seeds),
+            },
+        )
+    except Exception as exc:  # noqa: BLE001 - tracking is never the reason an experiment dies
+        logger.warning(
+            "MLflow at %s is unreachable (%s): the grid runs, each trial keeps its metrics offline in %s",
+            tracking_flat.get("uri"),
+            exc,
+            tracking_flat.get("offline_dir"),
+        )
+        return None
+    parent_tracker = tracking.create_tracker(tracking_flat, run_id=parent)  # RUNNING again on resume
+    if not resume:
+        parent_tracker.log_params(cfg.to_flat())
+        parent_tracker.log_dict([p.to_dict() for p in points], "grid.json")
+    return parent
+
+
+def _finish_parent(
+    tracking_flat: Mapping[str, Any], parent: str, outcome: ExperimentOutcome, collate_into: str | Path | None
+) -> None:
+    """Close interrupted trial runs, collate the tables into the parent run, give it its final status."""
+    killed = _close_unfinished_runs(tracking_flat, outcome.name)
+    if killed:
+        logger.warning(
+            "%d trial run(s) of %s were interrupted and marked KILLED; --resume continues them",
+            killed,
+            outcome.name,
+        )
+    out_dir = Path(collate_into) if collate_into else outcome.path / "tables"
+    outcome.collated = collate.collate_experiment(
+        tracking_flat["uri"], tracking_flat["experiment"], outcome.name, out_dir
+    )
+    outcome.files = list(outcome.collated.files)
+    tags = {"slak.failed_trials": str(outcome.errors), "slak.trials": str(outcome.trials)}
+    tracking.create_tracker(tracking_flat, run_id=parent, tags=tags).end(
+        "KILLED" if outcome.interrupted else "FINISHED"
+    )
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     points: Sequence[GridPoint],
@@ -425,24 +488,9 @@ def run_experiment(
                 "to continue it, or choose another run.name"
             )
     tracking_flat = _tracking_flat(cfg)
-    parent = None
-    if tracking_flat.get("enabled", True):
-        parent = tracking.find_or_create_run(
-            tracking_flat,
-            run_name=name,
-            match_tag=("slak.parent_of", name),
-            tags={
-                "slak.grid_role": "experiment",
-                "slak.experiment": name,
-                "slak.table": table,
-                "slak.grid_points": str(len(points)),
-                "slak.seeds": str(cfg.tune.seeds),
-            },
-        )
-        parent_tracker = tracking.create_tracker(tracking_flat, run_id=parent)
-        if not resume:
-            parent_tracker.log_params(cfg.to_flat())
-            parent_tracker.log_dict([p.to_dict() for p in points], "grid.json")
+    parent = (
+        _parent_run(tracking_flat, name, table, points, cfg, resume) if tracking_flat.get("enabled") else None
+    )
     init_ray(cfg, address)
     trainable = tune.with_resources(_trial, {"cpu": 1})
     expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
@@ -478,8 +526,11 @@ def run_experiment(
         results = tuner.fit()
     except BaseException:
         if parent is not None:
-            _close_unfinished_runs(tracking_flat, name)
-            tracking.set_run_status(tracking_flat["uri"], parent, "KILLED")
+            try:
+                _close_unfinished_runs(tracking_flat, name)
+                tracking.set_run_status(tracking_flat["uri"], parent, "KILLED")
+            except Exception as exc:  # noqa: BLE001 - keep the original error
+                logger.warning("could not mark the MLflow runs of %s KILLED: %s", name, exc)
         raise
     errors = results.num_errors
     trials = max(expected, len(results))
@@ -490,23 +541,16 @@ def run_experiment(
         name, storage / name, parent, trials, errors, interrupted, time.monotonic() - started
     )
     if parent is not None:
-        killed = _close_unfinished_runs(tracking_flat, name)
-        if killed:
+        try:
+            _finish_parent(tracking_flat, parent, outcome, collate_into)
+        except Exception as exc:  # noqa: BLE001 - the trials are done; the tables can be rebuilt later
             logger.warning(
-                "%d trial run(s) of %s were interrupted and marked KILLED; --resume continues them",
-                killed,
+                "could not collate %s from MLflow (%s); rebuild the tables later with "
+                "python experiments/collate_tables.py --experiment %s",
+                name,
+                exc,
                 name,
             )
-        out_dir = Path(collate_into) if collate_into else storage / name / "tables"
-        outcome.collated = collate.collate_experiment(
-            tracking_flat["uri"], tracking_flat["experiment"], name, out_dir
-        )
-        outcome.files = list(outcome.collated.files)
-        tracking.create_tracker(
-            tracking_flat,
-            run_id=parent,
-            tags={"slak.failed_trials": str(errors), "slak.trials": str(trials)},
-        ).end("KILLED" if interrupted else "FINISHED")
     outcome.seconds = time.monotonic() - started
     return outcome
 
