@@ -297,7 +297,8 @@ def build_loaders(
     (:class:`ShardSampler`), batch 1.5x the micro batch as in the reference.
 
     Raises:
-        ValueError: the shard gives no full training batch, or Mixup/CutMix is on with an odd
+        ValueError: the shard gives no full training batch, a worker would get no validation
+            sample, or Mixup/CutMix is on with an odd
             micro batch (timm mixes the batch with its reverse).
     """
     d = cfg.data
@@ -311,6 +312,13 @@ def build_loaders(
         raise ValueError(
             f"data.train_size={len(bundle.train)}: {world_size} workers get {per_rank} samples each, "
             f"fewer than one micro batch ({micro_batch_size}); use more data or a smaller batch"
+        )
+    if len(bundle.val) < world_size:
+        # A rank with no eval batch would skip the buffer broadcast DDP makes in its first eval forward
+        # while the other ranks wait in it.
+        raise ValueError(
+            f"data.val_size={len(bundle.val)}: fewer validation samples than workers ({world_size}); every "
+            "worker needs at least one"
         )
     train_sampler = DistributedSampler(
         bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True

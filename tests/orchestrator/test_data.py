@@ -183,6 +183,9 @@ def test_too_little_data_for_one_batch_is_an_error() -> None:
     bundle = data.build_datasets(cfg.data, seed=0)
     with pytest.raises(ValueError, match="data.train_size=6"):
         data.build_loaders(bundle, cfg, rank=0, world_size=2, micro_batch_size=4, seed=0)
+    bundle = data.build_datasets(_cfg(**{"data.val_size": 1}).data, seed=0)
+    with pytest.raises(ValueError, match="data.val_size=1"):
+        data.build_loaders(bundle, cfg, rank=0, world_size=2, micro_batch_size=4, seed=0)
 
 
 # ---------------------------------------------------------------------- generated sources
