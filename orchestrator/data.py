@@ -298,8 +298,8 @@ def build_loaders(
 
     Raises:
         ValueError: the shard gives no full training batch, a worker would get no validation
-            sample, or Mixup/CutMix is on with an odd
-            micro batch (timm mixes the batch with its reverse).
+            sample, or Mixup/CutMix is on with an odd micro batch (timm mixes the batch with its
+            reverse).
     """
     d = cfg.data
     if build_mixup(d, bundle.num_classes) is not None and micro_batch_size % 2:
