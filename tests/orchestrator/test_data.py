@@ -267,3 +267,35 @@ def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error() -> None:
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
     out = np.asarray(op(Image.fromarray(np.full((8, 8, 3), 200, np.uint8))))
     assert out.shape == (8, 8, 3) and out.max() == 0
+
+
+def test_throughput_script_smoke(tmp_path: Path) -> None:
+    """experiments/throughput.py end to end on CPU: model rows, skipped backends, the JPEG pipeline row."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "tp.json"
+    script = Path(__file__).resolve().parents[2] / "experiments" / "throughput.py"
+    args = (
+        "--device cpu --variant slak_test --batch 4 --steps 2 --warmup 1 --baseline test_convnext "
+        "--backends torch,cuda --modes train,infer --jpegs 8 --json"
+    ).split() + [str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if r["mode"] in ("train", "infer") and "img_s_median" in r]
+    assert {(r["model"], r["mode"]) for r in timed} == {
+        ("slak_test", "train"),
+        ("slak_test", "infer"),
+        ("test_convnext", "train"),
+        ("test_convnext", "infer"),
+    }
+    assert all(r["img_s_median"] > 0 and r["step_ms_median"] > 0 for r in timed)
+    # an explicitly named backend that cannot run on the device is listed with the reason, not run
+    assert any(r.get("backend") == "cuda" and r["note"].startswith("skipped") for r in rows)
+    pipe = next(r for r in rows if r["mode"] == "pipeline")
+    assert pipe["images"] == 8 and pipe["img_s_per_worker"] > 0
+    assert "| slak_test | torch | fp32 | train | 4 |" in proc.stdout
