@@ -277,7 +277,27 @@ def test_throughput_script_smoke(tmp_path: Path) -> None:
 
     out = tmp_path / "tp.json"
     script = Path(__file__).resolve().parents[2] / "experiments" / "throughput.py"
-    args = ["--device", "cpu", "--variant", "slak_test", "--batch", "4", "--steps", "2", "--warmup", "1", "--baseline", "test_convnext", "--backends", "torch,cuda", "--modes", "train,infer", "--jpegs", "8", "--json"] + [str(out)]
+    args = [
+        "--device",
+        "cpu",
+        "--variant",
+        "slak_test",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--baseline",
+        "test_convnext",
+        "--backends",
+        "torch,cuda",
+        "--modes",
+        "train,infer",
+        "--jpegs",
+        "8",
+        "--json",
+    ] + [str(out)]
     proc = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
     )
