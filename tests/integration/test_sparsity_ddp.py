@@ -7,6 +7,8 @@ rank-0 decisions the per-rank densities, dense-layer sets and random regrowth wo
 from __future__ import annotations
 
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -54,7 +56,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from slak_model.sparsity import DynamicSparsity, SparsityConfig, TorchDistributedCollective
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # a finite timeout turns any collective mismatch into an error instead of a hung CI job
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)  # identical initial weights on every rank
         model = nn.parallel.DistributedDataParallel(_Net())
@@ -90,7 +94,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except RuntimeError as err:
             result["error"] = str(err)
         result["tampered"] = name
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(result, Path(out_dir) / f"rank{rank}.tmp")
+        (Path(out_dir) / f"rank{rank}.tmp").rename(Path(out_dir) / f"rank{rank}.pt")
+        # Leave only when every rank is done with its collectives: a rank that exits early can
+        # reset its sockets while a peer still waits for its last message (seen under CPU load).
+        deadline = time.monotonic() + 60
+        while not all((Path(out_dir) / f"rank{r}.pt").exists() for r in range(WORLD)):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the other rank did not finish")
+            time.sleep(0.05)
     finally:
         dist.destroy_process_group()
 
