@@ -54,7 +54,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--precisions", default=None, help="comma list of fp32,bf16,fp16 (default: GPU fp32,bf16; CPU fp32)"
     )
-    p.add_argument("--modes", default="train,infer", help="train, infer or both")
+    p.add_argument(
+        "--modes",
+        default="train,infer,deploy",
+        help="comma list of train, infer (eval forward) and deploy (eval forward after "
+        "merge_for_inference: BNs and the small kernel folded, two depthwise convs per block)",
+    )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--jpegs", type=int, default=256, help="JPEGs for the input-pipeline row (0 = skip)")
     p.add_argument("--jpeg-workers", type=int, default=1, help="DataLoader workers for the pipeline row")
@@ -104,7 +109,7 @@ def _bench_model(
     warmup: int,
     channels_last: bool,
 ) -> dict[str, Any]:
-    """One row: ``mode`` is "train" (fwd + bwd + AdamW step) or "infer" (inference_mode forward)."""
+    """One row: ``mode`` is "train" (fwd + bwd + AdamW step), else an inference_mode forward."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
     y = torch.randint(0, model.num_classes, (batch,), generator=gen).to(device)
@@ -292,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     size = (
         args.image_size or timm.create_model(args.variant, pretrained=False).pretrained_cfg["input_size"][-1]
     )
-    batches = {"train": args.batch, "infer": args.infer_batch or 2 * args.batch}
+    unknown = sorted(set(modes) - {"train", "infer", "deploy"})
+    if unknown:
+        raise SystemExit(f"--modes: {', '.join(unknown)} not in train, infer, deploy")
+    infer_batch = args.infer_batch or 2 * args.batch
+    batches = {"train": args.batch, "infer": infer_batch, "deploy": infer_batch}
     models: list[tuple[str, str, str]] = [
         (args.variant, b, why) for b, why in _backends(args.backends, device)
     ]
@@ -315,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     with kernels.use_backend(None if backend == "-" else backend):
                         model = timm.create_model(name, pretrained=False).to(device)
+                        if mode == "deploy":
+                            if not hasattr(model, "merge_for_inference"):
+                                continue  # baselines have nothing to fold: their infer row is theirs
+                            model.merge_for_inference()
                         if args.channels_last:
                             model = model.to(memory_format=torch.channels_last)
                         row = _bench_model(

@@ -291,7 +291,7 @@ def test_throughput_script_smoke(tmp_path: Path) -> None:
         "--backends",
         "torch,cuda",
         "--modes",
-        "train,infer",
+        "train,infer,deploy",
         "--jpegs",
         "8",
         "--json",
@@ -301,10 +301,11 @@ def test_throughput_script_smoke(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    timed = [r for r in rows if r["mode"] in ("train", "infer") and "img_s_median" in r]
+    timed = [r for r in rows if r["mode"] in ("train", "infer", "deploy") and "img_s_median" in r]
     assert {(r["model"], r["mode"]) for r in timed} == {
         ("slak_test", "train"),
         ("slak_test", "infer"),
+        ("slak_test", "deploy"),
         ("test_convnext", "train"),
         ("test_convnext", "infer"),
     }
