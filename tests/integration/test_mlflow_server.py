@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +142,130 @@ def test_server_down_until_the_end_keeps_metrics_and_cli_syncs_them(
     client = MlflowClient(server.uri)
     assert _losses(client, tr.run_id) == [(s, float(s)) for s in range(4)]
     assert client.get_run(tr.run_id).info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------- a real training job against the server
+SMOKE = PROJECT_ROOT / "experiments" / "configs" / "smoke.yaml"
+
+
+def _train_cli():
+    """``experiments/train.py`` loaded as a module (the project never imports from experiments/)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", PROJECT_ROOT / "experiments" / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def _train_args(server: MlflowServer, root: Path, name: str) -> list[str]:
+    """The smoke preset, one epoch (8 optimizer steps, 2 topology updates), logging to ``server``."""
+    return ["--config", str(SMOKE), "--tracking-uri", server.uri, f"run.name={name}",
+            f"run.storage_path={root / 'ray'}", "tracking.experiment=server-train",
+            f"tracking.offline_dir={root / 'offline'}", "train.epochs=1", "tracking.masks_every_updates=1"]
+
+
+def _train_run(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name("server-train")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`slak.run_name` = '{name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def _histories(client: MlflowClient, run) -> dict[str, list[tuple[int, float]]]:
+    keys = [k for k in run.data.metrics if not k.startswith("perf/")]
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
+
+
+def _all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    out: list[str] = []
+    for f in client.list_artifacts(run_id, path):
+        out += _all_artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", BACKENDS, indirect=True)
+def test_smoke_training_job_logs_to_the_server(server: MlflowServer, ray_cluster, tmp_path: Path) -> None:
+    """experiments/train.py (2 Ray workers, sparsity on) with --tracking-uri http://127.0.0.1:PORT: the run,
+    its dotted params, per-step metrics and the bit-packed masks are on the server, masks equal the checkpoint's."""
+    from orchestrator import ray_train
+
+    assert _train_cli().main(_train_args(server, tmp_path, f"smoke-{server.port}")) == 0
+    client = MlflowClient(server.uri)
+    run = _train_run(client, f"smoke-{server.port}")
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert run.data.params["sparse.sparsity"] == "0.4" and run.data.params["tracking.uri"] == server.uri
+    hist = _histories(client, run)
+    # every 2 steps, plus the epoch's mean at its last step
+    assert sorted({s for s, _ in hist["train/loss"]}) == [2, 4, 6, 8] and len(hist["val/top1"]) == 1
+    assert hist["sparsity/density"][-1][1] == pytest.approx(0.6, abs=0.01)
+    files = _all_artifacts(client, run.info.run_id)
+    final_masks = sorted(f for f in files if f.startswith("masks/") and f.endswith(".npz"))[-1]
+    assert "config/resolved.yaml" in files and "checkpoint/state.pt" in files, files
+    masks = load_masks(client.download_artifacts(run.info.run_id, final_masks, str(tmp_path)))
+    ckpt_dir = sorted((tmp_path / "ray" / f"smoke-{server.port}").glob("epoch_*"))[-1]
+    state, _ = ray_train.load_checkpoint_dir(ckpt_dir)
+    assert masks.keys() == state["sparsity"]["masks"].keys()
+    assert all(torch.equal(masks[k], v) for k, v in state["sparsity"]["masks"].items())
+    assert not (tmp_path / "offline").exists(), "nothing should have gone offline"
+    if server.backend_store_uri.startswith("postgresql"):
+        import psycopg2
+
+        dsn = server.backend_store_uri.replace("postgresql+psycopg2://", "postgresql://")
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'train/loss'",
+                        (run.info.run_id,))
+            assert cur.fetchone() == (len(hist["train/loss"]),), "the metrics must live in PostgreSQL"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", BACKENDS[:1], indirect=True)
+def test_training_job_survives_a_server_outage(server: MlflowServer, ray_cluster, tmp_path: Path) -> None:
+    """The server goes down once the job's first metrics arrive and stays down until the job is over: the job
+    finishes, rank 0 journals what it could not send, and ``tracking sync`` makes the run whole again —
+    with the same metric history as the uninterrupted job of the same config."""
+    import threading
+
+    client = MlflowClient(server.uri)
+    name = f"outage-{server.port}"
+    outcome: dict[str, object] = {}
+    job = threading.Thread(target=lambda: outcome.setdefault("rc", _train_cli().main(
+        _train_args(server, tmp_path, name))), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and job.is_alive():
+        exp = client.get_experiment_by_name("server-train")
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`slak.run_name` = '{name}'") if exp else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the job logged no train/loss before it ended (or in 240 s)")
+    server.stop()
+    job.join(timeout=300)
+    assert not job.is_alive() and outcome.get("rc") == 0, outcome
+    journals = list((tmp_path / "offline").iterdir())
+    assert journals, "the metrics sent during the outage must be journaled"
+
+    server.start()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    sync = subprocess.run([sys.executable, "-m", "orchestrator.tracking", "sync", str(tmp_path / "offline"),
+                           "--tracking-uri", server.uri], capture_output=True, text=True, env=env, timeout=120)
+    assert sync.returncode == 0, sync.stderr[-2000:]
+    run = _train_run(client, name)
+    assert run.info.status == "FINISHED"
+    got = _histories(client, run)
+    ref_name = f"smoke-{server.port}"  # same config, no outage: the test above, or run here when alone
+    exp = client.get_experiment_by_name("server-train")
+    if not client.search_runs([exp.experiment_id], filter_string=f"tags.`slak.run_name` = '{ref_name}'"):
+        assert _train_cli().main(_train_args(server, tmp_path / "reference", ref_name)) == 0
+    reference = _train_run(client, ref_name)
+    want = _histories(client, reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert [s for s, _ in got[key]] == [s for s, _ in want[key]], key
+    assert got["train/loss"] == want["train/loss"], "CPU training with fixed seeds is deterministic"
+    files = _all_artifacts(client, run.info.run_id)
+    assert any(f.startswith("masks/") and f.endswith(".npz") for f in files), files
