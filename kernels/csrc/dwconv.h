@@ -33,6 +33,18 @@ struct Plan {
   int n_chunks;    // wgrad: batch split (second-level reduction over chunks in fp32)
   int chunk;       // wgrad: planes of one channel per block
   int small;       // wgrad: 1 = small-map kernel (one plane per lane, whole chunk in registers)
+  // Whole-plane path (path = 1): a block holds P whole planes of one channel (plus halo) in shared memory,
+  // each thread a 2-D register block (R rows x 4 columns of outputs, or R taps x kw for the weight
+  // gradient) with the short kernel axis kw (1, 3, 5 or 7) a compile-time constant.
+  int path;        // 0 = tiled kernels, 1 = whole-plane kernels
+  int kh_lo, khe;  // kernel rows [kh_lo, kh_lo + khe) can meet the map (the rest only ever see padding)
+  int phe;         // ph - kh_lo
+  int CT, CTp;     // column threads per row group (ceil(Ws / 4)); wgrad: rounded up to a power of two
+  int YS;          // wgrad: row segments per plane
+  int Gt, Gb;      // wgrad: tap groups (Gt * R >= khe) and groups per pass
+  int plane_sz;    // floats per plane tile (input with halo)
+  int pitch_d, dplane_sz;  // wgrad: dy tile pitch and size
+  int acc_sz;      // wgrad: floats of the block's tap accumulators
 };
 
 // Build the launch plan; returns 0 or a negative code when no tiling fits the device's shared memory.

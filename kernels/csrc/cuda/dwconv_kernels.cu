@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../dwconv.h"
 
@@ -450,6 +451,391 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Whole-plane kernels (v5). A block takes P planes of ONE channel (different images), each whole with its
+// zero halo in shared memory, so the weights are loaded once per block and global memory is read and
+// written as 8- or 16-byte vectors (every plane is contiguous). Each thread owns a 2-D register block:
+// forward R output rows x 4 output columns; per kernel row it reads one input row segment (4 + kw - 1
+// values, float4 LDS) and one weight row (float4 LDS, broadcast) and does R * 4 * kw FMAs, so shared
+// memory is no longer the wall (v4 did one LDS per R FMAs). The weight gradient is the same loop with dy
+// in place of the weights: a thread owns R taps x kw and slides over output rows.
+
+template <int BYTES>
+struct VecOf;
+template <>
+struct VecOf<16> { using type = uint4; };
+template <>
+struct VecOf<8> { using type = uint2; };
+template <>
+struct VecOf<4> { using type = unsigned int; };
+template <>
+struct VecOf<2> { using type = unsigned short; };
+
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* __restrict__ src, float (&out)[N]) {
+  using V = typename VecOf<N * sizeof(T)>::type;
+  const V v = *reinterpret_cast<const V*>(src);
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int q = 0; q < N; ++q) out[q] = to_float(e[q]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* __restrict__ dst, const float (&in)[N]) {
+  using V = typename VecOf<N * sizeof(T)>::type;
+  V v;
+  T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+  for (int q = 0; q < N; ++q) e[q] = from_float<T>(in[q]);
+  *reinterpret_cast<V*>(dst) = v;
+}
+
+// NV float4 loads from a 16-byte aligned shared address.
+template <int NV>
+__device__ __forceinline__ void lds_row(const float* __restrict__ src, float (&out)[4 * NV]) {
+#pragma unroll
+  for (int n = 0; n < NV; ++n) {
+    const float4 f = *reinterpret_cast<const float4*>(src + 4 * n);
+    out[4 * n] = f.x;
+    out[4 * n + 1] = f.y;
+    out[4 * n + 2] = f.z;
+    out[4 * n + 3] = f.w;
+  }
+}
+
+// Load `nplanes` whole planes (plane k at src + k * pstride, H x W row-major) into shared memory as fp32:
+// element (gy, gx) goes to dst + k * dplane + (r + roff) * dpitch + c + coff with (r, c) = (gy, gx), or
+// (gx, gy) when transposed. N elements per global load: N divides H * W and pstride, src is aligned.
+template <typename T, int N>
+__device__ __forceinline__ void load_planes_n(const T* __restrict__ src, int64_t pstride, int nplanes, int H,
+                                              int W, bool tr, float* __restrict__ dst, int dplane, int dpitch,
+                                              int roff, int coff) {
+  const int nvp = H * W / N;
+  const int total = nplanes * nvp;
+  const float inv_nvp = 1.f / nvp, inv_w = 1.f / W;
+  constexpr int U = N >= 8 ? 2 : 4;
+  for (int base = threadIdx.x; base < total; base += U * blockDim.x) {
+    float v[U][N];
+    int pl[U], e0[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int id = base + u * blockDim.x;
+      pl[u] = -1;
+      e0[u] = 0;
+      if (id < total) {
+        const int k = fdiv(id, inv_nvp);
+        pl[u] = k;
+        e0[u] = (id - k * nvp) * N;
+        load_vec<T, N>(src + k * pstride + e0[u], v[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (pl[u] >= 0) {
+        int gy = fdiv(e0[u], inv_w), gx = e0[u] - gy * W;
+        float* d = dst + pl[u] * dplane;
+#pragma unroll
+        for (int q = 0; q < N; ++q) {
+          const int r = tr ? gx : gy, c = tr ? gy : gx;
+          d[(r + roff) * dpitch + c + coff] = v[u][q];
+          if (++gx == W) {
+            gx = 0;
+            ++gy;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_planes(const T* __restrict__ src, int64_t pstride, int nplanes, int H, int W,
+                                            bool tr, float* __restrict__ dst, int dplane, int dpitch, int roff,
+                                            int coff) {
+  constexpr int N16 = 16 / sizeof(T), N8 = 8 / sizeof(T);
+  const int HW = H * W;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+  if (HW % N16 == 0 && pstride % N16 == 0 && a % 16 == 0) {
+    load_planes_n<T, N16>(src, pstride, nplanes, H, W, tr, dst, dplane, dpitch, roff, coff);
+  } else if (HW % N8 == 0 && pstride % N8 == 0 && a % 8 == 0) {
+    load_planes_n<T, N8>(src, pstride, nplanes, H, W, tr, dst, dplane, dpitch, roff, coff);
+  } else {
+    load_planes_n<T, 1>(src, pstride, nplanes, H, W, tr, dst, dplane, dpitch, roff, coff);
+  }
+}
+
+// Store `nplanes` planes staged contiguously in shared memory (plane k at s + k * HW) to dst + k * pstride,
+// adding b.
+template <typename T, int N>
+__device__ __forceinline__ void store_planes_n(T* __restrict__ dst, int64_t pstride, int nplanes, int HW,
+                                               const float* __restrict__ s, float b) {
+  const int nvp = HW / N;
+  const int total = nplanes * nvp;
+  const float inv_nvp = 1.f / nvp;
+  for (int id = threadIdx.x; id < total; id += blockDim.x) {
+    const int k = fdiv(id, inv_nvp);
+    const int e = (id - k * nvp) * N;
+    float o[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) o[q] = s[k * HW + e + q] + b;
+    store_vec<T, N>(dst + k * pstride + e, o);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_planes(T* __restrict__ dst, int64_t pstride, int nplanes, int HW,
+                                             const float* __restrict__ s, float b) {
+  constexpr int N16 = 16 / sizeof(T), N8 = 8 / sizeof(T);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(dst);
+  if (HW % N16 == 0 && pstride % N16 == 0 && a % 16 == 0) {
+    store_planes_n<T, N16>(dst, pstride, nplanes, HW, s, b);
+  } else if (HW % N8 == 0 && pstride % N8 == 0 && a % 8 == 0) {
+    store_planes_n<T, N8>(dst, pstride, nplanes, HW, s, b);
+  } else {
+    store_planes_n<T, 1>(dst, pstride, nplanes, HW, s, b);
+  }
+}
+
+// Forward on whole planes. Block = (channel c, batch chunk of P images). Thread = (plane, row group g,
+// column group t): outputs rows [g*R, g*R+R) x cols [4t, 4t+4) in slide orientation. The input window is a
+// circular buffer of R rows (slot of row m is m % R) indexed by compile-time constants, as in v1.
+template <typename T, int KW, int R>
+__global__ void __launch_bounds__(256)
+    forward_plane_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+                         T* __restrict__ y, const Plan p) {
+  constexpr int NV = (KW + 6) / 4;  // float4 loads per input row segment: 4 + KW - 1 values
+  constexpr int KWP = (KW + 3) & ~3;
+  extern __shared__ __align__(16) float smem[];
+  const int HW = p.H * p.W;
+  const int wsz = p.khe * KWP;
+  float* s_w = smem;
+  float* s_in = smem + wsz;  // wsz is a multiple of 4
+  const int c = static_cast<int>(blockIdx.x % p.channels);
+  const int64_t N = p.planes / p.channels;
+  const int64_t nb = static_cast<int64_t>(blockIdx.x / p.channels) * p.P;
+  const int nplanes = static_cast<int>(min(static_cast<int64_t>(p.P), N - nb));
+  const int64_t cstride = static_cast<int64_t>(p.channels) * HW;
+  const int64_t base = (nb * p.channels + c) * HW;
+
+  zero_fill(smem, wsz + p.P * p.plane_sz);
+  __syncthreads();
+  {
+    const float* wc = w + (static_cast<int64_t>(c) * p.kh + p.kh_lo) * KW;
+    for (int t = threadIdx.x; t < p.khe * KW; t += blockDim.x) {
+      const int i = t / KW;
+      s_w[i * KWP + t - i * KW] = wc[t];
+    }
+  }
+  load_planes(x + base, cstride, nplanes, p.H, p.W, p.transposed != 0, s_in, p.plane_sz, p.pitch, p.phe, p.pw);
+  __syncthreads();
+
+  const int per = p.G * p.CT;
+  const int pl = threadIdx.x / per;
+  const int rem = threadIdx.x - pl * per;
+  const int g = rem / p.CT, t = rem - g * p.CT;
+  const int y0 = g * R, x0 = 4 * t;
+  const bool active = pl < nplanes;
+
+  float acc[R][4];
+#pragma unroll
+  for (int k = 0; k < R; ++k)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[k][v] = 0.f;
+
+  if (active) {
+    const int y_last = min(y0 + R - 1, p.Hs - 1);
+    const int i_lo = max(0, p.phe - y_last), i_hi = min(p.khe, p.Hs + p.phe - y0);
+    if (i_lo < i_hi) {
+      // Output row y with (effective) tap i reads shared row y + i.
+      const float* src = s_in + pl * p.plane_sz + (y0 + i_lo) * p.pitch + x0;
+      const float* wp = s_w + i_lo * KWP;
+      float win[R][4 * NV];
+#pragma unroll
+      for (int k = 0; k < R - 1; ++k) lds_row<NV>(src + k * p.pitch, win[k]);
+      src += (R - 1) * p.pitch;
+      int i = i_lo;
+      for (; i + R <= i_hi; i += R) {
+#pragma unroll
+        for (int q = 0; q < R; ++q) {
+          lds_row<NV>(src + q * p.pitch, win[(q + R - 1) % R]);
+          float wv[KWP];
+          lds_row<KWP / 4>(wp + q * KWP, wv);
+#pragma unroll
+          for (int k = 0; k < R; ++k)
+#pragma unroll
+            for (int j = 0; j < KW; ++j)
+#pragma unroll
+              for (int v = 0; v < 4; ++v) acc[k][v] = fmaf(win[(q + k) % R][v + j], wv[j], acc[k][v]);
+        }
+        src += R * p.pitch;
+        wp += R * KWP;
+      }
+#pragma unroll
+      for (int q = 0; q < R - 1; ++q) {
+        if (i + q < i_hi) {
+          lds_row<NV>(src + q * p.pitch, win[(q + R - 1) % R]);
+          float wv[KWP];
+          lds_row<KWP / 4>(wp + q * KWP, wv);
+#pragma unroll
+          for (int k = 0; k < R; ++k)
+#pragma unroll
+            for (int j = 0; j < KW; ++j)
+#pragma unroll
+              for (int v = 0; v < 4; ++v) acc[k][v] = fmaf(win[(q + k) % R][v + j], wv[j], acc[k][v]);
+        }
+      }
+    }
+  }
+  __syncthreads();  // the input tiles are dead: stage the outputs there in global (NCHW) order
+  if (active) {
+    float* so = s_in + pl * HW;
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const int yy = y0 + k;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int xx = x0 + v;
+        if (yy < p.Hs && xx < p.Ws) so[p.transposed ? xx * p.W + yy : yy * p.W + xx] = acc[k][v];
+      }
+    }
+  }
+  __syncthreads();
+  store_planes(y + base, cstride, nplanes, HW, s_in, bias != nullptr ? bias[c] : 0.f);
+}
+
+// Weight gradient on whole planes. Block = (channel c, batch chunk); it walks the chunk P images at a time.
+// Thread = (tap group g, plane, row segment s, column group t) with t fastest: it owns taps
+// [g*R, g*R+R) x [0, KW) (effective rows) and, per output row y of its segment, reads one dy row segment
+// (4 values) and one input row segment (4 + KW - 1 values) for R * KW * 4 FMAs. Lanes sharing g are an
+// aligned power-of-two group of a warp (or whole warps): shuffle-reduced, then added into shared memory.
+template <int R, int KW>
+__device__ __forceinline__ void reduce_taps(float (&acc)[R][KW], int lw, bool ok, float* __restrict__ dst) {
+#pragma unroll
+  for (int k = 0; k < R; ++k)
+#pragma unroll
+    for (int j = 0; j < KW; ++j) {
+      float v = acc[k][j];
+      for (int off = lw >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      acc[k][j] = v;
+    }
+  if (ok && (threadIdx.x & (lw - 1)) == 0) {
+#pragma unroll
+    for (int k = 0; k < R; ++k)
+#pragma unroll
+      for (int j = 0; j < KW; ++j) atomicAdd(dst + k * KW + j, acc[k][j]);
+  }
+}
+
+template <typename T, int KW, int R>
+__global__ void __launch_bounds__(256)
+    wgrad_plane_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ ws, const Plan p) {
+  constexpr int NV = (KW + 6) / 4;
+  extern __shared__ __align__(16) float smem[];
+  float* s_acc = smem;
+  float* s_x = smem + p.acc_sz;
+  float* s_dy = s_x + p.P * p.plane_sz;
+
+  const int c = static_cast<int>(blockIdx.x % p.channels);
+  const int chunk = static_cast<int>(blockIdx.x / p.channels);
+  const int64_t N = p.planes / p.channels;
+  const int64_t n0 = static_cast<int64_t>(chunk) * p.chunk;
+  const int64_t n1 = min(N, n0 + p.chunk);
+  const int HW = p.H * p.W;
+  const int64_t cstride = static_cast<int64_t>(p.channels) * HW;
+
+  const int L = p.CTp * p.YS * p.P;  // lanes per tap group (power of two)
+  const int g = threadIdx.x / L;
+  int rem = threadIdx.x - g * L;
+  const int pl = rem / (p.CTp * p.YS);
+  rem -= pl * (p.CTp * p.YS);
+  const int s = rem / p.CTp, t = rem - s * p.CTp;
+  const int seg = (p.Hs + p.YS - 1) / p.YS;
+  const int ylo = s * seg, yhi = min(p.Hs, ylo + seg);
+  const bool lane_ok = t < p.CT && g < p.Gb;
+  const bool multi = p.Gt > p.Gb;
+  const int lw = min(L, 32);
+  const int x0 = 4 * t;
+
+  zero_fill(smem, p.acc_sz + p.P * (p.plane_sz + p.dplane_sz));  // halos stay zero: loads write the image only
+
+  float acc[R][KW];
+#pragma unroll
+  for (int k = 0; k < R; ++k)
+#pragma unroll
+    for (int j = 0; j < KW; ++j) acc[k][j] = 0.f;
+
+  for (int64_t nb = n0; nb < n1; nb += p.P) {
+    const int nbatch = static_cast<int>(min(static_cast<int64_t>(p.P), n1 - nb));
+    __syncthreads();
+    const int64_t base = (nb * p.channels + c) * HW;
+    load_planes(x + base, cstride, nbatch, p.H, p.W, p.transposed != 0, s_x, p.plane_sz, p.pitch, p.phe, p.pw);
+    load_planes(dy + base, cstride, nbatch, p.H, p.W, p.transposed != 0, s_dy, p.dplane_sz, p.pitch_d, 0, 0);
+    __syncthreads();
+    for (int gb = 0; gb < p.Gt; gb += p.Gb) {
+      const int gg = gb + g;
+      if (lane_ok && gg < p.Gt && pl < nbatch) {
+        const int i0 = gg * R;
+        const int ya = max(ylo, p.phe - i0 - R + 1), yb = min(yhi, p.Hs + p.phe - i0);
+        if (ya < yb) {
+          // Output row y with (effective) tap i0 + k reads shared x row y + i0 + k.
+          const float* src = s_x + pl * p.plane_sz + (ya + i0) * p.pitch + x0;
+          const float* dp = s_dy + pl * p.dplane_sz + ya * p.pitch_d + x0;
+          float win[R][4 * NV];
+#pragma unroll
+          for (int k = 0; k < R - 1; ++k) lds_row<NV>(src + k * p.pitch, win[k]);
+          src += (R - 1) * p.pitch;
+          int yy = ya;
+          for (; yy + R <= yb; yy += R) {
+#pragma unroll
+            for (int q = 0; q < R; ++q) {
+              lds_row<NV>(src + q * p.pitch, win[(q + R - 1) % R]);
+              float d[4];
+              lds_row<1>(dp + q * p.pitch_d, d);
+#pragma unroll
+              for (int k = 0; k < R; ++k)
+#pragma unroll
+                for (int j = 0; j < KW; ++j)
+#pragma unroll
+                  for (int v = 0; v < 4; ++v) acc[k][j] = fmaf(win[(q + k) % R][v + j], d[v], acc[k][j]);
+            }
+            src += R * p.pitch;
+            dp += R * p.pitch_d;
+          }
+#pragma unroll
+          for (int q = 0; q < R - 1; ++q) {
+            if (yy + q < yb) {
+              lds_row<NV>(src + q * p.pitch, win[(q + R - 1) % R]);
+              float d[4];
+              lds_row<1>(dp + q * p.pitch_d, d);
+#pragma unroll
+              for (int k = 0; k < R; ++k)
+#pragma unroll
+                for (int j = 0; j < KW; ++j)
+#pragma unroll
+                  for (int v = 0; v < 4; ++v) acc[k][j] = fmaf(win[(q + k) % R][v + j], d[v], acc[k][j]);
+            }
+          }
+        }
+      }
+      if (multi) {
+        reduce_taps<R, KW>(acc, lw, lane_ok && gg < p.Gt, s_acc + gg * R * KW);
+#pragma unroll
+        for (int k = 0; k < R; ++k)
+#pragma unroll
+          for (int j = 0; j < KW; ++j) acc[k][j] = 0.f;
+      }
+    }
+  }
+  if (!multi) reduce_taps<R, KW>(acc, lw, lane_ok, s_acc + g * R * KW);
+  __syncthreads();
+  const int ksz = p.kh * KW;
+  float* out = ws + (static_cast<int64_t>(chunk) * p.channels + c) * ksz;
+  for (int e = threadIdx.x; e < ksz; e += blockDim.x) {
+    const int ie = e / KW - p.kh_lo;
+    out[e] = (ie >= 0 && ie < p.khe) ? s_acc[ie * KW + e % KW] : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Host side: plans and launches.
 
 int smem_optin_limit() {
@@ -525,10 +911,110 @@ int64_t wgrad_smem(const Plan& p) {
                 4);
 }
 
+
+// Whole-plane path: the short kernel axis must be one of the compiled widths and a plane (with halo) must
+// fit in shared memory with at most 256 threads per plane. SLAK_DWCONV_TILED=1 turns it off (A/B timing).
+bool plane_path_allowed(const Plan& p) {
+  const char* env = std::getenv("SLAK_DWCONV_TILED");
+  if (env != nullptr && env[0] == '1') return false;
+  if (p.kw != 1 && p.kw != 3 && p.kw != 5 && p.kw != 7) return false;
+  return p.Ws <= 128 && static_cast<int64_t>(p.H) * p.W < 65536;
+}
+
+void crop_rows(Plan* p) {
+  // Kernel rows farther than Hs - 1 from the centre only ever multiply padding.
+  p->kh_lo = std::max(0, p->ph - (p->Hs - 1));
+  p->khe = p->kh - 2 * p->kh_lo;
+  p->phe = p->ph - p->kh_lo;
+}
+
+int plane_nv(int kw) { return (kw + 6) / 4; }
+
+bool make_forward_plane_plan(Plan* plan) {
+  Plan& p = *plan;
+  if (!plane_path_allowed(p)) return false;
+  crop_rows(&p);
+  // R = 7 tiles 7- and 14-row maps exactly; otherwise R = 4 (fewer registers, more threads).
+  p.R = (p.Hs % 7 == 0 && p.Hs <= 14) ? 7 : 4;
+  p.G = (p.Hs + p.R - 1) / p.R;
+  p.CT = (p.Ws + 3) / 4;
+  const int per = p.G * p.CT;
+  if (per > 256) return false;
+  p.pitch = 4 * (p.CT - 1 + plane_nv(p.kw));
+  p.in_rows = p.G * p.R + p.khe - 1;
+  p.plane_sz = p.in_rows * p.pitch;
+  const int64_t N = p.planes / p.channels;
+  const int64_t wsz = static_cast<int64_t>(p.khe) * ((p.kw + 3) & ~3);
+  auto smem = [&](int P) { return 4LL * (wsz + static_cast<int64_t>(P) * p.plane_sz); };
+  const int hard = smem_optin_limit();
+  if (smem(1) > hard) return false;
+  p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(256 / per, N)));
+  while (p.P > 1 && smem(p.P) > 64 * 1024) p.P = (p.P + 1) / 2;
+  p.smem_bytes = smem(p.P);
+  p.threads = ((p.P * per + 31) / 32) * 32;
+  p.n_chunks = static_cast<int>((N + p.P - 1) / p.P);
+  p.chunk = p.P;
+  p.TH = p.G * p.R;
+  p.TW = 4 * p.CT;
+  p.tiles_y = p.tiles_x = 1;
+  p.path = 1;
+  return true;
+}
+
+bool make_wgrad_plane_plan(int sm_count, Plan* plan) {
+  Plan& p = *plan;
+  if (!plane_path_allowed(p)) return false;
+  crop_rows(&p);
+  // R in {4, 5}: the fewest padded taps (5x5 -> one group of 5, 51 -> 13 groups of 4, 49 -> 10 of 5).
+  const int pad4 = (p.khe + 3) / 4 * 4, pad5 = (p.khe + 4) / 5 * 5;
+  p.R = pad5 < pad4 ? 5 : 4;
+  p.Gt = (p.khe + p.R - 1) / p.R;
+  p.CT = (p.Ws + 3) / 4;
+  p.CTp = 1;
+  while (p.CTp < p.CT) p.CTp <<= 1;
+  p.Gb = std::min(p.Gt, std::max(1, 256 / p.CTp));
+  p.pitch = 4 * (p.CT - 1 + plane_nv(p.kw));
+  p.in_rows = p.Hs + p.Gt * p.R - 1;
+  p.plane_sz = p.in_rows * p.pitch;
+  p.pitch_d = 4 * p.CT;
+  p.dplane_sz = p.Hs * p.pitch_d;
+  p.acc_sz = (p.Gt * p.R * p.kw + 3) & ~3;
+  const int64_t N = p.planes / p.channels;
+  auto smem = [&](int P) { return 4LL * (p.acc_sz + static_cast<int64_t>(P) * (p.plane_sz + p.dplane_sz)); };
+  const int hard = smem_optin_limit();
+  if (smem(1) > hard) return false;
+  p.P = 1;
+  p.YS = 1;
+  // Grow planes per pass, then row segments, in powers of two, up to 256 threads and 64 KB.
+  for (;;) {
+    if (p.Gb * p.CTp * p.YS * p.P * 2 > 256) break;
+    if (p.P * 2 <= N && smem(p.P * 2) <= 64 * 1024) {
+      p.P *= 2;
+    } else if ((p.Hs + 2 * p.YS - 1) / (2 * p.YS) >= p.R) {
+      p.YS *= 2;
+    } else {
+      break;
+    }
+  }
+  p.smem_bytes = smem(p.P);
+  p.threads = ((p.Gb * p.CTp * p.YS * p.P + 31) / 32) * 32;
+  const int64_t target = 4LL * std::max(1, sm_count);
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>((N + p.P - 1) / p.P, (target + p.channels - 1) / p.channels));
+  p.chunk = static_cast<int>(((N + n_chunks - 1) / n_chunks + p.P - 1) / p.P * p.P);
+  p.n_chunks = static_cast<int>((N + p.chunk - 1) / p.chunk);
+  p.TH = p.Hs;
+  p.TW = 4 * p.CT;
+  p.tiles_y = p.tiles_x = 1;
+  p.path = 1;
+  return true;
+}
+
 }  // namespace
 
 int make_forward_plan(int64_t N, int C, int H, int W, int kh, int kw, Plan* plan) {
   Plan& p = *plan;
+  orient(N, C, H, W, kh, kw, &p);
+  if (make_forward_plane_plan(&p)) return 0;
   orient(N, C, H, W, kh, kw, &p);
   p.R = pick_forward_r(p.Hs, p.kh);
   const int groups_total = (p.Hs + p.R - 1) / p.R;
@@ -565,6 +1051,8 @@ int make_forward_plan(int64_t N, int C, int H, int W, int kh, int kw, Plan* plan
 
 int make_wgrad_plan(int64_t N, int C, int H, int W, int kh, int kw, int sm_count, Plan* plan) {
   Plan& p = *plan;
+  orient(N, C, H, W, kh, kw, &p);
+  if (make_wgrad_plane_plan(sm_count, &p)) return 0;
   orient(N, C, H, W, kh, kw, &p);
   const int hard = smem_optin_limit();
   const int64_t target = 4LL * std::max(1, sm_count);
@@ -637,8 +1125,39 @@ int launch_forward_r(const void* x, const float* w, const float* bias, void* y, 
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T, int KW, int R>
+int launch_forward_plane_r(const void* x, const float* w, const float* bias, void* y, const Plan& p,
+                           cudaStream_t stream) {
+  auto kernel = forward_plane_kernel<T, KW, R>;
+  if (p.smem_bytes > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  const int64_t blocks = static_cast<int64_t>(p.n_chunks) * p.channels;
+  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(
+      static_cast<const T*>(x), w, bias, static_cast<T*>(y), p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, int KW>
+int launch_forward_plane_kw(const void* x, const float* w, const float* bias, void* y, const Plan& p,
+                            cudaStream_t s) {
+  return p.R == 7 ? launch_forward_plane_r<T, KW, 7>(x, w, bias, y, p, s)
+                  : launch_forward_plane_r<T, KW, 4>(x, w, bias, y, p, s);
+}
+
 template <typename T>
 int launch_forward(const void* x, const float* w, const float* bias, void* y, const Plan& p, cudaStream_t s) {
+  if (p.path == 1) {
+    switch (p.kw) {
+      case 1: return launch_forward_plane_kw<T, 1>(x, w, bias, y, p, s);
+      case 3: return launch_forward_plane_kw<T, 3>(x, w, bias, y, p, s);
+      case 5: return launch_forward_plane_kw<T, 5>(x, w, bias, y, p, s);
+      case 7: return launch_forward_plane_kw<T, 7>(x, w, bias, y, p, s);
+      default: return static_cast<int>(cudaErrorInvalidValue);
+    }
+  }
   switch (p.R) {
     case 4: return launch_forward_r<T, 4>(x, w, bias, y, p, s);
     case 7: return launch_forward_r<T, 7>(x, w, bias, y, p, s);
@@ -663,8 +1182,36 @@ int launch_wgrad_r(const void* x, const void* dy, float* ws, const Plan& p, cuda
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T, int KW, int R>
+int launch_wgrad_plane_r(const void* x, const void* dy, float* ws, const Plan& p, cudaStream_t stream) {
+  auto kernel = wgrad_plane_kernel<T, KW, R>;
+  if (p.smem_bytes > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  const int64_t blocks = static_cast<int64_t>(p.n_chunks) * p.channels;
+  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(dy), ws, p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, int KW>
+int launch_wgrad_plane_kw(const void* x, const void* dy, float* ws, const Plan& p, cudaStream_t s) {
+  return p.R == 5 ? launch_wgrad_plane_r<T, KW, 5>(x, dy, ws, p, s) : launch_wgrad_plane_r<T, KW, 4>(x, dy, ws, p, s);
+}
+
 template <typename T>
 int launch_wgrad(const void* x, const void* dy, float* ws, const Plan& p, cudaStream_t s) {
+  if (p.path == 1) {
+    switch (p.kw) {
+      case 1: return launch_wgrad_plane_kw<T, 1>(x, dy, ws, p, s);
+      case 3: return launch_wgrad_plane_kw<T, 3>(x, dy, ws, p, s);
+      case 5: return launch_wgrad_plane_kw<T, 5>(x, dy, ws, p, s);
+      case 7: return launch_wgrad_plane_kw<T, 7>(x, dy, ws, p, s);
+      default: return static_cast<int>(cudaErrorInvalidValue);
+    }
+  }
   switch (p.R) {
     case 4: return launch_wgrad_r<T, 4>(x, dy, ws, p, s);
     case 5: return launch_wgrad_r<T, 5>(x, dy, ws, p, s);
