@@ -395,7 +395,7 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
             right = ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]")
             out.append(f"{name}={value!r}: must lie in {left}, {right}" + (f" ({why})" if why else ""))
 
-    m, s, d, t, r, k, u = cfg.model, cfg.sparse, cfg.data, cfg.train, cfg.run, cfg.tracking, cfg.tune
+    m, s, d, t, r, k = cfg.model, cfg.sparse, cfg.data, cfg.train, cfg.run, cfg.tracking
     choice("model.variant", MODEL_VARIANTS)
     rng("model.width_factor", 0, None, lo_open=True, optional=True, why="stage widths are int(dim * width_factor); paper: 1.3")
     if m.kernel_size is not None:

@@ -34,9 +34,8 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 import slak_model
-from slak_model.sparsity import DynamicSparsity, MaskedModelEma, SparsityConfig, TorchDistributedCollective
-
 from orchestrator.config import ExperimentConfig
+from slak_model.sparsity import DynamicSparsity, MaskedModelEma, SparsityConfig, TorchDistributedCollective
 
 __all__ = [
     "Trainer",

@@ -21,7 +21,6 @@ step (forward, backward, AdamW; bf16 autocast on CUDA) with and without the engi
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import sys

@@ -14,6 +14,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -27,7 +28,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 

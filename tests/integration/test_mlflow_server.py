@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from servers import MlflowServer, ServerUnavailable, managed_mlflow_server, postgres_reason, process_alive
 
 from orchestrator.tracking import create_tracker
-from servers import MlflowServer, ServerUnavailable, managed_mlflow_server, postgres_reason, process_alive
 from slak_model.sparsity.masks import load_masks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from slak_model.sparsity import FlatMasks, draw_exact_masks, load_masks, mask_summary, save_masks, select_targets
+from slak_model.sparsity import (
+    FlatMasks,
+    draw_exact_masks,
+    load_masks,
+    mask_summary,
+    save_masks,
+    select_targets,
+)
 from slak_model.sparsity import masks as masks_mod
 
 
