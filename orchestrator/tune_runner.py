@@ -518,6 +518,9 @@ def run_experiment(
                 name=name,
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.trial_max_failures),
+                # Status table only: our callback already logs one line per trial report, and verbose=2
+                # would print every trial's whole flat config when it starts.
+                verbose=1,
                 callbacks=[TrialStatusCallback(tracking_flat, cfg.train.epochs, expected), *callbacks],
             ),
         )
