@@ -134,7 +134,7 @@ class _Worker:
         self.run_dir = Path(cfg.run.storage_path) / self.run_name
         self.fault = config.get("fault_inject")
         device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
-        bundle = data.build_datasets(cfg.data, seed=cfg.train.seed)
+        self.bundle = bundle = data.build_datasets(cfg.data, seed=cfg.train.seed)
         self.train_loader, self.val_loader = data.build_loaders(
             bundle, cfg, rank=self.rank, world_size=self.world_size, micro_batch_size=cfg.micro_batch_size,
             seed=cfg.train.seed)
@@ -244,6 +244,8 @@ class _Worker:
                 metrics.update(trainer.evaluate_all(self.val_loader, self.train_loader
                                                     if cfg.train.bn_recalibration_batches else None))
             metrics.update(trainer.sparsity_metrics())
+            if cfg.data.on_bad_image == "skip":
+                metrics["data/skipped_images"] = self._skipped_images()
             trainer.end_epoch()
             metrics.update({"epoch": float(epoch), "epochs_done": float(trainer.epoch), "step": float(trainer.step)})
             fresh = {k: float(v) for k, v in metrics.items()}
@@ -257,6 +259,19 @@ class _Worker:
                     if k in ("train/loss", "val/top1", "val/top5", "ema/top1", "sparsity/density", "perf/img_per_s")))
             self._report(self.last_metrics, f"epoch_{trainer.epoch:04d}")
         self._finish()
+
+    def _skipped_images(self) -> float:
+        """Unreadable images skipped by every rank (and its loader workers) since the workers started."""
+        from orchestrator import data
+
+        count = torch.tensor([float(data.skipped_images(self.bundle))], dtype=torch.float64,
+                             device=self.trainer.device)
+        if self.world_size > 1:
+            dist.all_reduce(count)
+        total = float(count.item())
+        if total and self.rank == 0:
+            log.warning("%d unreadable image(s) skipped so far (data.on_bad_image=skip)", int(total))
+        return total
 
     def _progress(self, loader: Any, epoch: int) -> Any:
         """A tqdm bar on an interactive rank 0; otherwise the loader (the log lines above)."""

@@ -159,3 +159,31 @@ def test_interrupted_checkpoint_write_is_refused(tmp_path: Path) -> None:
     (tmp_path / "ck" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="not completely written"):
         ray_train.load_checkpoint_dir(tmp_path / "ck")
+
+
+def test_skipped_images_are_counted_over_all_ranks(ray_cluster, tmp_path: Path) -> None:
+    """An ImageNet-layout folder with 4 unreadable training files, data.on_bad_image=skip, 2 workers: the job
+    trains, and ``data/skipped_images`` (summed over ranks) reaches Ray and MLflow. Every training file is
+    read at least twice (the epoch, then the EMA's BatchNorm recalibration pass over the whole shard)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for c in ("ant", "bee", "cow", "doe"):
+            for i in range(n):
+                path = tmp_path / "imgs" / split / c / f"{c}{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path, quality=90)
+    broken = [tmp_path / "imgs" / "train" / c / f"{c}{i}.jpg" for c, i in (("ant", 1), ("bee", 5), ("cow", 2),
+                                                                           ("doe", 7))]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:200])  # truncated mid-stream
+    cfg = _cfg(tmp_path, "skips", **{"data.source": "imagenet", "data.path": str(tmp_path / "imgs"),
+                                     "data.num_classes": 4, "data.on_bad_image": "skip", "train.epochs": 1,
+                                     "train.bn_recalibration_batches": 2})
+    result = ray_train.run_training(cfg)
+    assert result.metrics["epochs_done"] == 1
+    assert result.metrics["data/skipped_images"] >= 2 * len(broken), result.metrics
+    hist = _client(cfg).get_metric_history(_run_of(cfg).info.run_id, "data/skipped_images")
+    assert [h.value for h in hist] == [result.metrics["data/skipped_images"]]
