@@ -137,6 +137,24 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 
 
 # ---------------------------------------------------------------------- the trainer
+def _average_bn_statistics(norms: list[nn.modules.batchnorm._BatchNorm]) -> None:
+    """Make every rank's recalibrated BatchNorm statistics the average over all ranks' batches.
+
+    With ``momentum=None`` each rank holds the mean of its per-batch means and variances; weighting by
+    the batch counts gives exactly what one process would have computed over every rank's batches. Without
+    this each rank would evaluate (and rank 0 would checkpoint) statistics of its own shard only.
+    """
+    for m in norms:
+        count = m.num_batches_tracked.to(m.running_mean.dtype)
+        packed = torch.cat([m.running_mean * count, m.running_var * count, count.reshape(1)])
+        dist.all_reduce(packed)
+        c = m.running_mean.numel()
+        total = packed[-1].clamp_min(1)
+        m.running_mean.copy_(packed[:c] / total)
+        m.running_var.copy_(packed[c : 2 * c] / total)
+        m.num_batches_tracked.fill_(int(packed[-1].item()))
+
+
 class Trainer:
     """Model, optimizer, schedule, scaler, EMA and sparsity engine of one worker.
 
@@ -380,6 +398,8 @@ class Trainer:
             x, _ = self._to_device(x, y)
             with self._autocast():
                 model(x)
+        if self.world_size > 1:
+            _average_bn_statistics(norms)
         model.eval()
         return model
 
