@@ -45,6 +45,13 @@ struct Plan {
   int plane_sz;    // floats per plane tile (input with halo)
   int pitch_d, dplane_sz;  // wgrad: dy tile pitch and size
   int acc_sz;      // wgrad: floats of the block's tap accumulators
+  // Tensor-core forward (fp16/bf16, mma = 1; chosen at launch from a path-1 plan): pitch and plane_sz count
+  // 16-bit elements of the transposed tile s[x + pw][y].
+  int mma;
+  int MT, HP;      // 16-row output strips per plane, rows rounded up to 16
+  int NT8, CG, NTW;  // 8-column tiles per plane, column groups, tiles per column group
+  int wpitch;      // 32-bit weight pairs per kernel column (khe + 64)
+  int vin, vout;   // 16-bit elements per global load / store vector
 };
 
 // Build the launch plan; returns 0 or a negative code when no tiling fits the device's shared memory.

@@ -103,6 +103,34 @@ def test_cuda_large(n: int, c: int, hw: tuple[int, int], k: tuple[int, int]) -> 
     _check("cuda", n, c, hw, k, torch.float32)
 
 
+# fp16/bf16 shapes with a long axis of >= 13 taps on maps <= 128 wide run the tensor-core forward (v7): SLaK's
+# stage-2/3 maps, odd widths (scalar loads), 128-wide maps (two column groups per strip), kw = 1/3/7, 6-warp planes.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(
+    "n,c,hw,k",
+    [(2, 249, (28, 28), (49, 5)), (2, 249, (28, 28), (5, 49)), (2, 8, (14, 14), (47, 5)), (2, 8, (14, 14), (5, 47)),
+     (2, 4, (40, 128), (13, 7)), (2, 4, (128, 33), (3, 61)), (3, 5, (20, 70), (1, 15)), (5, 3, (9, 11), (21, 3))],
+    ids=["28x28-k49x5", "28x28-k5x49", "14x14-k47x5", "14x14-k5x47", "40x128-k13x7", "128x33-k3x61",
+         "20x70-k1x15", "9x11-k21x3"],
+)
+def test_cuda_tensor_core_forward(n: int, c: int, hw: tuple[int, int], k: tuple[int, int], dtype: torch.dtype) -> None:
+    _need("cuda")
+    _check("cuda", n, c, hw, k, dtype)
+    _check("cuda", n, c, hw, k, dtype, bias=True)
+
+
+def test_cuda_no_mma_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLAK_DWCONV_NO_MMA=1 keeps bf16 on the FFMA kernels; both paths agree to bf16 rounding."""
+    _need("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(2, 4, 56, 56, device="cuda", generator=gen).to(torch.bfloat16)
+    wt = torch.randn(4, 1, 51, 5, device="cuda", generator=gen).to(torch.bfloat16)
+    fast = cuda_ext.dwconv2d(x, wt).double()
+    monkeypatch.setenv("SLAK_DWCONV_NO_MMA", "1")
+    slow = cuda_ext.dwconv2d(x, wt).double()
+    assert float((fast - slow).norm() / slow.norm()) <= 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("k", [(1, 1), (5, 51), (51, 5), (13, 5), (31, 31)], ids=lambda k: f"k{k[0]}x{k[1]}")
 @pytest.mark.parametrize("hw", [(1, 1), (7, 7), (14, 15)], ids=lambda hw: f"{hw[0]}x{hw[1]}")

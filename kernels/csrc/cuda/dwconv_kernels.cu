@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "../dwconv.h"
 
@@ -836,6 +837,243 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Tensor-core forward for fp16/bf16 (v7). Along the long axis a 1-D correlation is a product with a banded
+// Toeplitz matrix of one kernel column: for a 16-row output strip starting at y0 and a 16-row input chunk
+// starting at r0, Out[y0 + m, x] += sum_k W[m, k] * In[r0 + k, x + j - pw] with W[m, k] = w[r0 - y0 + phe + k - m, j]
+// (zero outside the kernel). That is one mma.m16n8k16 (A = W, 16 x 16; B = the input chunk, 16 rows x 8
+// columns; fp32 accumulators) per (strip, chunk, kernel column j, 8 output columns). Only chunks of real input
+// rows are visited, so padding costs nothing and a kernel taller than the map costs no more than the map.
+// * Shared memory holds each plane transposed, s[x + pw][y] (the contracted axis y contiguous, zero halo
+//   columns, rows rounded up to 16 with zeros), so a B fragment is one ldmatrix.x2 whose 8 row addresses are
+//   8 consecutive x (the column shift j just moves the row address); pitch = 8 (mod 16) halves keeps it
+//   conflict-free.
+// * A fragments come from a table of weight pairs pw2[j][t] = (w[t, j], w[t + 1, j]) (zero outside the
+//   kernel): thread (g = lane / 4, q = lane % 4) needs a0 = pw2[d + 2q - g], a1 = pw2[d + 2q - g - 8],
+//   a2 = pw2[d + 2q - g + 8], a3 = a0 (d = r0 - y0 + phe), 3 LDS reused across the warp's 8-column tiles.
+// * Warp = (plane, 16-row strip, group of <= 8 column tiles); outputs go through shared memory in NCHW order
+//   (+ bias, rounded once) and out as vectors.
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm_x2(uint32_t addr, uint32_t& b0, uint32_t& b1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(addr));
+}
+
+constexpr int kMmaNT = 8;     // 8-column tiles per warp at most (32 fp32 accumulators)
+constexpr int kMmaTOff = 32;  // pw2[j][t] lives at index t + kMmaTOff (t in [-30, khe + 30] is read)
+
+// Load `nplanes` planes (H x W, row-major, plane k at src + k * pstride) into s[k * plane_sz + (x + pw) * pitch + y]
+// (slide orientation) as raw 16-bit values; N elements per global load (N divides W, src aligned to N).
+template <int N>
+__device__ __forceinline__ void mma_load_planes_n(const unsigned short* __restrict__ src, int64_t pstride,
+                                                  int nplanes, int H, int W, bool tr, unsigned short* __restrict__ s,
+                                                  int plane_sz, int pitch, int pw) {
+  using V = typename VecOf<N * 2>::type;
+  const int nv = W / N;
+  if (tr) {
+    // Slide x = global row, slide y = global column: rows copy straight across.
+    const int per = H * nv, total = nplanes * per;
+    const float inv_per = 1.f / per, inv_nv = 1.f / nv;
+    for (int id = threadIdx.x; id < total; id += blockDim.x) {
+      const int k = fdiv(id, inv_per);
+      const int r = id - k * per;
+      const int gy = fdiv(r, inv_nv), v = r - gy * nv;
+      const V val = *reinterpret_cast<const V*>(src + k * pstride + gy * W + v * N);
+      *reinterpret_cast<V*>(s + k * plane_sz + (gy + pw) * pitch + v * N) = val;
+    }
+  } else {
+    // Slide = global: transpose. A task is two rows (2yp, 2yp + 1) x N columns: N 32-bit shared stores.
+    const int hp = (H + 1) / 2;
+    const int per = hp * nv, total = nplanes * per;
+    const float inv_per = 1.f / per, inv_hp = 1.f / hp;
+    for (int id = threadIdx.x; id < total; id += blockDim.x) {
+      const int k = fdiv(id, inv_per);
+      const int r = id - k * per;
+      const int v = fdiv(r, inv_hp), yp = r - v * hp;
+      const unsigned short* g = src + k * pstride + (2 * yp) * W + v * N;
+      const bool two = 2 * yp + 1 < H;
+      uint32_t* d = reinterpret_cast<uint32_t*>(s + k * plane_sz + (v * N + pw) * pitch + 2 * yp);
+      const int dstep = pitch / 2;
+      if constexpr (N == 1) {
+        const uint32_t e0 = g[0], e1 = two ? g[W] : 0u;
+        d[0] = e0 | (e1 << 16);
+      } else {
+        // N / 2 words per row; element q of a row is half (q & 1) of word q / 2.
+        uint32_t w0[N / 2], w1[N / 2];
+        const V r0 = *reinterpret_cast<const V*>(g);
+        V r1{};
+        if (two) r1 = *reinterpret_cast<const V*>(g + W);
+        memcpy(w0, &r0, sizeof(V));
+        memcpy(w1, &r1, sizeof(V));
+#pragma unroll
+        for (int h = 0; h < N / 2; ++h) {
+          d[(2 * h) * dstep] = __byte_perm(w0[h], w1[h], 0x5410);
+          d[(2 * h + 1) * dstep] = __byte_perm(w0[h], w1[h], 0x7632);
+        }
+      }
+    }
+  }
+}
+
+// Copy `nplanes` planes of HW 16-bit values from shared (plane k at s + k * plane_sz) to dst + k * pstride.
+template <int N>
+__device__ __forceinline__ void mma_store_planes_n(unsigned short* __restrict__ dst, int64_t pstride, int nplanes,
+                                                   int HW, const unsigned short* __restrict__ s, int plane_sz) {
+  using V = typename VecOf<N * 2>::type;
+  const int nv = HW / N, total = nplanes * nv;
+  const float inv_nv = 1.f / nv;
+  for (int id = threadIdx.x; id < total; id += blockDim.x) {
+    const int k = fdiv(id, inv_nv);
+    const int e = (id - k * nv) * N;
+    *reinterpret_cast<V*>(dst + k * pstride + e) = *reinterpret_cast<const V*>(s + k * plane_sz + e);
+  }
+}
+
+template <typename T, int KW>
+__global__ void __launch_bounds__(256, 2)
+    forward_mma_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+                       T* __restrict__ y, const Plan p) {
+  extern __shared__ __align__(16) float smem[];
+  const int HW = p.H * p.W;
+  const int WP = p.wpitch;  // words per kernel column in the pair table
+  uint32_t* s_pw = reinterpret_cast<uint32_t*>(smem);
+  unsigned short* s_x = reinterpret_cast<unsigned short*>(smem + ((KW * WP + 3) & ~3));
+  const int c = static_cast<int>(blockIdx.x % p.channels);
+  const int64_t N = p.planes / p.channels;
+  const int64_t nb = static_cast<int64_t>(blockIdx.x / p.channels) * p.P;
+  const int nplanes = static_cast<int>(min(static_cast<int64_t>(p.P), N - nb));
+  const int64_t cstride = static_cast<int64_t>(p.channels) * HW;
+  const int64_t base = (nb * p.channels + c) * HW;
+
+  zero_fill(reinterpret_cast<float*>(s_x), p.P * p.plane_sz / 2);
+  {
+    const float* wc = w + (static_cast<int64_t>(c) * p.kh + p.kh_lo) * KW;
+    for (int id = threadIdx.x; id < KW * WP; id += blockDim.x) {
+      const int j = id / WP;
+      const int t = id - j * WP - kMmaTOff;
+      const float lo = (t >= 0 && t < p.khe) ? wc[t * KW + j] : 0.f;
+      const float hi = (t + 1 >= 0 && t + 1 < p.khe) ? wc[(t + 1) * KW + j] : 0.f;
+      s_pw[id] = pack_pair<T>(lo, hi);
+    }
+  }
+  __syncthreads();
+  {
+    const unsigned short* src = reinterpret_cast<const unsigned short*>(x) + base;
+    const bool tr = p.transposed != 0;
+    switch (p.vin) {
+      case 8: mma_load_planes_n<8>(src, cstride, nplanes, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw); break;
+      case 4: mma_load_planes_n<4>(src, cstride, nplanes, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw); break;
+      case 2: mma_load_planes_n<2>(src, cstride, nplanes, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw); break;
+      default: mma_load_planes_n<1>(src, cstride, nplanes, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw); break;
+    }
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int units = p.MT * p.CG;
+  const int pl = wid / units;
+  const int u = wid - pl * units;
+  const int mt = u / p.CG, cg = u - mt * p.CG;
+  const int y0 = 16 * mt;
+  const int nt0 = cg * p.NTW;
+  const int ntw = min(p.NTW, p.NT8 - nt0);
+  const bool active = pl < nplanes;
+
+  float acc[kMmaNT][4];
+#pragma unroll
+  for (int n = 0; n < kMmaNT; ++n)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[n][v] = 0.f;
+
+  if (active) {
+    // Chunks r0 = 16 kc with some tap in range: d = r0 - y0 + phe in [-15, khe + 14].
+    const int lo = y0 - p.phe - 15;
+    const int kc_lo = lo <= 0 ? 0 : (lo + 15) / 16;
+    const int kc_hi = min(p.HP / 16 - 1, (y0 - p.phe + p.khe + 14) / 16);
+    const uint32_t xbase = static_cast<uint32_t>(__cvta_generic_to_shared(s_x + pl * p.plane_sz)) +
+                           2u * static_cast<uint32_t>((8 * nt0 + (lane & 7)) * p.pitch + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int j = 0; j < KW; ++j) {
+      const uint32_t* pj = s_pw + j * WP + kMmaTOff + 2 * tq - gq;
+      const uint32_t xj = xbase + 2u * static_cast<uint32_t>(j * p.pitch);
+      for (int kc = kc_lo; kc <= kc_hi; ++kc) {
+        const int d = 16 * kc - y0 + p.phe;
+        const uint32_t a0 = pj[d], a1 = pj[d - 8], a2 = pj[d + 8];
+        const uint32_t xk = xj + 32u * kc;
+#pragma unroll
+        for (int n = 0; n < kMmaNT; ++n) {
+          if (n < ntw) {
+            uint32_t b0, b1;
+            ldsm_x2(xk + 2u * static_cast<uint32_t>(8 * n * p.pitch), b0, b1);
+            mma_16816<T>(acc[n], a0, a1, a2, a0, b0, b1);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();  // the input tiles are dead: stage the outputs there in global (NCHW) order
+  if (active) {
+    const float b = bias != nullptr ? bias[c] : 0.f;
+    T* so = reinterpret_cast<T*>(s_x + pl * p.plane_sz);
+#pragma unroll
+    for (int n = 0; n < kMmaNT; ++n) {
+      if (n < ntw) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int yy = y0 + gq + (v >> 1) * 8;
+          const int xx = 8 * (nt0 + n) + 2 * tq + (v & 1);
+          if (yy < p.Hs && xx < p.Ws) so[p.transposed ? xx * p.W + yy : yy * p.W + xx] = from_float<T>(acc[n][v] + b);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  {
+    unsigned short* dst = reinterpret_cast<unsigned short*>(y) + base;
+    switch (p.vout) {
+      case 8: mma_store_planes_n<8>(dst, cstride, nplanes, HW, s_x, p.plane_sz); break;
+      case 4: mma_store_planes_n<4>(dst, cstride, nplanes, HW, s_x, p.plane_sz); break;
+      case 2: mma_store_planes_n<2>(dst, cstride, nplanes, HW, s_x, p.plane_sz); break;
+      default: mma_store_planes_n<1>(dst, cstride, nplanes, HW, s_x, p.plane_sz); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Host side: plans and launches.
 
 int smem_optin_limit() {
@@ -1009,6 +1247,47 @@ bool make_wgrad_plane_plan(int sm_count, Plan* plan) {
   return true;
 }
 
+// Tensor-core forward plan (fp16/bf16, whole-plane shapes with a long axis of >= 13 taps). Block = P planes of
+// one channel, MT * CG warps per plane (16-row strips x groups of <= 8 column tiles), at most 8 warps.
+// SLAK_DWCONV_NO_MMA=1 keeps fp16/bf16 on the FFMA kernels (A/B timing only).
+bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* out) {
+  if (b.path != 1 || b.kh < 13) return false;
+  const char* env = std::getenv("SLAK_DWCONV_NO_MMA");
+  if (env != nullptr && env[0] == '1') return false;
+  Plan p = b;
+  p.MT = (p.Hs + 15) / 16;
+  p.HP = 16 * p.MT;
+  p.NT8 = (p.Ws + 7) / 8;
+  p.CG = (p.NT8 + kMmaNT - 1) / kMmaNT;
+  p.NTW = (p.NT8 + p.CG - 1) / p.CG;
+  const int units = p.MT * p.CG;
+  if (units > 8) return false;
+  const int rows = 8 * p.NT8 + p.kw - 1;
+  p.pitch = p.HP + 8;  // halves; pitch / 2 = 4 (mod 8) words: conflict-free ldmatrix rows
+  const int HW = p.H * p.W;
+  p.plane_sz = std::max(rows * p.pitch, (HW + 7) & ~7);
+  p.wpitch = p.khe + 2 * kMmaTOff;
+  const int64_t N = p.planes / p.channels;
+  const int64_t wbytes = 4LL * ((p.kw * p.wpitch + 3) & ~3);
+  auto smem = [&](int P) { return wbytes + 2LL * P * p.plane_sz; };
+  if (smem(1) > smem_optin_limit()) return false;
+  p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8 / units, N)));
+  while (p.P > 1 && smem(p.P) > 64 * 1024) p.P = (p.P + 1) / 2;
+  p.smem_bytes = smem(p.P);
+  p.threads = p.P * units * 32;
+  p.n_chunks = static_cast<int>((N + p.P - 1) / p.P);
+  p.chunk = p.P;
+  const uintptr_t xa = reinterpret_cast<uintptr_t>(x), ya = reinterpret_cast<uintptr_t>(y);
+  p.vin = p.vout = 1;
+  for (int n : {2, 4, 8}) {
+    if (p.W % n == 0 && xa % (2 * n) == 0) p.vin = n;
+    if (HW % n == 0 && ya % (2 * n) == 0) p.vout = n;
+  }
+  p.mma = 1;
+  *out = p;
+  return true;
+}
+
 }  // namespace
 
 int make_forward_plan(int64_t N, int C, int H, int W, int kh, int kw, Plan* plan) {
@@ -1168,6 +1447,38 @@ int launch_forward(const void* x, const float* w, const float* bias, void* y, co
   }
 }
 
+template <typename T, int KW>
+int launch_forward_mma_kw(const void* x, const float* w, const float* bias, void* y, const Plan& p,
+                          cudaStream_t stream) {
+  auto kernel = forward_mma_kernel<T, KW>;
+  if (p.smem_bytes > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  const int64_t blocks = static_cast<int64_t>(p.n_chunks) * p.channels;
+  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(
+      static_cast<const T*>(x), w, bias, static_cast<T*>(y), p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// fp16/bf16: the tensor-core forward where its plan applies, else the FFMA kernels.
+template <typename T>
+int launch_forward_half(const void* x, const float* w, const float* bias, void* y, const Plan& plan,
+                        cudaStream_t s) {
+  Plan q;
+  if (make_forward_mma_plan(plan, x, y, &q)) {
+    switch (q.kw) {
+      case 1: return launch_forward_mma_kw<T, 1>(x, w, bias, y, q, s);
+      case 3: return launch_forward_mma_kw<T, 3>(x, w, bias, y, q, s);
+      case 5: return launch_forward_mma_kw<T, 5>(x, w, bias, y, q, s);
+      case 7: return launch_forward_mma_kw<T, 7>(x, w, bias, y, q, s);
+      default: break;
+    }
+  }
+  return launch_forward<T>(x, w, bias, y, plan, s);
+}
+
 template <typename T, int R>
 int launch_wgrad_r(const void* x, const void* dy, float* ws, const Plan& p, cudaStream_t stream) {
   auto kernel = p.small ? wgrad_small_kernel<T, 8> : wgrad_kernel<T, R>;
@@ -1228,8 +1539,8 @@ int forward(DType dtype, const void* x, const float* w, const float* bias, void*
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32: return launch_forward<float>(x, w, bias, y, plan, s);
-    case kFloat16: return launch_forward<__half>(x, w, bias, y, plan, s);
-    case kBFloat16: return launch_forward<__nv_bfloat16>(x, w, bias, y, plan, s);
+    case kFloat16: return launch_forward_half<__half>(x, w, bias, y, plan, s);
+    case kBFloat16: return launch_forward_half<__nv_bfloat16>(x, w, bias, y, plan, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
