@@ -104,14 +104,16 @@ def test_cuda_large(n: int, c: int, hw: tuple[int, int], k: tuple[int, int]) -> 
 
 
 # fp16/bf16 shapes with a long axis of >= 13 taps on maps <= 128 wide run the tensor-core forward (v7): SLaK's
-# stage-2/3 maps, odd widths (scalar loads), 128-wide maps (two column groups per strip), kw = 1/3/7, 6-warp planes.
+# stage-2/3 maps, odd widths (scalar loads), 128-wide maps (two column groups per strip), kw = 1/3/7, 6-warp planes,
+# and batches > 8 on one-warp planes (a warp loops over up to 4 planes of a 32-plane block).
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize(
     "n,c,hw,k",
     [(2, 249, (28, 28), (49, 5)), (2, 249, (28, 28), (5, 49)), (2, 8, (14, 14), (47, 5)), (2, 8, (14, 14), (5, 47)),
-     (2, 4, (40, 128), (13, 7)), (2, 4, (128, 33), (3, 61)), (3, 5, (20, 70), (1, 15)), (5, 3, (9, 11), (21, 3))],
+     (2, 4, (40, 128), (13, 7)), (2, 4, (128, 33), (3, 61)), (3, 5, (20, 70), (1, 15)), (5, 3, (9, 11), (21, 3)),
+     (40, 3, (7, 7), (13, 5)), (37, 2, (14, 15), (5, 47))],
     ids=["28x28-k49x5", "28x28-k5x49", "14x14-k47x5", "14x14-k5x47", "40x128-k13x7", "128x33-k3x61",
-         "20x70-k1x15", "9x11-k21x3"],
+         "20x70-k1x15", "9x11-k21x3", "B40-7x7-k13x5", "B37-14x15-k5x47"],
 )
 def test_cuda_tensor_core_forward(n: int, c: int, hw: tuple[int, int], k: tuple[int, int], dtype: torch.dtype) -> None:
     _need("cuda")

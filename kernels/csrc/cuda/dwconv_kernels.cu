@@ -962,6 +962,61 @@ __device__ __forceinline__ void mma_store_planes_n(unsigned short* __restrict__ 
   }
 }
 
+// One warp: output rows [y0, y0 + 16) x column tiles [nt0, nt0 + ntw) of the plane tile at s_x (see above).
+template <typename T, int KW>
+__device__ __forceinline__ void mma_strip(const Plan& p, const uint32_t* __restrict__ s_pw,
+                                          const unsigned short* s_x, int y0, int nt0, int ntw, int lane,
+                                          float (&acc)[kMmaNT][4]) {
+  const int gq = lane >> 2, tq = lane & 3;
+  const int WP = p.wpitch;
+#pragma unroll
+  for (int n = 0; n < kMmaNT; ++n)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[n][v] = 0.f;
+  // Chunks r0 = 16 kc with some tap in range: d = r0 - y0 + phe in [-15, khe + 14].
+  const int lo = y0 - p.phe - 15;
+  const int kc_lo = lo <= 0 ? 0 : (lo + 15) / 16;
+  const int kc_hi = min(p.HP / 16 - 1, (y0 - p.phe + p.khe + 14) / 16);
+  const uint32_t xbase = static_cast<uint32_t>(__cvta_generic_to_shared(s_x)) +
+                         2u * static_cast<uint32_t>((8 * nt0 + (lane & 7)) * p.pitch + ((lane >> 3) & 1) * 8);
+#pragma unroll
+  for (int j = 0; j < KW; ++j) {
+    const uint32_t* pj = s_pw + j * WP + kMmaTOff + 2 * tq - gq;
+    const uint32_t xj = xbase + 2u * static_cast<uint32_t>(j * p.pitch);
+    for (int kc = kc_lo; kc <= kc_hi; ++kc) {
+      const int d = 16 * kc - y0 + p.phe;
+      const uint32_t a0 = pj[d], a1 = pj[d - 8], a2 = pj[d + 8];
+      const uint32_t xk = xj + 32u * kc;
+#pragma unroll
+      for (int n = 0; n < kMmaNT; ++n) {
+        if (n < ntw) {
+          uint32_t b0, b1;
+          ldsm_x2(xk + 2u * static_cast<uint32_t>(8 * n * p.pitch), b0, b1);
+          mma_16816<T>(acc[n], a0, a1, a2, a0, b0, b1);
+        }
+      }
+    }
+  }
+}
+
+// Write a warp's accumulators (+ bias, rounded once) into `so` in global (NCHW) order of the plane.
+template <typename T>
+__device__ __forceinline__ void mma_stage(const Plan& p, T* so, int y0, int nt0, int ntw, int lane,
+                                          const float (&acc)[kMmaNT][4], float b) {
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int n = 0; n < kMmaNT; ++n) {
+    if (n < ntw) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int yy = y0 + gq + (v >> 1) * 8;
+        const int xx = 8 * (nt0 + n) + 2 * tq + (v & 1);
+        if (yy < p.Hs && xx < p.Ws) so[p.transposed ? xx * p.W + yy : yy * p.W + xx] = from_float<T>(acc[n][v] + b);
+      }
+    }
+  }
+}
+
 template <typename T, int KW>
 __global__ void __launch_bounds__(256, 2)
     forward_mma_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
@@ -1003,63 +1058,37 @@ __global__ void __launch_bounds__(256, 2)
   __syncthreads();
 
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  const int gq = lane >> 2, tq = lane & 3;
   const int units = p.MT * p.CG;
-  const int pl = wid / units;
-  const int u = wid - pl * units;
-  const int mt = u / p.CG, cg = u - mt * p.CG;
-  const int y0 = 16 * mt;
-  const int nt0 = cg * p.NTW;
-  const int ntw = min(p.NTW, p.NT8 - nt0);
-  const bool active = pl < nplanes;
-
+  const float b = bias != nullptr ? bias[c] : 0.f;
+  // units == 1 (small maps): a warp owns whole planes (pl = wid, wid + warps, ...), so it stages each plane's
+  // outputs over that plane's own tile as soon as it is done, and a block holds several planes per warp.
+  // Otherwise warp = one (plane, strip, column group) and the block stages after a barrier. One call site
+  // of mma_strip keeps the register count of one strip.
+  const int nw = static_cast<int>(blockDim.x >> 5);
+  const int steps = units == 1 ? max(1, (nplanes - wid + nw - 1) / nw) : 1;
   float acc[kMmaNT][4];
-#pragma unroll
-  for (int n = 0; n < kMmaNT; ++n)
-#pragma unroll
-    for (int v = 0; v < 4; ++v) acc[n][v] = 0.f;
-
-  if (active) {
-    // Chunks r0 = 16 kc with some tap in range: d = r0 - y0 + phe in [-15, khe + 14].
-    const int lo = y0 - p.phe - 15;
-    const int kc_lo = lo <= 0 ? 0 : (lo + 15) / 16;
-    const int kc_hi = min(p.HP / 16 - 1, (y0 - p.phe + p.khe + 14) / 16);
-    const uint32_t xbase = static_cast<uint32_t>(__cvta_generic_to_shared(s_x + pl * p.plane_sz)) +
-                           2u * static_cast<uint32_t>((8 * nt0 + (lane & 7)) * p.pitch + ((lane >> 3) & 1) * 8);
-#pragma unroll
-    for (int j = 0; j < KW; ++j) {
-      const uint32_t* pj = s_pw + j * WP + kMmaTOff + 2 * tq - gq;
-      const uint32_t xj = xbase + 2u * static_cast<uint32_t>(j * p.pitch);
-      for (int kc = kc_lo; kc <= kc_hi; ++kc) {
-        const int d = 16 * kc - y0 + p.phe;
-        const uint32_t a0 = pj[d], a1 = pj[d - 8], a2 = pj[d + 8];
-        const uint32_t xk = xj + 32u * kc;
-#pragma unroll
-        for (int n = 0; n < kMmaNT; ++n) {
-          if (n < ntw) {
-            uint32_t b0, b1;
-            ldsm_x2(xk + 2u * static_cast<uint32_t>(8 * n * p.pitch), b0, b1);
-            mma_16816<T>(acc[n], a0, a1, a2, a0, b0, b1);
-          }
-        }
-      }
+  int pl = wid, y0 = 0, nt0 = 0, ntw = p.NT8;
+  if (units != 1) {
+    pl = wid / units;
+    const int u = wid - pl * units;
+    const int mt = u / p.CG, cg = u - mt * p.CG;
+    y0 = 16 * mt;
+    nt0 = cg * p.NTW;
+    ntw = min(p.NTW, p.NT8 - nt0);
+  }
+  for (int it = 0; it < steps; ++it) {
+    const int q = pl + it * nw;  // units != 1: steps = 1, q = pl
+    const bool active = q < nplanes;
+    unsigned short* sp = s_x + q * p.plane_sz;
+    if (active) mma_strip<T, KW>(p, s_pw, sp, y0, nt0, ntw, lane, acc);
+    if (units == 1 && active) {
+      __syncwarp();
+      mma_stage<T>(p, reinterpret_cast<T*>(sp), y0, nt0, ntw, lane, acc, b);
     }
   }
-  __syncthreads();  // the input tiles are dead: stage the outputs there in global (NCHW) order
-  if (active) {
-    const float b = bias != nullptr ? bias[c] : 0.f;
-    T* so = reinterpret_cast<T*>(s_x + pl * p.plane_sz);
-#pragma unroll
-    for (int n = 0; n < kMmaNT; ++n) {
-      if (n < ntw) {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int yy = y0 + gq + (v >> 1) * 8;
-          const int xx = 8 * (nt0 + n) + 2 * tq + (v & 1);
-          if (yy < p.Hs && xx < p.Ws) so[p.transposed ? xx * p.W + yy : yy * p.W + xx] = from_float<T>(acc[n][v] + b);
-        }
-      }
-    }
+  if (units != 1) {
+    __syncthreads();  // the input tiles are dead: stage the outputs there in global (NCHW) order
+    if (pl < nplanes) mma_stage<T>(p, reinterpret_cast<T*>(s_x + pl * p.plane_sz), y0, nt0, ntw, lane, acc, b);
   }
   __syncthreads();
   {
@@ -1271,10 +1300,18 @@ bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* ou
   const int64_t wbytes = 4LL * ((p.kw * p.wpitch + 3) & ~3);
   auto smem = [&](int P) { return wbytes + 2LL * P * p.plane_sz; };
   if (smem(1) > smem_optin_limit()) return false;
-  p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8 / units, N)));
-  while (p.P > 1 && smem(p.P) > 64 * 1024) p.P = (p.P + 1) / 2;
+  if (units == 1) {
+    // A warp per plane, up to 4 planes per warp: per-block costs (weight table, barriers) spread over
+    // 32 planes, as the FFMA kernels do on small maps.
+    p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(32, N)));
+    while (p.P > 1 && smem(p.P) > 48 * 1024) p.P = (p.P + 1) / 2;
+    p.threads = std::min(p.P, 8) * 32;
+  } else {
+    p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8 / units, N)));
+    while (p.P > 1 && smem(p.P) > 64 * 1024) p.P = (p.P + 1) / 2;
+    p.threads = p.P * units * 32;
+  }
   p.smem_bytes = smem(p.P);
-  p.threads = p.P * units * 32;
   p.n_chunks = static_cast<int>((N + p.P - 1) / p.P);
   p.chunk = p.P;
   const uintptr_t xa = reinterpret_cast<uintptr_t>(x), ya = reinterpret_cast<uintptr_t>(y);
