@@ -1280,7 +1280,9 @@ bool make_wgrad_plane_plan(int sm_count, Plan* plan) {
 // one channel, MT * CG warps per plane (16-row strips x groups of <= 8 column tiles), at most 8 warps.
 // SLAK_DWCONV_NO_MMA=1 keeps fp16/bf16 on the FFMA kernels (A/B timing only).
 bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* out) {
-  if (b.path != 1 || b.kh < 13) return false;
+  // Planes of at most 8 rows along the long axis (SLaK-T stage 4: 7x7 maps) give a block too few MMAs to
+  // repay building the weight table: v7 measured s4 13x5 bf16 0.050 -> 0.090 ms there, so they stay on FFMA.
+  if (b.path != 1 || b.kh < 13 || b.Hs <= 8) return false;
   const char* env = std::getenv("SLAK_DWCONV_NO_MMA");
   if (env != nullptr && env[0] == '1') return false;
   Plan p = b;
