@@ -3,8 +3,6 @@ statistics one process computes over both shards' batches (what rank 0 evaluates
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,6 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_ranks import publish_and_wait
+from servers import free_port
 
 WORLD = 2
 BATCHES = 2  # per rank
@@ -44,29 +44,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                             timeout=timedelta(seconds=60))
     try:
         tr = Trainer(_cfg(BATCHES), steps_per_epoch=1, num_classes=4)
-        stats = _bn_state(tr.recalibrated_ema(_batches(rank)))
-        torch.save(stats, Path(out_dir) / f"rank{rank}.tmp")
-        (Path(out_dir) / f"rank{rank}.tmp").rename(Path(out_dir) / f"rank{rank}.pt")
-        deadline = time.monotonic() + 60  # leave only when both ranks are done with their collectives
-        while not all((Path(out_dir) / f"rank{r}.pt").exists() for r in range(WORLD)):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the other rank did not finish")
-            time.sleep(0.05)
+        publish_and_wait(out_dir, rank, WORLD, _bn_state(tr.recalibrated_ema(_batches(rank))))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ranks_share_the_recalibrated_statistics_of_all_shards(tmp_path: Path) -> None:
     from orchestrator.loop import Trainer
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     single = Trainer(_cfg(WORLD * BATCHES), steps_per_epoch=1, num_classes=4)
     want = _bn_state(single.recalibrated_ema(_batches(0) + _batches(1)))

@@ -6,8 +6,6 @@ rank-0 decisions the per-rank densities, dense-layer sets and random regrowth wo
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_ranks import publish_and_wait
+from servers import free_port
 from torch import nn
 
 WORLD = 2
@@ -94,28 +94,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except RuntimeError as err:
             result["error"] = str(err)
         result["tampered"] = name
-        torch.save(result, Path(out_dir) / f"rank{rank}.tmp")
-        (Path(out_dir) / f"rank{rank}.tmp").rename(Path(out_dir) / f"rank{rank}.pt")
-        # Leave only when every rank is done with its collectives: a rank that exits early can
-        # reset its sockets while a peer still waits for its last message (seen under CPU load).
-        deadline = time.monotonic() + 60
-        while not all((Path(out_dir) / f"rank{r}.pt").exists() for r in range(WORLD)):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the other rank did not finish")
-            time.sleep(0.05)
+        publish_and_wait(out_dir, rank, WORLD, result)
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_two_gloo_ranks_hold_identical_masks(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     assert r0["updates"] == r1["updates"] == STEPS // 2
     assert r0["dense"] == r1["dense"]
