@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from gloo_ranks import publish_and_wait
+from gloo_ranks import exit_without_teardown, publish_and_wait
 from servers import free_port
 from torch import nn
 
@@ -97,6 +97,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         publish_and_wait(out_dir, rank, WORLD, result)
     finally:
         dist.destroy_process_group()
+    exit_without_teardown()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
