@@ -148,3 +148,36 @@ def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) ->
     assert runs.loc["t2", "tags.slak.stopped_early"] == "asha"
     assert pd.isna(runs.loc["t1"].get("tags.slak.stopped_early"))
     assert runs.loc["t3", "tags.slak.grid_role"] == "trial"
+
+
+
+@pytest.mark.slow
+def test_grid_logs_to_a_tracking_server_over_http(ray_cluster, tmp_path: Path) -> None:
+    """The same grid against a real ``mlflow server`` (sqlite behind it) at http://127.0.0.1:PORT: the
+    trial drivers own their runs over http, so there is one parent, one child per trial, all FINISHED,
+    every epoch's metrics on the server and nothing journaled offline."""
+    from servers import ServerUnavailable, managed_mlflow_server
+
+    try:
+        server_cm = managed_mlflow_server("sqlite")
+        server = server_cm.__enter__()
+    except ServerUnavailable as exc:
+        pytest.skip(f"sqlite tracking server unavailable here: {exc}")
+    try:
+        cfg = load_config(None, {
+            **tune_runner.LAPTOP_DEFAULTS, "train.epochs": 2, "data.train_size": 256, "data.val_size": 64,
+            "run.name": "http-itest", "run.num_workers": 2, "run.storage_path": str(tmp_path / "ray"),
+            "tracking.uri": server.uri, "tracking.experiment": "http", "tracking.offline_dir": str(tmp_path / "off"),
+            "tune.max_concurrent_trials": 1, "tune.seeds": 1,
+        })
+        out = tune_runner.run_experiment(cfg, search_space.sparsity_width_grid(cfg)[:2], table="table8")
+        assert not out.interrupted and out.errors == 0
+        parents, children = _children(server.uri, "http", "http-itest")
+        assert len(parents) == 1 and parents["status"].item() == "FINISHED"
+        assert len(children) == 2 and set(children["status"]) == {"FINISHED"}
+        assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].item()}
+        hist = tracking.metric_history(server.uri, list(children["run_id"]), ["val/top1"])
+        assert len(hist) == 4, hist
+        assert not (tmp_path / "off").exists(), "the server was up: nothing should have gone offline"
+    finally:
+        server_cm.__exit__(None, None, None)
