@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from job_helpers import all_artifacts, load_train_cli
 from mlflow import MlflowClient
 from servers import MlflowServer, ServerUnavailable, managed_mlflow_server, postgres_reason, process_alive
 
@@ -148,16 +149,6 @@ def test_server_down_until_the_end_keeps_metrics_and_cli_syncs_them(
 SMOKE = PROJECT_ROOT / "experiments" / "configs" / "smoke.yaml"
 
 
-def _train_cli():
-    """``experiments/train.py`` loaded as a module (the project never imports from experiments/)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_cli", PROJECT_ROOT / "experiments" / "train.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 def _train_args(server: MlflowServer, root: Path, name: str) -> list[str]:
     """The smoke preset, one epoch (8 optimizer steps, 2 topology updates), logging to ``server``."""
     return ["--config", str(SMOKE), "--tracking-uri", server.uri, f"run.name={name}",
@@ -177,13 +168,6 @@ def _histories(client: MlflowClient, run) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
 
 
-def _all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
-    out: list[str] = []
-    for f in client.list_artifacts(run_id, path):
-        out += _all_artifacts(client, run_id, f.path) if f.is_dir else [f.path]
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("server", BACKENDS, indirect=True)
 def test_smoke_training_job_logs_to_the_server(server: MlflowServer, ray_cluster, tmp_path: Path) -> None:
@@ -191,7 +175,7 @@ def test_smoke_training_job_logs_to_the_server(server: MlflowServer, ray_cluster
     its dotted params, per-step metrics and the bit-packed masks are on the server, masks equal the checkpoint's."""
     from orchestrator import ray_train
 
-    assert _train_cli().main(_train_args(server, tmp_path, f"smoke-{server.port}")) == 0
+    assert load_train_cli().main(_train_args(server, tmp_path, f"smoke-{server.port}")) == 0
     client = MlflowClient(server.uri)
     run = _train_run(client, f"smoke-{server.port}")
     assert run.info.status == "FINISHED"
@@ -201,7 +185,7 @@ def test_smoke_training_job_logs_to_the_server(server: MlflowServer, ray_cluster
     # every 2 steps, plus the epoch's mean at its last step
     assert sorted({s for s, _ in hist["train/loss"]}) == [2, 4, 6, 8] and len(hist["val/top1"]) == 1
     assert hist["sparsity/density"][-1][1] == pytest.approx(0.6, abs=0.01)
-    files = _all_artifacts(client, run.info.run_id)
+    files = all_artifacts(client, run.info.run_id)
     final_masks = sorted(f for f in files if f.startswith("masks/") and f.endswith(".npz"))[-1]
     assert "config/resolved.yaml" in files and "checkpoint/state.pt" in files, files
     masks = load_masks(client.download_artifacts(run.info.run_id, final_masks, str(tmp_path)))
@@ -231,7 +215,7 @@ def test_training_job_survives_a_server_outage(server: MlflowServer, ray_cluster
     client = MlflowClient(server.uri)
     name = f"outage-{server.port}"
     outcome: dict[str, object] = {}
-    job = threading.Thread(target=lambda: outcome.setdefault("rc", _train_cli().main(
+    job = threading.Thread(target=lambda: outcome.setdefault("rc", load_train_cli().main(
         _train_args(server, tmp_path, name))), daemon=True)
     job.start()
     deadline = time.monotonic() + 240
@@ -260,12 +244,12 @@ def test_training_job_survives_a_server_outage(server: MlflowServer, ray_cluster
     ref_name = f"smoke-{server.port}"  # same config, no outage: the test above, or run here when alone
     exp = client.get_experiment_by_name("server-train")
     if not client.search_runs([exp.experiment_id], filter_string=f"tags.`slak.run_name` = '{ref_name}'"):
-        assert _train_cli().main(_train_args(server, tmp_path / "reference", ref_name)) == 0
+        assert load_train_cli().main(_train_args(server, tmp_path / "reference", ref_name)) == 0
     reference = _train_run(client, ref_name)
     want = _histories(client, reference)
     assert got.keys() == want.keys()
     for key in want:
         assert [s for s, _ in got[key]] == [s for s, _ in want[key]], key
     assert got["train/loss"] == want["train/loss"], "CPU training with fixed seeds is deterministic"
-    files = _all_artifacts(client, run.info.run_id)
+    files = all_artifacts(client, run.info.run_id)
     assert any(f.startswith("masks/") and f.endswith(".npz") for f in files), files

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
 
+from job_helpers import all_artifacts, load_train_cli  # noqa: E402
+
 from orchestrator import ray_train  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
@@ -50,13 +52,6 @@ def _run_of(cfg):
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`slak.run_name` = '{cfg.run.name}'")
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return runs[0]
-
-
-def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
-    out = []
-    for f in client.list_artifacts(run_id, path):
-        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +88,7 @@ def test_smoke_job_end_to_end(reference) -> None:
     assert run.data.params["sparse.sparsity"] == "0.4" and run.data.params["run.num_workers"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 2
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 8  # every 2 steps + epochs
-    files = _artifacts(client, run.info.run_id)
+    files = all_artifacts(client, run.info.run_id)
     assert any(f.startswith("masks/") and f.endswith(".npz") for f in files), files
     assert any(f.startswith("masks/density") for f in files), files
     assert "config/resolved.yaml" in files and "checkpoint/state.pt" in files
@@ -136,11 +131,7 @@ def test_rerunning_a_finished_job_continues_it(reference) -> None:
 
 
 def test_bad_config_fails_fast_with_one_message(capsys) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_cli", REPO_ROOT / "experiments" / "train.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_train_cli()
     t0 = time.monotonic()
     code = cli.main(["--config", str(SMOKE), "data.image_size=8", "sparse.sparsity=2", "train.lrr=1"])
     err = capsys.readouterr().err
