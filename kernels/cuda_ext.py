@@ -51,7 +51,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 @torch.library.custom_op("slak::dwconv2d_grad_input", mutates_args=())
 def _grad_input(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _module().forward(grad_output.contiguous(), weight.flip((-2, -1)), None)
+    return _module().forward(grad_output.contiguous(), weight, None, True)
 
 
 @_grad_input.register_fake
@@ -61,8 +61,7 @@ def _(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("slak::dwconv2d_grad_weight", mutates_args=())
 def _grad_weight(x: torch.Tensor, grad_output: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    dw = _module().wgrad(x.contiguous(), grad_output.contiguous(), kh, kw)
-    return dw.to(x.dtype)
+    return _module().wgrad(x.contiguous(), grad_output.contiguous(), kh, kw)
 
 
 @_grad_weight.register_fake

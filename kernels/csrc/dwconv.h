@@ -52,18 +52,26 @@ struct Plan {
   int NT8, CG, NTW;  // 8-column tiles per plane, column groups, tiles per column group
   int wpitch;      // 32-bit weight pairs per kernel column (khe + 64)
   int vin, vout;   // 16-bit elements per global load / store vector
+  // Weights are read as given, (C, 1, kh, kw) in global orientation and any kernel dtype: the kernels orient,
+  // flip (input gradient) and convert them while staging, so no extra PyTorch ops run per call.
+  int wdtype;      // DType of the weight tensor
+  int wflip;       // 1: use the kernel rotated by 180 degrees (input gradient = forward with flipped kernel)
 };
 
 // Build the launch plan; returns 0 or a negative code when no tiling fits the device's shared memory.
 int make_forward_plan(int64_t N, int C, int H, int W, int kh, int kw, Plan* plan);
 int make_wgrad_plan(int64_t N, int C, int H, int W, int kh, int kw, int sm_count, Plan* plan);
 
-// y = dwconv(x, w) (+ bias).  w: fp32, shape (C, kh, kw) in slide orientation. bias: fp32 or null.
-// Returns a cudaError_t value (0 = success).
-int forward(DType dtype, const void* x, const float* w, const float* bias, void* y, const Plan& plan,
+// y = dwconv(x, w) (+ bias).  w: (C, 1, kh, kw) contiguous in global orientation, dtype plan.wdtype (flipped
+// when plan.wflip). bias: fp32 or null. Returns a cudaError_t value (0 = success).
+int forward(DType dtype, const void* x, const void* w, const float* bias, void* y, const Plan& plan,
             void* stream);
 
 // workspace[chunk][c][i][j] = sum over the chunk's planes of dy * shifted x (slide orientation, fp32).
 int wgrad(DType dtype, const void* x, const void* dy, float* workspace, const Plan& plan, void* stream);
+
+// dw (C, 1, kh, kw) in global orientation and dtype out_dtype = the sum over the plan's n_chunks workspace
+// rows: one small kernel instead of a reduction, a transpose and a cast.
+int finish_wgrad(DType out_dtype, const float* workspace, void* dw, const Plan& plan, void* stream);
 
 }  // namespace slak_dw

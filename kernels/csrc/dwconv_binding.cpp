@@ -27,20 +27,16 @@ void check_input(const at::Tensor& t, const char* name) {
   SLAK_CHECK(t.is_contiguous(), name, " must be NCHW-contiguous (the Python wrapper makes it so)");
 }
 
-// (C, 1, kh, kw) weight -> fp32 (C, kh', kw') in the kernel's slide orientation.
-at::Tensor oriented_weight(const at::Tensor& w, const slak_dw::Plan& plan) {
-  at::Tensor w3 = w.reshape({w.size(0), w.size(2), w.size(3)}).to(at::kFloat);
-  if (plan.transposed) w3 = w3.transpose(1, 2);
-  return w3.contiguous();
-}
-
 void check_status(int status, const char* what) {
   SLAK_CHECK(status == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
 }
 
 }  // namespace
 
-at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+// flip = true computes the input gradient: the forward with the kernel rotated by 180 degrees. The kernels read
+// the weight as given (any kernel dtype, global orientation), so no conversion or flip op runs per call.
+at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          bool flip) {
   check_input(x, "x");
   SLAK_CHECK(weight.is_cuda() && weight.device() == x.device(), "weight must be on ", x.device());
   SLAK_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(0) == x.size(1),
@@ -54,20 +50,23 @@ at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c
   SLAK_CHECK(slak_dw::make_forward_plan(x.size(0), static_cast<int>(x.size(1)), static_cast<int>(x.size(2)),
                                         static_cast<int>(x.size(3)), kh, kw, &plan) == 0,
              "kernel ", kh, "x", kw, " needs more shared memory than this GPU offers");
-  at::Tensor w = oriented_weight(weight, plan);
+  const at::Tensor w = weight.contiguous();
+  plan.wdtype = dtype_of(w);
+  plan.wflip = flip ? 1 : 0;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     SLAK_CHECK(bias->numel() == x.size(1), "bias must have C = ", x.size(1), " elements");
     b = bias->to(x.device(), at::kFloat).contiguous();
   }
-  const int status = slak_dw::forward(dtype_of(x), x.data_ptr(), w.data_ptr<float>(),
+  const int status = slak_dw::forward(dtype_of(x), x.data_ptr(), w.data_ptr(),
                                       b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr(), plan,
                                       at::cuda::getCurrentCUDAStream().stream());
   check_status(status, "forward kernel launch");
   return y;
 }
 
-// Gradient w.r.t. the weight, in fp32 (the caller casts): sum over N, H, W of dy * shifted x.
+// Gradient w.r.t. the weight, in x's dtype: sum over N, H, W of dy * shifted x, accumulated in fp32 (per block,
+// then over batch chunks in an fp32 workspace) and rounded once.
 at::Tensor dwconv_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t kh, int64_t kw) {
   check_input(x, "x");
   check_input(dy, "grad_output");
@@ -76,7 +75,7 @@ at::Tensor dwconv_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t kh, i
   SLAK_CHECK(kh % 2 == 1 && kw % 2 == 1, "kernel must be odd in both dims, got ", kh, "x", kw);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = x.size(1);
-  if (x.numel() == 0) return at::zeros({C, 1, kh, kw}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return at::zeros({C, 1, kh, kw}, x.options());
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   slak_dw::Plan plan;
   SLAK_CHECK(slak_dw::make_wgrad_plan(x.size(0), static_cast<int>(C), static_cast<int>(x.size(2)),
@@ -87,9 +86,11 @@ at::Tensor dwconv_wgrad(const at::Tensor& x, const at::Tensor& dy, int64_t kh, i
   const int status = slak_dw::wgrad(dtype_of(x), x.data_ptr(), dy.data_ptr(), ws.data_ptr<float>(), plan,
                                     at::cuda::getCurrentCUDAStream().stream());
   check_status(status, "weight-gradient kernel launch");
-  at::Tensor dw = plan.n_chunks > 1 ? ws.sum(0) : ws.select(0, 0);
-  if (plan.transposed) dw = dw.transpose(1, 2);
-  return dw.contiguous().view({C, 1, kh, kw});
+  at::Tensor dw = at::empty({C, 1, kh, kw}, x.options());
+  check_status(slak_dw::finish_wgrad(dtype_of(x), ws.data_ptr<float>(), dw.data_ptr(), plan,
+                                     at::cuda::getCurrentCUDAStream().stream()),
+               "weight-gradient reduction launch");
+  return dw;
 }
 
 // The launch geometry, for tests and the notes (no launch).
@@ -110,9 +111,9 @@ std::vector<int64_t> dwconv_plan(int64_t N, int64_t C, int64_t H, int64_t W, int
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &dwconv_forward, "depthwise same conv forward (NCHW)", py::arg("x"), py::arg("weight"),
-        py::arg("bias") = py::none());
-  m.def("wgrad", &dwconv_wgrad, "depthwise same conv weight gradient (fp32)", py::arg("x"), py::arg("grad_output"),
+  m.def("forward", &dwconv_forward, "depthwise same conv forward (NCHW); flip=True gives the input gradient",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("flip") = false);
+  m.def("wgrad", &dwconv_wgrad, "depthwise same conv weight gradient (in x's dtype)", py::arg("x"), py::arg("grad_output"),
         py::arg("kh"), py::arg("kw"));
   m.def("plan", &dwconv_plan, "launch geometry: status, transposed, R, TH, TW, P, threads, smem, tiles_y, tiles_x, n_chunks");
 }

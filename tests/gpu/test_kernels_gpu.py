@@ -188,3 +188,40 @@ def test_autocast_bf16() -> None:
     assert w.grad is not None and w.grad.dtype == torch.float32
     ref = dwconv2d_reference(x.bfloat16().double(), w.bfloat16().double())
     assert _rel(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("k", [(51, 5), (5, 13), (31, 31), (3, 3)], ids=lambda k: f"k{k[0]}x{k[1]}")
+def test_binding_reads_weights_as_given(k: tuple[int, int], wdtype: torch.dtype) -> None:
+    """The kernels orient, flip and convert the weight themselves: any kernel dtype, flip=True = input gradient."""
+    _need("cuda")
+    module = cuda_ext._module()
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(3, 5, 14, 15, device="cuda", generator=gen).bfloat16()
+    wt = torch.randn(5, 1, *k, device="cuda", generator=gen).to(wdtype)
+    w64 = wt.double()
+    for flip in (False, True):
+        _poison()
+        out = module.forward(x, wt, None, flip)
+        ref = dwconv2d_reference(x.double(), w64.flip((-2, -1)) if flip else w64)
+        assert out.dtype == torch.bfloat16
+        assert _rel(out, ref) <= 1e-2, (k, wdtype, flip)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"SLAK_DWCONV_PLANE_THREADS": "32", "SLAK_DWCONV_WG_THREADS": "32", "SLAK_DWCONV_WG_BPS": "1"},
+        {"SLAK_DWCONV_MMA_P": "3", "SLAK_DWCONV_MMA_WARPS": "2", "SLAK_DWCONV_WG_BPS": "64"},
+    ],
+    ids=["small-blocks", "odd-planes"],
+)
+@pytest.mark.parametrize("k", [(47, 5), (5, 47), (5, 5), (13, 5)], ids=lambda k: f"k{k[0]}x{k[1]}")
+def test_geometry_knobs_keep_results(monkeypatch: pytest.MonkeyPatch, k: tuple[int, int], knobs: dict) -> None:
+    """Tuning knobs change the launch geometry only: every op still matches float64."""
+    _need("cuda")
+    for name, value in knobs.items():
+        monkeypatch.setenv(name, value)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check("cuda", 9, 7, (14, 14), k, dtype)
+        _check("cuda", 5, 3, (7, 7), k, dtype)

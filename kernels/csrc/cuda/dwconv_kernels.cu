@@ -45,6 +45,24 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 // instructions per element in the load loops, which dominated small feature maps.
 __device__ __forceinline__ int fdiv(int a, float inv_b) { return __float2int_rz((a + 0.5f) * inv_b); }
 
+// Weight tap (i, j) of channel c in slide orientation (i < p.kh along the long axis), read from the caller's
+// (C, 1, kh, kw) tensor as given: transposed back to global orientation, rotated by 180 degrees for the input
+// gradient (p.wflip) and converted from p.wdtype. Only the per-block weight staging calls it.
+__device__ __forceinline__ float load_weight(const void* __restrict__ w, const Plan& p, int c, int i, int j) {
+  const int kh_g = p.transposed ? p.kw : p.kh, kw_g = p.transposed ? p.kh : p.kw;
+  int a = p.transposed ? j : i, b = p.transposed ? i : j;
+  if (p.wflip) {
+    a = kh_g - 1 - a;
+    b = kw_g - 1 - b;
+  }
+  const int64_t idx = (static_cast<int64_t>(c) * kh_g + a) * kw_g + b;
+  switch (p.wdtype) {
+    case kFloat16: return __half2float(static_cast<const __half*>(w)[idx]);
+    case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(w)[idx]);
+    default: return static_cast<const float*>(w)[idx];
+  }
+}
+
 // Copy `nplanes` planes' tiles (slide-orientation rows [ys0, ys0+rows), cols [xs0, xs0+cols)) into shared
 // memory as fp32: plane k at dst + k * plane_sz, row r at r * pitch. Tile positions outside the image must
 // already be zero (see zero_fill). Only in-image elements are read, in global row-major order so that
@@ -102,7 +120,7 @@ __device__ __forceinline__ void zero_fill(float* dst, int n) {
 // compile-time constants, so the window lives in registers and the loop unrolled by R needs no moves.
 template <typename T, int R>
 __global__ void __launch_bounds__(256)
-    forward_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+    forward_kernel(const T* __restrict__ x, const void* __restrict__ w, const float* __restrict__ bias,
                    T* __restrict__ y, const Plan p) {
   extern __shared__ __align__(16) float smem[];
   const int ksz = p.kh * p.kw;
@@ -123,7 +141,8 @@ __global__ void __launch_bounds__(256)
   for (int t = threadIdx.x; t < p.P * ksz; t += blockDim.x) {
     const int pl = t / ksz;
     const int64_t plane = plane0 + pl;
-    s_w[t] = plane < p.planes ? w[(plane % p.channels) * ksz + (t - pl * ksz)] : 0.f;
+    const int e = t - pl * ksz;
+    s_w[t] = plane < p.planes ? load_weight(w, p, static_cast<int>(plane % p.channels), e / p.kw, e % p.kw) : 0.f;
   }
   zero_fill(s_in, p.P * in_sz);
   __syncthreads();
@@ -601,7 +620,7 @@ __device__ __forceinline__ void store_planes(T* __restrict__ dst, int64_t pstrid
 // circular buffer of R rows (slot of row m is m % R) indexed by compile-time constants, as in v1.
 template <typename T, int KW, int R>
 __global__ void __launch_bounds__(256)
-    forward_plane_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+    forward_plane_kernel(const T* __restrict__ x, const void* __restrict__ w, const float* __restrict__ bias,
                          T* __restrict__ y, const Plan p) {
   constexpr int NV = (KW + 6) / 4;  // float4 loads per input row segment: 4 + KW - 1 values
   constexpr int KWP = (KW + 3) & ~3;
@@ -620,10 +639,9 @@ __global__ void __launch_bounds__(256)
   zero_fill(smem, wsz + p.P * p.plane_sz);
   __syncthreads();
   {
-    const float* wc = w + (static_cast<int64_t>(c) * p.kh + p.kh_lo) * KW;
     for (int t = threadIdx.x; t < p.khe * KW; t += blockDim.x) {
       const int i = t / KW;
-      s_w[i * KWP + t - i * KW] = wc[t];
+      s_w[i * KWP + t - i * KW] = load_weight(w, p, c, p.kh_lo + i, t - i * KW);
     }
   }
   load_planes(x + base, cstride, nplanes, p.H, p.W, p.transposed != 0, s_in, p.plane_sz, p.pitch, p.phe, p.pw);
@@ -1019,7 +1037,7 @@ __device__ __forceinline__ void mma_stage(const Plan& p, T* so, int y0, int nt0,
 
 template <typename T, int KW>
 __global__ void __launch_bounds__(256, 2)
-    forward_mma_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+    forward_mma_kernel(const T* __restrict__ x, const void* __restrict__ w, const float* __restrict__ bias,
                        T* __restrict__ y, const Plan p) {
   extern __shared__ __align__(16) float smem[];
   const int HW = p.H * p.W;
@@ -1035,12 +1053,11 @@ __global__ void __launch_bounds__(256, 2)
 
   zero_fill(reinterpret_cast<float*>(s_x), p.P * p.plane_sz / 2);
   {
-    const float* wc = w + (static_cast<int64_t>(c) * p.kh + p.kh_lo) * KW;
     for (int id = threadIdx.x; id < KW * WP; id += blockDim.x) {
       const int j = id / WP;
       const int t = id - j * WP - kMmaTOff;
-      const float lo = (t >= 0 && t < p.khe) ? wc[t * KW + j] : 0.f;
-      const float hi = (t + 1 >= 0 && t + 1 < p.khe) ? wc[(t + 1) * KW + j] : 0.f;
+      const float lo = (t >= 0 && t < p.khe) ? load_weight(w, p, c, p.kh_lo + t, j) : 0.f;
+      const float hi = (t + 1 >= 0 && t + 1 < p.khe) ? load_weight(w, p, c, p.kh_lo + t + 1, j) : 0.f;
       s_pw[id] = pack_pair<T>(lo, hi);
     }
   }
@@ -1102,8 +1119,38 @@ __global__ void __launch_bounds__(256, 2)
   }
 }
 
+// dw[c][a][b] (global orientation, output dtype) = sum over chunks of workspace[chunk][c][i][j] (slide
+// orientation): replaces a reduction, a transpose and a cast (three launches) with one.
+template <typename TO>
+__global__ void finish_wgrad_kernel(const float* __restrict__ ws, TO* __restrict__ dw, const Plan p) {
+  const int ksz = p.kh * p.kw;
+  const int64_t total = static_cast<int64_t>(p.channels) * ksz;
+  const int64_t cstride = total;
+  const int kw_g = p.transposed ? p.kh : p.kw;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = e / ksz;
+    const int r = static_cast<int>(e - c * ksz);
+    const int a = r / kw_g, b = r - a * kw_g;
+    const int i = p.transposed ? b : a, j = p.transposed ? a : b;
+    const float* src = ws + c * ksz + i * p.kw + j;
+    float acc = 0.f;
+    for (int k = 0; k < p.n_chunks; ++k) acc += src[k * cstride];
+    dw[e] = from_float<TO>(acc);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Host side: plans and launches.
+
+// Launch-geometry knobs for tuning sweeps only (kernels/NOTES.md): an unset or non-positive value keeps the
+// default. They change speed, never results.
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
+  const int x = std::atoi(v);
+  return x > 0 ? x : fallback;
+}
 
 int smem_optin_limit() {
   int dev = 0, bytes = 0;
@@ -1215,7 +1262,8 @@ bool make_forward_plane_plan(Plan* plan) {
   auto smem = [&](int P) { return 4LL * (wsz + static_cast<int64_t>(P) * p.plane_sz); };
   const int hard = smem_optin_limit();
   if (smem(1) > hard) return false;
-  p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(256 / per, N)));
+  const int cap = std::max(per, std::min(256, env_int("SLAK_DWCONV_PLANE_THREADS", 256)));
+  p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cap / per, N)));
   while (p.P > 1 && smem(p.P) > 64 * 1024) p.P = (p.P + 1) / 2;
   p.smem_bytes = smem(p.P);
   p.threads = ((p.P * per + 31) / 32) * 32;
@@ -1253,8 +1301,25 @@ bool make_wgrad_plane_plan(int sm_count, Plan* plan) {
   p.P = 1;
   p.YS = 1;
   // Grow planes per pass, then row segments, in powers of two, up to 256 threads and 64 KB.
+  // Threads per block and blocks per SM (batch chunks), measured on an H200 over SLaK-T's shapes (NOTES.md,
+  // v8): 7x7 maps want small blocks (64 threads: 68 -> 50 us for 13x5 at B64); 14x14 maps with several tap
+  // groups 128 threads and fewer, longer chunks (106 -> 93 us for 47x5); a single tap group (5x5) on
+  // 14x14 / 28x28 maps fewer chunks (59 -> 53 us), on 56x56 maps 128 threads and more chunks (159 -> 130 us).
+  int cap_default = 256, bps_default = 4;
+  if (p.Hs <= 8) {
+    cap_default = 64;
+  } else if (p.Hs <= 16 && p.Gt > 1) {
+    cap_default = 128;
+    bps_default = 2;
+  } else if (p.Hs <= 32 && p.Gt == 1) {
+    bps_default = 2;
+  } else if (p.Gt == 1) {
+    cap_default = 128;
+    bps_default = 8;
+  }
+  const int cap = std::min(256, env_int("SLAK_DWCONV_WG_THREADS", cap_default));
   for (;;) {
-    if (p.Gb * p.CTp * p.YS * p.P * 2 > 256) break;
+    if (p.Gb * p.CTp * p.YS * p.P * 2 > cap) break;
     if (p.P * 2 <= N && smem(p.P * 2) <= 64 * 1024) {
       p.P *= 2;
     } else if ((p.Hs + 2 * p.YS - 1) / (2 * p.YS) >= p.R) {
@@ -1265,7 +1330,7 @@ bool make_wgrad_plane_plan(int sm_count, Plan* plan) {
   }
   p.smem_bytes = smem(p.P);
   p.threads = ((p.Gb * p.CTp * p.YS * p.P + 31) / 32) * 32;
-  const int64_t target = 4LL * std::max(1, sm_count);
+  const int64_t target = static_cast<int64_t>(env_int("SLAK_DWCONV_WG_BPS", bps_default)) * std::max(1, sm_count);
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>((N + p.P - 1) / p.P, (target + p.channels - 1) / p.channels));
   p.chunk = static_cast<int>(((N + n_chunks - 1) / n_chunks + p.P - 1) / p.P * p.P);
   p.n_chunks = static_cast<int>((N + p.chunk - 1) / p.chunk);
@@ -1305,9 +1370,9 @@ bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* ou
   if (units == 1) {
     // A warp per plane, up to 4 planes per warp: per-block costs (weight table, barriers) spread over
     // 32 planes, as the FFMA kernels do on small maps.
-    p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(32, N)));
+    p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(env_int("SLAK_DWCONV_MMA_P", 32), N)));
     while (p.P > 1 && smem(p.P) > 48 * 1024) p.P = (p.P + 1) / 2;
-    p.threads = std::min(p.P, 8) * 32;
+    p.threads = std::min(p.P, std::min(8, env_int("SLAK_DWCONV_MMA_WARPS", 8))) * 32;
   } else {
     p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8 / units, N)));
     while (p.P > 1 && smem(p.P) > 64 * 1024) p.P = (p.P + 1) / 2;
@@ -1429,7 +1494,7 @@ int make_wgrad_plan(int64_t N, int C, int H, int W, int kh, int kw, int sm_count
 namespace {
 
 template <typename T, int R>
-int launch_forward_r(const void* x, const float* w, const float* bias, void* y, const Plan& p,
+int launch_forward_r(const void* x, const void* w, const float* bias, void* y, const Plan& p,
                      cudaStream_t stream) {
   auto kernel = forward_kernel<T, R>;
   if (p.smem_bytes > 48 * 1024) {
@@ -1444,7 +1509,7 @@ int launch_forward_r(const void* x, const float* w, const float* bias, void* y, 
 }
 
 template <typename T, int KW, int R>
-int launch_forward_plane_r(const void* x, const float* w, const float* bias, void* y, const Plan& p,
+int launch_forward_plane_r(const void* x, const void* w, const float* bias, void* y, const Plan& p,
                            cudaStream_t stream) {
   auto kernel = forward_plane_kernel<T, KW, R>;
   if (p.smem_bytes > 48 * 1024) {
@@ -1459,14 +1524,14 @@ int launch_forward_plane_r(const void* x, const float* w, const float* bias, voi
 }
 
 template <typename T, int KW>
-int launch_forward_plane_kw(const void* x, const float* w, const float* bias, void* y, const Plan& p,
+int launch_forward_plane_kw(const void* x, const void* w, const float* bias, void* y, const Plan& p,
                             cudaStream_t s) {
   return p.R == 7 ? launch_forward_plane_r<T, KW, 7>(x, w, bias, y, p, s)
                   : launch_forward_plane_r<T, KW, 4>(x, w, bias, y, p, s);
 }
 
 template <typename T>
-int launch_forward(const void* x, const float* w, const float* bias, void* y, const Plan& p, cudaStream_t s) {
+int launch_forward(const void* x, const void* w, const float* bias, void* y, const Plan& p, cudaStream_t s) {
   if (p.path == 1) {
     switch (p.kw) {
       case 1: return launch_forward_plane_kw<T, 1>(x, w, bias, y, p, s);
@@ -1487,7 +1552,7 @@ int launch_forward(const void* x, const float* w, const float* bias, void* y, co
 }
 
 template <typename T, int KW>
-int launch_forward_mma_kw(const void* x, const float* w, const float* bias, void* y, const Plan& p,
+int launch_forward_mma_kw(const void* x, const void* w, const float* bias, void* y, const Plan& p,
                           cudaStream_t stream) {
   auto kernel = forward_mma_kernel<T, KW>;
   if (p.smem_bytes > 48 * 1024) {
@@ -1503,7 +1568,7 @@ int launch_forward_mma_kw(const void* x, const float* w, const float* bias, void
 
 // fp16/bf16: the tensor-core forward where its plan applies, else the FFMA kernels.
 template <typename T>
-int launch_forward_half(const void* x, const float* w, const float* bias, void* y, const Plan& plan,
+int launch_forward_half(const void* x, const void* w, const float* bias, void* y, const Plan& plan,
                         cudaStream_t s) {
   Plan q;
   if (make_forward_mma_plan(plan, x, y, &q)) {
@@ -1573,7 +1638,7 @@ int launch_wgrad(const void* x, const void* dy, float* ws, const Plan& p, cudaSt
 
 }  // namespace
 
-int forward(DType dtype, const void* x, const float* w, const float* bias, void* y, const Plan& plan,
+int forward(DType dtype, const void* x, const void* w, const float* bias, void* y, const Plan& plan,
             void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
@@ -1582,6 +1647,21 @@ int forward(DType dtype, const void* x, const float* w, const float* bias, void*
     case kBFloat16: return launch_forward_half<__nv_bfloat16>(x, w, bias, y, plan, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int finish_wgrad(DType out_dtype, const float* workspace, void* dw, const Plan& plan, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t total = static_cast<int64_t>(plan.channels) * plan.kh * plan.kw;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+  switch (out_dtype) {
+    case kFloat32: finish_wgrad_kernel<float><<<blocks, 256, 0, s>>>(workspace, static_cast<float*>(dw), plan); break;
+    case kFloat16: finish_wgrad_kernel<__half><<<blocks, 256, 0, s>>>(workspace, static_cast<__half*>(dw), plan); break;
+    case kBFloat16:
+      finish_wgrad_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(workspace, static_cast<__nv_bfloat16*>(dw), plan);
+      break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
 }
 
 int wgrad(DType dtype, const void* x, const void* dy, float* workspace, const Plan& plan, void* stream) {
