@@ -56,6 +56,9 @@ struct Plan {
   // flip (input gradient) and convert them while staging, so no extra PyTorch ops run per call.
   int wdtype;      // DType of the weight tensor
   int wflip;       // 1: use the kernel rotated by 180 degrees (input gradient = forward with flipped kernel)
+  int pipe;        // whole-plane weight gradient: 1 = stage the next batch of planes with cp.async
+  int raw_sz;      // floats per cp.async staging buffer (P planes, sized for fp32)
+  int dpitch_h;    // tensor-core weight gradient: halves per zero-padded dY column line
 };
 
 // Build the launch plan; returns 0 or a negative code when no tiling fits the device's shared memory.

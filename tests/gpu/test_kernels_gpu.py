@@ -213,8 +213,9 @@ def test_binding_reads_weights_as_given(k: tuple[int, int], wdtype: torch.dtype)
     [
         {"SLAK_DWCONV_PLANE_THREADS": "32", "SLAK_DWCONV_WG_THREADS": "32", "SLAK_DWCONV_WG_BPS": "1"},
         {"SLAK_DWCONV_MMA_P": "3", "SLAK_DWCONV_MMA_WARPS": "2", "SLAK_DWCONV_WG_BPS": "64"},
+        {"SLAK_DWCONV_MMA_MIN_K": "3", "SLAK_DWCONV_MMA_MIN_HS": "1", "SLAK_DWCONV_NO_PIPE": "1"},
     ],
-    ids=["small-blocks", "odd-planes"],
+    ids=["small-blocks", "odd-planes", "mma-everywhere-no-pipe"],
 )
 @pytest.mark.parametrize("k", [(47, 5), (5, 47), (5, 5), (13, 5)], ids=lambda k: f"k{k[0]}x{k[1]}")
 def test_geometry_knobs_keep_results(monkeypatch: pytest.MonkeyPatch, k: tuple[int, int], knobs: dict) -> None:
@@ -225,3 +226,18 @@ def test_geometry_knobs_keep_results(monkeypatch: pytest.MonkeyPatch, k: tuple[i
     for dtype in (torch.float32, torch.bfloat16):
         _check("cuda", 9, 7, (14, 14), k, dtype)
         _check("cuda", 5, 3, (7, 7), k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, (56, 56), (51, 5)), (3, 5, (14, 15), (5, 13)), (9, 7, (7, 7), (13, 5)), (2, 3, (20, 9), (151, 1)),
+     (2, 4, (28, 28), (5, 49))],
+    ids=lambda s: f"C{s[1]}-{s[2][0]}x{s[2][1]}-k{s[3][0]}x{s[3][1]}",
+)
+def test_tensor_core_wgrad_opt_in(monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: torch.dtype) -> None:
+    """The opt-in tensor-core weight gradient (SLAK_DWCONV_MMA_WGRAD=1) matches float64, incl. > 64 taps."""
+    _need("cuda")
+    monkeypatch.setenv("SLAK_DWCONV_MMA_WGRAD", "1")
+    n, c, hw, k = shape
+    _check("cuda", n, c, hw, k, dtype)

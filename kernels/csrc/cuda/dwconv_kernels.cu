@@ -583,6 +583,63 @@ __device__ __forceinline__ void load_planes(const T* __restrict__ src, int64_t p
   }
 }
 
+// Asynchronous staging of one batch of whole planes, for software pipelining (v8): issue() starts cp.async
+// copies of the next batch's planes, raw (B = 8-byte pieces), into a staging buffer in shared memory
+// (plane k at raw + k * HW) while the block computes on the current batch; commit() waits for the thread's own
+// copies, converts them to fp32 and scatters them into the tile, exactly as load_planes_n does. A thread
+// commits the pieces it issued, so only the barriers around the compute are needed.
+__device__ __forceinline__ void cp_async8(void* smem_dst, const void* gsrc) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(gsrc) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+template <typename T, int B>
+struct PlaneStager {
+  static_assert(B == 8, "cp_async8 copies 8-byte pieces");
+  static constexpr int N = B / sizeof(T);  // elements per piece
+  using V = typename VecOf<B>::type;
+
+  __device__ __forceinline__ static bool fits(int HW, int64_t pstride, const void* a, const void* b) {
+    return N >= 1 && HW % N == 0 && pstride % N == 0 && reinterpret_cast<uintptr_t>(a) % B == 0 &&
+           reinterpret_cast<uintptr_t>(b) % B == 0;
+  }
+
+  __device__ __forceinline__ static void issue(T* raw, const T* __restrict__ src, int64_t pstride, int nplanes,
+                                               int HW) {
+    const int nvp = HW / N, total = nplanes * nvp;
+    const float inv_nvp = 1.f / nvp;
+    for (int id = threadIdx.x; id < total; id += blockDim.x) {
+      const int k = fdiv(id, inv_nvp);
+      const int e0 = (id - k * nvp) * N;
+      cp_async8(raw + k * HW + e0, src + k * pstride + e0);
+    }
+  }
+
+  __device__ __forceinline__ static void commit(const T* raw, int nplanes, int H, int W, bool tr,
+                                                float* __restrict__ dst, int dplane, int dpitch, int roff, int coff) {
+    const int HW = H * W, nvp = HW / N, total = nplanes * nvp;
+    const float inv_nvp = 1.f / nvp, inv_w = 1.f / W;
+    for (int id = threadIdx.x; id < total; id += blockDim.x) {
+      const int k = fdiv(id, inv_nvp);
+      const int e0 = (id - k * nvp) * N;
+      int gy = fdiv(e0, inv_w), gx = e0 - gy * W;
+      const V val = *reinterpret_cast<const V*>(raw + k * HW + e0);
+      const T* e = reinterpret_cast<const T*>(&val);
+      float* d = dst + k * dplane;
+#pragma unroll
+      for (int q = 0; q < N; ++q) {
+        const int r = tr ? gx : gy, c = tr ? gy : gx;
+        d[(r + roff) * dpitch + c + coff] = to_float(e[q]);
+        if (++gx == W) {
+          gx = 0;
+          ++gy;
+        }
+      }
+    }
+  }
+};
+
 // Store `nplanes` planes staged contiguously in shared memory (plane k at s + k * HW) to dst + k * pstride,
 // adding b.
 template <typename T, int N>
@@ -744,8 +801,12 @@ __device__ __forceinline__ void reduce_taps(float (&acc)[R][KW], int lw, bool ok
   }
 }
 
-template <typename T, int KW, int R>
-__global__ void __launch_bounds__(256)
+// PIPE (v8): the next batch of planes is staged with cp.async while the current one is computed; a separate
+// instance, used only where it pays (plan.pipe). Kernels of <= 5 columns are held to 2 blocks of 256 per SM
+// (<= 128 registers, as v7's compiler chose; without the bound the v8 code grew to 155-164); 7 columns would
+// spill there, so they keep the compiler's choice.
+template <typename T, int KW, int R, bool PIPE>
+__global__ void __launch_bounds__(256, KW < 7 ? 2 : 1)
     wgrad_plane_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ ws, const Plan p) {
   constexpr int NV = (KW + 6) / 4;
   extern __shared__ __align__(16) float smem[];
@@ -782,12 +843,37 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int j = 0; j < KW; ++j) acc[k][j] = 0.f;
 
+  // Pipelining (v8): when a batch of planes fits in a few registers per thread, the next batch's global
+  // loads are issued before the current batch is computed, so DRAM latency hides behind the FMAs (v7's
+  // small maps stalled on those loads: ~25 % of warp samples).
+  // Pipelining (v8): the next batch's planes are copied with cp.async into raw staging buffers while the
+  // current batch is computed (v7's small maps stalled on these loads: ~25 % of warp samples).
+  using Stage8 = PlaneStager<T, 8>;
+  const bool tr = p.transposed != 0;
+  T* raw_x = reinterpret_cast<T*>(s_dy + p.P * p.dplane_sz);
+  T* raw_dy = reinterpret_cast<T*>(s_dy + p.P * p.dplane_sz + p.raw_sz);
+  const bool pipe = PIPE && Stage8::fits(HW, cstride, x, dy);  // the launch checked it; never wrong if not
+  auto issue = [&](int64_t nb) {
+    const int cnt = static_cast<int>(min(static_cast<int64_t>(p.P), n1 - nb));
+    const int64_t base = (nb * p.channels + c) * HW;
+    Stage8::issue(raw_x, x + base, cstride, cnt, HW);
+    Stage8::issue(raw_dy, dy + base, cstride, cnt, HW);
+  };
+  if (pipe && n0 < n1) issue(n0);
+
   for (int64_t nb = n0; nb < n1; nb += p.P) {
     const int nbatch = static_cast<int>(min(static_cast<int64_t>(p.P), n1 - nb));
     __syncthreads();
-    const int64_t base = (nb * p.channels + c) * HW;
-    load_planes(x + base, cstride, nbatch, p.H, p.W, p.transposed != 0, s_x, p.plane_sz, p.pitch, p.phe, p.pw);
-    load_planes(dy + base, cstride, nbatch, p.H, p.W, p.transposed != 0, s_dy, p.dplane_sz, p.pitch_d, 0, 0);
+    if (pipe) {
+      cp_async_wait_all();
+      Stage8::commit(raw_x, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.phe, p.pw);
+      Stage8::commit(raw_dy, nbatch, p.H, p.W, tr, s_dy, p.dplane_sz, p.pitch_d, 0, 0);
+      if (nb + p.P < n1) issue(nb + p.P);
+    } else {
+      const int64_t base = (nb * p.channels + c) * HW;
+      load_planes(x + base, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.phe, p.pw);
+      load_planes(dy + base, cstride, nbatch, p.H, p.W, tr, s_dy, p.dplane_sz, p.pitch_d, 0, 0);
+    }
     __syncthreads();
     for (int gb = 0; gb < p.Gt; gb += p.Gb) {
       const int gg = gb + g;
@@ -981,14 +1067,14 @@ __device__ __forceinline__ void mma_store_planes_n(unsigned short* __restrict__ 
 }
 
 // One warp: output rows [y0, y0 + 16) x column tiles [nt0, nt0 + ntw) of the plane tile at s_x (see above).
-template <typename T, int KW>
+template <typename T, int KW, int NT>
 __device__ __forceinline__ void mma_strip(const Plan& p, const uint32_t* __restrict__ s_pw,
                                           const unsigned short* s_x, int y0, int nt0, int ntw, int lane,
-                                          float (&acc)[kMmaNT][4]) {
+                                          float (&acc)[NT][4]) {
   const int gq = lane >> 2, tq = lane & 3;
   const int WP = p.wpitch;
 #pragma unroll
-  for (int n = 0; n < kMmaNT; ++n)
+  for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int v = 0; v < 4; ++v) acc[n][v] = 0.f;
   // Chunks r0 = 16 kc with some tap in range: d = r0 - y0 + phe in [-15, khe + 14].
@@ -1006,7 +1092,7 @@ __device__ __forceinline__ void mma_strip(const Plan& p, const uint32_t* __restr
       const uint32_t a0 = pj[d], a1 = pj[d - 8], a2 = pj[d + 8];
       const uint32_t xk = xj + 32u * kc;
 #pragma unroll
-      for (int n = 0; n < kMmaNT; ++n) {
+      for (int n = 0; n < NT; ++n) {
         if (n < ntw) {
           uint32_t b0, b1;
           ldsm_x2(xk + 2u * static_cast<uint32_t>(8 * n * p.pitch), b0, b1);
@@ -1018,12 +1104,12 @@ __device__ __forceinline__ void mma_strip(const Plan& p, const uint32_t* __restr
 }
 
 // Write a warp's accumulators (+ bias, rounded once) into `so` in global (NCHW) order of the plane.
-template <typename T>
+template <typename T, int NT>
 __device__ __forceinline__ void mma_stage(const Plan& p, T* so, int y0, int nt0, int ntw, int lane,
-                                          const float (&acc)[kMmaNT][4], float b) {
+                                          const float (&acc)[NT][4], float b) {
   const int gq = lane >> 2, tq = lane & 3;
 #pragma unroll
-  for (int n = 0; n < kMmaNT; ++n) {
+  for (int n = 0; n < NT; ++n) {
     if (n < ntw) {
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
@@ -1035,7 +1121,9 @@ __device__ __forceinline__ void mma_stage(const Plan& p, T* so, int y0, int nt0,
   }
 }
 
-template <typename T, int KW>
+// NT: column tiles per warp at compile time (2, 4 or 8 >= the plan's NTW). v7 unrolled all 8 under a run-time
+// `n < ntw` guard: on 14x14 maps (2 tiles) that issued ~950 instructions per plane for 10 MMAs.
+template <typename T, int KW, int NT>
 __global__ void __launch_bounds__(256, 2)
     forward_mma_kernel(const T* __restrict__ x, const void* __restrict__ w, const float* __restrict__ bias,
                        T* __restrict__ y, const Plan p) {
@@ -1083,7 +1171,7 @@ __global__ void __launch_bounds__(256, 2)
   // of mma_strip keeps the register count of one strip.
   const int nw = static_cast<int>(blockDim.x >> 5);
   const int steps = units == 1 ? max(1, (nplanes - wid + nw - 1) / nw) : 1;
-  float acc[kMmaNT][4];
+  float acc[NT][4];
   int pl = wid, y0 = 0, nt0 = 0, ntw = p.NT8;
   if (units != 1) {
     pl = wid / units;
@@ -1097,15 +1185,15 @@ __global__ void __launch_bounds__(256, 2)
     const int q = pl + it * nw;  // units != 1: steps = 1, q = pl
     const bool active = q < nplanes;
     unsigned short* sp = s_x + q * p.plane_sz;
-    if (active) mma_strip<T, KW>(p, s_pw, sp, y0, nt0, ntw, lane, acc);
+    if (active) mma_strip<T, KW, NT>(p, s_pw, sp, y0, nt0, ntw, lane, acc);
     if (units == 1 && active) {
       __syncwarp();
-      mma_stage<T>(p, reinterpret_cast<T*>(sp), y0, nt0, ntw, lane, acc, b);
+      mma_stage<T, NT>(p, reinterpret_cast<T*>(sp), y0, nt0, ntw, lane, acc, b);
     }
   }
   if (units != 1) {
     __syncthreads();  // the input tiles are dead: stage the outputs there in global (NCHW) order
-    if (pl < nplanes) mma_stage<T>(p, reinterpret_cast<T*>(s_x + pl * p.plane_sz), y0, nt0, ntw, lane, acc, b);
+    if (pl < nplanes) mma_stage<T, NT>(p, reinterpret_cast<T*>(s_x + pl * p.plane_sz), y0, nt0, ntw, lane, acc, b);
   }
   __syncthreads();
   {
@@ -1116,6 +1204,165 @@ __global__ void __launch_bounds__(256, 2)
       case 2: mma_store_planes_n<2>(dst, cstride, nplanes, HW, s_x, p.plane_sz); break;
       default: mma_store_planes_n<1>(dst, cstride, nplanes, HW, s_x, p.plane_sz); break;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core weight gradient for fp16/bf16 (v8). In slide orientation, with u = y + i - phe the input row,
+//   dW[i, j] = sum_x sum_u dY[u - i + phe, x] * X[u, x + j - pw],
+// which for one column x is a matrix product: M = taps i (16 per block), K = input rows u (16 per chunk),
+// N = kernel columns j (8, of which kw <= 7 are kept). A[i, u] = dY[u - i + phe, x] is a Toeplitz band of
+// column x of dY, B[u, j] = X[u, x + j - pw] is a 16 x 8 block of the (transposed) input tile, so one
+// mma.m16n8k16 per (column x, 16-tap block, 16-row chunk), fp32 accumulators summed over columns, chunks
+// and the block's planes. Only chunks whose rows meet the map are visited (a 47-tap kernel on a 14x14 map
+// costs two chunks per block).
+// * The input tile is the forward's: s_x[(x + pw) * pitch + u] (16-bit, u contiguous, rows padded to 16 with
+//   zeros, zero halo columns), so B is one ldmatrix.x2 whose 8 row addresses are 8 consecutive columns.
+// * A fragments need pairs (dY[t, x], dY[t + 1, x]) at t = D + 2q - g + {0, -8, +8} (D = u0 - i0 + phe, g =
+//   lane / 4, q = lane % 4; the fourth register repeats the first, as in the forward). The parity of t is
+//   fixed per thread, so each column of dY is kept twice: as loaded (E: words (e[2w], e[2w + 1])) and
+//   shifted by one element (O: words (e[2w + 1], e[2w + 2])); a thread reads 3 aligned words of one of them.
+//   Columns sit at offset kWgT0 inside a zero-padded line of L halves, so every t in [-30, Hs + 29] is a read.
+// The index mapping was checked by a NumPy emulation of the fragments (6 shapes, exact) before the first run.
+constexpr int kWgT0 = 32;  // halves of zero padding before each dY column (t >= -30 is read)
+constexpr int kWgNB = 4;   // 16-tap blocks per register group (16 fp32 accumulators)
+
+template <typename T>
+__global__ void __launch_bounds__(256, 2)
+    wgrad_mma_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ ws, const Plan p) {
+  extern __shared__ __align__(16) float smem[];
+  const int NB = (p.khe + 15) / 16;
+  const int L = p.dpitch_h;                                 // halves per dY column line
+  float* s_acc = smem;                                      // NB * 16 x 8 fp32
+  unsigned short* s_x = reinterpret_cast<unsigned short*>(smem + p.acc_sz);
+  unsigned short* s_e = s_x + p.P * p.plane_sz;             // P planes x Ws lines x L halves
+  uint32_t* s_o = reinterpret_cast<uint32_t*>(s_e + static_cast<int64_t>(p.P) * p.Ws * L);  // same size
+  const int c = static_cast<int>(blockIdx.x % p.channels);
+  const int chunk = static_cast<int>(blockIdx.x / p.channels);
+  const int64_t N = p.planes / p.channels;
+  const int64_t n0 = static_cast<int64_t>(chunk) * p.chunk;
+  const int64_t n1 = min(N, n0 + p.chunk);
+  const int HW = p.H * p.W;
+  const int64_t cstride = static_cast<int64_t>(p.channels) * HW;
+  const bool tr = p.transposed != 0;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int par = (p.phe - gq) & 1;                         // parity of t for this thread
+  const int wline = L / 2;                                  // words per line
+  const int tb = kWgT0 + 2 * tq - gq - par;                 // even: word index = (tb + D + off) / 2
+  const int dyn_floats = (p.P * p.plane_sz + 2 * p.P * p.Ws * L) / 2;
+
+  for (int e = threadIdx.x; e < p.acc_sz; e += blockDim.x) s_acc[e] = 0.f;
+  // Padding (halo columns, rows past Hs, the zero margins of the dY lines, the last O word of a line) is
+  // zeroed once: the loads write image positions only and the O words are rebuilt from E every batch.
+  zero_fill(reinterpret_cast<float*>(s_x), dyn_floats);
+
+  for (int64_t nb = n0; nb < n1; nb += p.P) {
+    const int nbatch = static_cast<int>(min(static_cast<int64_t>(p.P), n1 - nb));
+    const int64_t base = (nb * p.channels + c) * HW;
+    __syncthreads();
+    {
+      const unsigned short* sx = reinterpret_cast<const unsigned short*>(x) + base;
+      const unsigned short* sd = reinterpret_cast<const unsigned short*>(dy) + base;
+      const int pe = p.Ws * L;
+      switch (p.vin) {
+        case 8:
+          mma_load_planes_n<8>(sx, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw);
+          mma_load_planes_n<8>(sd, cstride, nbatch, p.H, p.W, tr, s_e + kWgT0, pe, L, 0);
+          break;
+        case 4:
+          mma_load_planes_n<4>(sx, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw);
+          mma_load_planes_n<4>(sd, cstride, nbatch, p.H, p.W, tr, s_e + kWgT0, pe, L, 0);
+          break;
+        case 2:
+          mma_load_planes_n<2>(sx, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw);
+          mma_load_planes_n<2>(sd, cstride, nbatch, p.H, p.W, tr, s_e + kWgT0, pe, L, 0);
+          break;
+        default:
+          mma_load_planes_n<1>(sx, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw);
+          mma_load_planes_n<1>(sd, cstride, nbatch, p.H, p.W, tr, s_e + kWgT0, pe, L, 0);
+          break;
+      }
+    }
+    __syncthreads();
+    {
+      // O[w] = (e[2w + 1], e[2w + 2]); the last word of each line stays zero.
+      const uint32_t* s_ew = reinterpret_cast<const uint32_t*>(s_e);
+      const int lines = nbatch * p.Ws, per = wline - 1;
+      for (int id = threadIdx.x; id < lines * per; id += blockDim.x) {
+        const int ln = id / per, w = id - ln * per;
+        const int o = ln * wline + w;
+        s_o[o] = __byte_perm(s_ew[o], s_ew[o + 1], 0x5432);
+      }
+    }
+    __syncthreads();
+    for (int bg = 0; bg < NB; bg += kWgNB) {
+      float acc[kWgNB][4];
+      // Per 16-tap block: the chunks whose rows meet the map (u in [16 ib - phe, 16 ib + 15 - phe + Hs) within
+      // [0, Hs)) and the word index of the thread's a0 at chunk 0 (+ 8 words per chunk).
+      int clo[kWgNB], chi[kWgNB], wb[kWgNB];
+      int c_lo = 1 << 20, c_hi = -1;
+#pragma unroll
+      for (int b = 0; b < kWgNB; ++b) {
+        const int ib = bg + b;
+        const int lo = max(0, 16 * ib - p.phe), hi = min(p.Hs, 16 * ib + 15 - p.phe + p.Hs);
+        const bool live = ib < NB && lo < hi;
+        clo[b] = live ? lo >> 4 : 1 << 20;
+        chi[b] = live ? (hi - 1) >> 4 : -1;
+        c_lo = min(c_lo, clo[b]);
+        c_hi = max(c_hi, chi[b]);
+        wb[b] = (tb + p.phe - 16 * ib) >> 1;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[b][v] = 0.f;
+      }
+      int k = 0, xs = wid;
+      while (xs >= p.Ws) {
+        xs -= p.Ws;
+        ++k;
+      }
+      for (; k < nbatch;) {
+        const int line = k * p.Ws + xs;
+        const uint32_t* col = par ? s_o + line * wline : reinterpret_cast<const uint32_t*>(s_e) + line * wline;
+        const uint32_t xa = static_cast<uint32_t>(__cvta_generic_to_shared(s_x + k * p.plane_sz)) +
+                            2u * static_cast<uint32_t>((xs + (lane & 7)) * p.pitch + ((lane >> 3) & 1) * 8);
+        for (int cc = c_lo; cc <= c_hi; ++cc) {
+          uint32_t b0, b1;
+          ldsm_x2(xa + 32u * cc, b0, b1);
+#pragma unroll
+          for (int b = 0; b < kWgNB; ++b) {
+            if (cc >= clo[b] && cc <= chi[b]) {
+              const uint32_t* a = col + wb[b] + 8 * cc;
+              const uint32_t a0 = a[0], a1 = a[-4], a2 = a[4];
+              mma_16816<T>(acc[b], a0, a1, a2, a0, b0, b1);
+            }
+          }
+        }
+        xs += nw;
+        while (xs >= p.Ws) {
+          xs -= p.Ws;
+          ++k;
+        }
+      }
+      // Block-level sum: taps 16 ib + gq (+ 8), kernel columns 2 tq (+ 1).
+#pragma unroll
+      for (int b = 0; b < kWgNB; ++b) {
+        const int ib = bg + b;
+        if (ib < NB) {
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {
+            const int i = 16 * ib + gq + (v >> 1) * 8, j = 2 * tq + (v & 1);
+            if (i < p.khe && j < p.kw) atomicAdd(s_acc + i * 8 + j, acc[b][v]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int ksz = p.kh * p.kw;
+  float* out = ws + (static_cast<int64_t>(chunk) * p.channels + c) * ksz;
+  for (int e = threadIdx.x; e < ksz; e += blockDim.x) {
+    const int ie = e / p.kw - p.kh_lo;
+    out[e] = (ie >= 0 && ie < p.khe) ? s_acc[ie * 8 + e % p.kw] : 0.f;
   }
 }
 
@@ -1295,7 +1542,19 @@ bool make_wgrad_plane_plan(int sm_count, Plan* plan) {
   p.dplane_sz = p.Hs * p.pitch_d;
   p.acc_sz = (p.Gt * p.R * p.kw + 3) & ~3;
   const int64_t N = p.planes / p.channels;
-  auto smem = [&](int P) { return 4LL * (p.acc_sz + static_cast<int64_t>(P) * (p.plane_sz + p.dplane_sz)); };
+  // cp.async staging (two raw buffers of P planes, sized for fp32) on maps up to 32 x 32 with several tap
+  // groups, where the loads' latency was exposed (v8: s3 47x5 bf16 93 -> 70 us). 56 x 56 maps gain nothing
+  // (s1 K x 5 wgrad, both dtypes: 1577 vs 1575 us) and keep the shared memory; single-group (5x5) passes
+  // are too short to hide a load (measured slower), and H * W % 4 != 0 cannot use 8-byte pieces.
+  const char* no_pipe = std::getenv("SLAK_DWCONV_NO_PIPE");  // 1: v7's unpipelined loads (A/B timing only)
+  const int pipe_max_hw = env_int("SLAK_DWCONV_PIPE_MAX_HW", 1024);
+  p.pipe = (no_pipe != nullptr && no_pipe[0] == '1') || p.H * p.W > pipe_max_hw || p.Gt == 1 || (p.H * p.W) % 4 != 0
+               ? 0
+               : 1;
+  auto raw = [&](int P) -> int64_t { return p.pipe ? (static_cast<int64_t>(P) * p.H * p.W + 3) & ~3LL : 0; };
+  auto smem = [&](int P) {
+    return 4LL * (p.acc_sz + static_cast<int64_t>(P) * (p.plane_sz + p.dplane_sz) + 2 * raw(P));
+  };
   const int hard = smem_optin_limit();
   if (smem(1) > hard) return false;
   p.P = 1;
@@ -1330,6 +1589,7 @@ bool make_wgrad_plane_plan(int sm_count, Plan* plan) {
   }
   p.smem_bytes = smem(p.P);
   p.threads = ((p.Gb * p.CTp * p.YS * p.P + 31) / 32) * 32;
+  p.raw_sz = static_cast<int>(raw(p.P));
   const int64_t target = static_cast<int64_t>(env_int("SLAK_DWCONV_WG_BPS", bps_default)) * std::max(1, sm_count);
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>((N + p.P - 1) / p.P, (target + p.channels - 1) / p.channels));
   p.chunk = static_cast<int>(((N + n_chunks - 1) / n_chunks + p.P - 1) / p.P * p.P);
@@ -1346,8 +1606,12 @@ bool make_wgrad_plane_plan(int sm_count, Plan* plan) {
 // SLAK_DWCONV_NO_MMA=1 keeps fp16/bf16 on the FFMA kernels (A/B timing only).
 bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* out) {
   // Planes of at most 8 rows along the long axis (SLaK-T stage 4: 7x7 maps) give a block too few MMAs to
-  // repay building the weight table: v7 measured s4 13x5 bf16 0.050 -> 0.090 ms there, so they stay on FFMA.
-  if (b.path != 1 || b.kh < 13 || b.Hs <= 8) return false;
+  // repay building the weight table: v7 measured s4 13x5 bf16 0.050 -> 0.090 ms there (v8, with the
+  // column-tile count compiled in: 0.042 -> 0.049), so they stay on FFMA.
+  // v8 (H200, bf16, B64): on 9..16-row planes a 5-tap axis gains too (s3 5x5 fwd 44 -> 34 us: one chunk,
+  // 10 MMAs per plane); on larger planes 5x5 stays on FFMA (s1 116 vs 126 us, s2 64 vs 66 us).
+  const int min_k = env_int("SLAK_DWCONV_MMA_MIN_K", b.Hs <= 16 ? 5 : 13);
+  if (b.path != 1 || b.kh < min_k || b.Hs < env_int("SLAK_DWCONV_MMA_MIN_HS", 9)) return false;
   const char* env = std::getenv("SLAK_DWCONV_NO_MMA");
   if (env != nullptr && env[0] == '1') return false;
   Plan p = b;
@@ -1374,7 +1638,8 @@ bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* ou
     while (p.P > 1 && smem(p.P) > 48 * 1024) p.P = (p.P + 1) / 2;
     p.threads = std::min(p.P, std::min(8, env_int("SLAK_DWCONV_MMA_WARPS", 8))) * 32;
   } else {
-    p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8 / units, N)));
+    const int warps = std::max(units, std::min(8, env_int("SLAK_DWCONV_MMA_BLOCK_WARPS", 8)));
+    p.P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(warps / units, N)));
     while (p.P > 1 && smem(p.P) > 64 * 1024) p.P = (p.P + 1) / 2;
     p.threads = p.P * units * 32;
   }
@@ -1386,6 +1651,39 @@ bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* ou
   for (int n : {2, 4, 8}) {
     if (p.W % n == 0 && xa % (2 * n) == 0) p.vin = n;
     if (HW % n == 0 && ya % (2 * n) == 0) p.vout = n;
+  }
+  p.mma = 1;
+  *out = p;
+  return true;
+}
+
+// Tensor-core weight-gradient plan (fp16/bf16, whole-plane shapes with >= 13 taps along the long axis),
+// built at launch from the FFMA plan `b`, whose batch chunking (and so the workspace) it keeps. Opt-in
+// (SLAK_DWCONV_MMA_WGRAD=1): correct, but slower than the FFMA kernel today (NOTES.md, v8: s1 51x5 bf16
+// 0.43 vs 0.40 ms, s3 47x5 0.16 vs 0.07 ms), because it issues ~25 instructions per MMA and a batch of
+// planes runs load -> build -> compute with no overlap.
+bool make_wgrad_mma_plan(const Plan& b, const void* x, const void* dy, Plan* out) {
+  if (b.path != 1 || b.kh < 13) return false;
+  const char* env = std::getenv("SLAK_DWCONV_MMA_WGRAD");
+  if (env == nullptr || env[0] != '1') return false;
+  Plan p = b;
+  p.HP = 16 * ((p.Hs + 15) / 16);
+  p.pitch = p.HP + 8;                      // halves; pitch / 2 = 4 (mod 8) words: conflict-free ldmatrix rows
+  p.plane_sz = (p.Ws + 8) * p.pitch;       // columns x + n - pw for x < Ws, n < 8, at rows x + n
+  p.dpitch_h = p.HP + 2 * kWgT0;           // dY line: kWgT0 zeros, Hs values, zeros to HP + 2 kWgT0
+  const int NB = (p.khe + 15) / 16;
+  p.acc_sz = NB * 16 * 8;
+  const int64_t per_plane = 2LL * p.plane_sz + 2LL * 2 * p.Ws * p.dpitch_h;  // bytes: X tile + E + O lines
+  const int64_t chunk_planes = std::max(1, p.chunk);
+  auto smem = [&](int P) { return 4LL * p.acc_sz + P * per_plane; };
+  if (smem(1) > smem_optin_limit()) return false;
+  p.P = static_cast<int>(std::min<int64_t>(chunk_planes, std::max<int64_t>(1, (48 * 1024 - 4LL * p.acc_sz) / per_plane)));
+  p.smem_bytes = smem(p.P);
+  p.threads = 256;
+  const uintptr_t xa = reinterpret_cast<uintptr_t>(x), da = reinterpret_cast<uintptr_t>(dy);
+  p.vin = 1;
+  for (int n : {2, 4, 8}) {
+    if (p.W % n == 0 && xa % (2 * n) == 0 && da % (2 * n) == 0) p.vin = n;
   }
   p.mma = 1;
   *out = p;
@@ -1554,7 +1852,8 @@ int launch_forward(const void* x, const void* w, const float* bias, void* y, con
 template <typename T, int KW>
 int launch_forward_mma_kw(const void* x, const void* w, const float* bias, void* y, const Plan& p,
                           cudaStream_t stream) {
-  auto kernel = forward_mma_kernel<T, KW>;
+  auto kernel = p.NTW <= 2 ? forward_mma_kernel<T, KW, 2>
+                : p.NTW <= 4 ? forward_mma_kernel<T, KW, 4> : forward_mma_kernel<T, KW, kMmaNT>;
   if (p.smem_bytes > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
@@ -1599,7 +1898,11 @@ int launch_wgrad_r(const void* x, const void* dy, float* ws, const Plan& p, cuda
 
 template <typename T, int KW, int R>
 int launch_wgrad_plane_r(const void* x, const void* dy, float* ws, const Plan& p, cudaStream_t stream) {
-  auto kernel = wgrad_plane_kernel<T, KW, R>;
+  const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+  constexpr int N8 = 8 / sizeof(T);
+  const bool pipe = p.pipe != 0 && HW % N8 == 0 && reinterpret_cast<uintptr_t>(x) % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(dy) % 8 == 0;
+  auto kernel = pipe ? wgrad_plane_kernel<T, KW, R, true> : wgrad_plane_kernel<T, KW, R, false>;
   if (p.smem_bytes > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
@@ -1636,6 +1939,24 @@ int launch_wgrad(const void* x, const void* dy, float* ws, const Plan& p, cudaSt
   }
 }
 
+template <typename T>
+int launch_wgrad_half(const void* x, const void* dy, float* ws, const Plan& plan, cudaStream_t s) {
+  Plan q;
+  if (make_wgrad_mma_plan(plan, x, dy, &q)) {
+    auto kernel = wgrad_mma_kernel<T>;
+    if (q.smem_bytes > 48 * 1024) {
+      cudaError_t err =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(q.smem_bytes));
+      if (err != cudaSuccess) return static_cast<int>(err);
+    }
+    const int64_t blocks = static_cast<int64_t>(q.n_chunks) * q.channels;
+    kernel<<<static_cast<unsigned>(blocks), q.threads, q.smem_bytes, s>>>(static_cast<const T*>(x),
+                                                                          static_cast<const T*>(dy), ws, q);
+    return static_cast<int>(cudaGetLastError());
+  }
+  return launch_wgrad<T>(x, dy, ws, plan, s);
+}
+
 }  // namespace
 
 int forward(DType dtype, const void* x, const void* w, const float* bias, void* y, const Plan& plan,
@@ -1668,8 +1989,8 @@ int wgrad(DType dtype, const void* x, const void* dy, float* workspace, const Pl
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32: return launch_wgrad<float>(x, dy, workspace, plan, s);
-    case kFloat16: return launch_wgrad<__half>(x, dy, workspace, plan, s);
-    case kBFloat16: return launch_wgrad<__nv_bfloat16>(x, dy, workspace, plan, s);
+    case kFloat16: return launch_wgrad_half<__half>(x, dy, workspace, plan, s);
+    case kBFloat16: return launch_wgrad_half<__nv_bfloat16>(x, dy, workspace, plan, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
