@@ -68,6 +68,28 @@ def test_nothing_reads_the_shared_folder() -> None:
         assert "../shared" not in text and "shared/reference" not in text, f"{path} refers to shared/"
 
 
+# The team's internal reference notes live outside the repository; users never see them, so no file may point
+# at them, by path or by name.
+_INTERNAL_NOTES = ("../shared", "shared/reference", "kernel_anchors", "slak_spec.md", "paper_numbers.md")
+
+
+def test_no_file_names_the_internal_notes() -> None:
+    skip = {".git", ".venv", "node_modules", "__pycache__", ".pytest_cache"}
+    this = Path(__file__).resolve()
+    offenders = []
+    for path in ROOT.rglob("*"):
+        if not path.is_file() or skip & set(path.relative_to(ROOT).parts) or path.resolve() == this:
+            continue
+        if path.suffix not in {".py", ".md", ".cu", ".cpp", ".h", ".yaml", ".yml", ".toml", ".txt", ".cfg", ""}:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        offenders += [f"{path.relative_to(ROOT)}: {name}" for name in _INTERNAL_NOTES if name in text]
+    assert not offenders, offenders
+
+
 def test_checker_catches_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom ray import train\nimport slak_model.layers as L\n")
