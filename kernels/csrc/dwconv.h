@@ -43,7 +43,7 @@ struct Plan {
   int YS;          // wgrad: row segments per plane
   int Gt, Gb;      // wgrad: tap groups (Gt * R >= khe) and groups per pass
   int plane_sz;    // floats per plane tile (input with halo)
-  int pitch_d, dplane_sz;  // wgrad: dy tile pitch and size
+  int pitch_d, dplane_sz;  // wgrad: dy tile pitch and size (floats; 16-bit values in the tensor-core wgrad)
   int acc_sz;      // wgrad: floats of the block's tap accumulators
   // Tensor-core forward (fp16/bf16, mma = 1; chosen at launch from a path-1 plan): pitch and plane_sz count
   // 16-bit elements of the transposed tile s[x + pw][y].
@@ -58,7 +58,6 @@ struct Plan {
   int wflip;       // 1: use the kernel rotated by 180 degrees (input gradient = forward with flipped kernel)
   int pipe;        // whole-plane weight gradient: 1 = stage the next batch of planes with cp.async
   int raw_sz;      // floats per cp.async staging buffer (P planes, sized for fp32)
-  int dpitch_h;    // tensor-core weight gradient: halves per zero-padded dY column line
 };
 
 // Build the launch plan; returns 0 or a negative code when no tiling fits the device's shared memory.

@@ -211,9 +211,11 @@ def test_binding_reads_weights_as_given(k: tuple[int, int], wdtype: torch.dtype)
 @pytest.mark.parametrize(
     "knobs",
     [
-        {"SLAK_DWCONV_PLANE_THREADS": "32", "SLAK_DWCONV_WG_THREADS": "32", "SLAK_DWCONV_WG_BPS": "1"},
+        {"SLAK_DWCONV_PLANE_THREADS": "32", "SLAK_DWCONV_WG_THREADS": "32", "SLAK_DWCONV_WG_BPS": "1",
+         "SLAK_DWCONV_MMA_WGRAD": "0"},
         {"SLAK_DWCONV_MMA_P": "3", "SLAK_DWCONV_MMA_WARPS": "2", "SLAK_DWCONV_WG_BPS": "64"},
-        {"SLAK_DWCONV_MMA_MIN_K": "3", "SLAK_DWCONV_MMA_MIN_HS": "1", "SLAK_DWCONV_NO_PIPE": "1"},
+        {"SLAK_DWCONV_MMA_MIN_K": "3", "SLAK_DWCONV_MMA_MIN_HS": "1", "SLAK_DWCONV_NO_PIPE": "1",
+         "SLAK_DWCONV_MMA_WGRAD": "1"},
     ],
     ids=["small-blocks", "odd-planes", "mma-everywhere-no-pipe"],
 )
@@ -231,12 +233,14 @@ def test_geometry_knobs_keep_results(monkeypatch: pytest.MonkeyPatch, k: tuple[i
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize(
     "shape",
-    [(2, 3, (56, 56), (51, 5)), (3, 5, (14, 15), (5, 13)), (9, 7, (7, 7), (13, 5)), (2, 3, (20, 9), (151, 1)),
-     (2, 4, (28, 28), (5, 49))],
+    [(2, 3, (56, 56), (51, 5)), (3, 5, (14, 15), (5, 13)), (9, 7, (7, 7), (13, 5)), (2, 4, (28, 28), (5, 49)),
+     (2, 3, (64, 33), (61, 3)), (3, 5, (14, 15), (5, 5)), (2, 3, (9, 20), (7, 7)), (4, 3, (1, 1), (1, 1)),
+     (2, 3, (20, 9), (151, 1)), (2, 3, (70, 20), (51, 5))],
     ids=lambda s: f"C{s[1]}-{s[2][0]}x{s[2][1]}-k{s[3][0]}x{s[3][1]}",
 )
 def test_tensor_core_wgrad_opt_in(monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: torch.dtype) -> None:
-    """The opt-in tensor-core weight gradient (SLAK_DWCONV_MMA_WGRAD=1) matches float64, incl. > 64 taps."""
+    """The tensor-core weight gradient, forced on (SLAK_DWCONV_MMA_WGRAD=1), matches float64; shapes it does not
+    take (> 64 effective taps, > 64 rows along the long axis) fall back to the FFMA kernels."""
     _need("cuda")
     monkeypatch.setenv("SLAK_DWCONV_MMA_WGRAD", "1")
     n, c, hw, k = shape

@@ -1208,35 +1208,52 @@ __global__ void __launch_bounds__(256, 2)
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Tensor-core weight gradient for fp16/bf16 (v8). In slide orientation, with u = y + i - phe the input row,
-//   dW[i, j] = sum_x sum_u dY[u - i + phe, x] * X[u, x + j - pw],
-// which for one column x is a matrix product: M = taps i (16 per block), K = input rows u (16 per chunk),
-// N = kernel columns j (8, of which kw <= 7 are kept). A[i, u] = dY[u - i + phe, x] is a Toeplitz band of
-// column x of dY, B[u, j] = X[u, x + j - pw] is a 16 x 8 block of the (transposed) input tile, so one
-// mma.m16n8k16 per (column x, 16-tap block, 16-row chunk), fp32 accumulators summed over columns, chunks
-// and the block's planes. Only chunks whose rows meet the map are visited (a 47-tap kernel on a 14x14 map
-// costs two chunks per block).
-// * The input tile is the forward's: s_x[(x + pw) * pitch + u] (16-bit, u contiguous, rows padded to 16 with
-//   zeros, zero halo columns), so B is one ldmatrix.x2 whose 8 row addresses are 8 consecutive columns.
-// * A fragments need pairs (dY[t, x], dY[t + 1, x]) at t = D + 2q - g + {0, -8, +8} (D = u0 - i0 + phe, g =
-//   lane / 4, q = lane % 4; the fourth register repeats the first, as in the forward). The parity of t is
-//   fixed per thread, so each column of dY is kept twice: as loaded (E: words (e[2w], e[2w + 1])) and
-//   shifted by one element (O: words (e[2w + 1], e[2w + 2])); a thread reads 3 aligned words of one of them.
-//   Columns sit at offset kWgT0 inside a zero-padded line of L halves, so every t in [-30, Hs + 29] is a read.
-// The index mapping was checked by a NumPy emulation of the fragments (6 shapes, exact) before the first run.
-constexpr int kWgT0 = 32;  // halves of zero padding before each dY column (t >= -30 is read)
-constexpr int kWgNB = 4;   // 16-tap blocks per register group (16 fp32 accumulators)
+// Tensor-core weight gradient for fp16/bf16 (v9, "row GEMM"). In slide orientation (long kernel axis along
+// rows), for one output row y,
+//   dW[i, j] += sum_c X[y + i - phe, c] * dY[y, c - j + pw]      (c = the input column x + j - pw),
+// a matrix product with M = taps i (16 per block), K = input columns c (16 per chunk, only the map's own
+// columns: the shift by j lives in B), N = kernel columns j (8, of which kw <= 7 are kept):
+// * A[i, c] = X[y + i - phe, c] is a plain 16 x 16 block of the row-major input tile: one ldmatrix.x4;
+// * B[c, j] = dY[y, c - j + pw] is a Toeplitz band of one dY row: a thread needs the element pairs starting at
+//   e = c0 + 2q - g + pw and e + 8 (g = lane / 4, q = lane % 4). Their parity is fixed per thread, so each dY
+//   row is kept twice, as loaded (E) and shifted by one element (O), and a pair is one aligned word of one
+//   of them.
+// * A for (row y, tap block ib) starts at input row y + 16 ib - phe, so it is the same block for (y + 16, ib - 1):
+//   a warp takes the rows y0 + 16 m (m < MY, y0 < 16) together and loads each distinct A block once (MY + NB - 1
+//   instead of MY * NB), then runs all MY * NB products. Blocks of rows wholly off the map are not loaded
+//   (zero), rows past the map have a zero B and taps past khe are discarded, so no product needs a branch.
+// Both tiles are row-major in slide orientation (a 51x5 kernel copies rows straight, a 5x51 one transposes on
+// the way in), zero outside the map: X at rows + kRgRO, dY at columns + kRgDO. fp32 accumulators live across
+// the block's planes, then go through shared memory to one workspace row per batch chunk, as the FFMA kernel's.
+// The index mapping was checked by a NumPy emulation of the fragments (12 shapes, exact) before the first run.
+constexpr int kRgMaxMY = 4;  // rows per warp unit (y0 + 16 m): maps of <= 64 rows along the long axis
+constexpr int kRgMaxNB = 4;  // 16-tap blocks: <= 64 effective taps
+constexpr int kRgRO = 16;    // zero rows above the input tile (and 16 below): A blocks start at row >= -15
+constexpr int kRgDO = 8;     // zero halves before each dY row: B reads elements from c0 + pw - 7 on
 
-template <typename T>
-__global__ void __launch_bounds__(256, 2)
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&a)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
+}
+
+template <int N>
+__device__ __forceinline__ void rg_load(const unsigned short* __restrict__ x, const unsigned short* __restrict__ dy,
+                                        int64_t cstride, int nbatch, const Plan& p, bool straight,
+                                        unsigned short* __restrict__ s_x, unsigned short* __restrict__ s_d) {
+  mma_load_planes_n<N>(x, cstride, nbatch, p.H, p.W, straight, s_x, p.plane_sz, p.pitch, kRgRO);
+  mma_load_planes_n<N>(dy, cstride, nbatch, p.H, p.W, straight, s_d + kRgDO, p.dplane_sz, p.pitch_d, 0);
+}
+
+template <typename T, int MY, int NB>
+__global__ void __launch_bounds__(256, 3)
     wgrad_mma_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ ws, const Plan p) {
+  constexpr int NK = MY + NB - 1;
   extern __shared__ __align__(16) float smem[];
-  const int NB = (p.khe + 15) / 16;
-  const int L = p.dpitch_h;                                 // halves per dY column line
-  float* s_acc = smem;                                      // NB * 16 x 8 fp32
-  unsigned short* s_x = reinterpret_cast<unsigned short*>(smem + p.acc_sz);
-  unsigned short* s_e = s_x + p.P * p.plane_sz;             // P planes x Ws lines x L halves
-  uint32_t* s_o = reinterpret_cast<uint32_t*>(s_e + static_cast<int64_t>(p.P) * p.Ws * L);  // same size
+  float* s_acc = smem;                                                       // NB * 16 taps x 8 columns, fp32
+  unsigned short* s_x = reinterpret_cast<unsigned short*>(smem + p.acc_sz);  // P x (Hs + 2 kRgRO) x pitch
+  unsigned short* s_d = s_x + p.P * p.plane_sz;                              // E: P x Hs x pitch_d
+  uint32_t* s_o = reinterpret_cast<uint32_t*>(s_d + p.P * p.dplane_sz);      // O: the same, shifted by one
   const int c = static_cast<int>(blockIdx.x % p.channels);
   const int chunk = static_cast<int>(blockIdx.x / p.channels);
   const int64_t N = p.planes / p.channels;
@@ -1244,117 +1261,102 @@ __global__ void __launch_bounds__(256, 2)
   const int64_t n1 = min(N, n0 + p.chunk);
   const int HW = p.H * p.W;
   const int64_t cstride = static_cast<int64_t>(p.channels) * HW;
-  const bool tr = p.transposed != 0;
+  const bool straight = p.transposed == 0;  // slide rows are global rows: copied straight, else transposed
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  const int par = (p.phe - gq) & 1;                         // parity of t for this thread
-  const int wline = L / 2;                                  // words per line
-  const int tb = kWgT0 + 2 * tq - gq - par;                 // even: word index = (tb + D + off) / 2
-  const int dyn_floats = (p.P * p.plane_sz + 2 * p.P * p.Ws * L) / 2;
+  const int units = min(16, p.Hs);  // row classes y0 per plane
+  const int nc = (p.Ws + 15) >> 4;  // 16-column chunks
+  const int wrow = p.pitch_d >> 1;  // words per dY row
+  const int dwords = p.dplane_sz >> 1;
+  // B: the thread's pair starts at element e = kRgDO + pw - g + 2q (+ 16 per chunk, + 8 for b1) of a dY row: word
+  // e / 2 of E when e is even, of O when it is odd.
+  const int eb = kRgDO + p.pw - gq + 2 * tq;
+  const uint32_t* s_b = ((eb & 1) ? s_o : reinterpret_cast<const uint32_t*>(s_d)) + (eb >> 1);
+  // A: ldmatrix.x4 row address of this lane: matrix lane / 8 = (rows + 8 (lane / 8 & 1), columns + 8 (lane / 16)).
+  const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
+  const uint32_t astep = 32u * static_cast<uint32_t>(p.pitch);  // bytes per 16 tile rows
+  const uint32_t sx_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_x)) +
+                           2u * static_cast<uint32_t>((kRgRO - p.phe + arow) * p.pitch + acol);
 
   for (int e = threadIdx.x; e < p.acc_sz; e += blockDim.x) s_acc[e] = 0.f;
-  // Padding (halo columns, rows past Hs, the zero margins of the dY lines, the last O word of a line) is
-  // zeroed once: the loads write image positions only and the O words are rebuilt from E every batch.
-  zero_fill(reinterpret_cast<float*>(s_x), dyn_floats);
+  zero_fill(reinterpret_cast<float*>(s_x), p.P * (p.plane_sz + 2 * p.dplane_sz) / 2);  // margins stay zero
 
-  for (int64_t nb = n0; nb < n1; nb += p.P) {
-    const int nbatch = static_cast<int>(min(static_cast<int64_t>(p.P), n1 - nb));
-    const int64_t base = (nb * p.channels + c) * HW;
+  float acc[NB][4];
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[b][v] = 0.f;
+
+  for (int64_t nbase = n0; nbase < n1; nbase += p.P) {
+    const int nbatch = static_cast<int>(min(static_cast<int64_t>(p.P), n1 - nbase));
+    const int64_t base = (nbase * p.channels + c) * HW;
     __syncthreads();
     {
       const unsigned short* sx = reinterpret_cast<const unsigned short*>(x) + base;
       const unsigned short* sd = reinterpret_cast<const unsigned short*>(dy) + base;
-      const int pe = p.Ws * L;
       switch (p.vin) {
-        case 8:
-          mma_load_planes_n<8>(sx, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw);
-          mma_load_planes_n<8>(sd, cstride, nbatch, p.H, p.W, tr, s_e + kWgT0, pe, L, 0);
-          break;
-        case 4:
-          mma_load_planes_n<4>(sx, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw);
-          mma_load_planes_n<4>(sd, cstride, nbatch, p.H, p.W, tr, s_e + kWgT0, pe, L, 0);
-          break;
-        case 2:
-          mma_load_planes_n<2>(sx, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw);
-          mma_load_planes_n<2>(sd, cstride, nbatch, p.H, p.W, tr, s_e + kWgT0, pe, L, 0);
-          break;
-        default:
-          mma_load_planes_n<1>(sx, cstride, nbatch, p.H, p.W, tr, s_x, p.plane_sz, p.pitch, p.pw);
-          mma_load_planes_n<1>(sd, cstride, nbatch, p.H, p.W, tr, s_e + kWgT0, pe, L, 0);
-          break;
+        case 8: rg_load<8>(sx, sd, cstride, nbatch, p, straight, s_x, s_d); break;
+        case 4: rg_load<4>(sx, sd, cstride, nbatch, p, straight, s_x, s_d); break;
+        case 2: rg_load<2>(sx, sd, cstride, nbatch, p, straight, s_x, s_d); break;
+        default: rg_load<1>(sx, sd, cstride, nbatch, p, straight, s_x, s_d); break;
       }
     }
     __syncthreads();
     {
-      // O[w] = (e[2w + 1], e[2w + 2]); the last word of each line stays zero.
-      const uint32_t* s_ew = reinterpret_cast<const uint32_t*>(s_e);
-      const int lines = nbatch * p.Ws, per = wline - 1;
-      for (int id = threadIdx.x; id < lines * per; id += blockDim.x) {
-        const int ln = id / per, w = id - ln * per;
-        const int o = ln * wline + w;
-        s_o[o] = __byte_perm(s_ew[o], s_ew[o + 1], 0x5432);
-      }
+      // O[w] = (E[2w + 1], E[2w + 2]); the word that would straddle into the next row is never read.
+      const uint32_t* s_e = reinterpret_cast<const uint32_t*>(s_d);
+      const int total = nbatch * dwords - 1;
+      for (int w = threadIdx.x; w < total; w += blockDim.x) s_o[w] = __byte_perm(s_e[w], s_e[w + 1], 0x5432);
     }
     __syncthreads();
-    for (int bg = 0; bg < NB; bg += kWgNB) {
-      float acc[kWgNB][4];
-      // Per 16-tap block: the chunks whose rows meet the map (u in [16 ib - phe, 16 ib + 15 - phe + Hs) within
-      // [0, Hs)) and the word index of the thread's a0 at chunk 0 (+ 8 words per chunk).
-      int clo[kWgNB], chi[kWgNB], wb[kWgNB];
-      int c_lo = 1 << 20, c_hi = -1;
+    int pl = 0, y0 = wid;
+    while (y0 >= units) {
+      y0 -= units;
+      ++pl;
+    }
+    for (; pl < nbatch;) {
+      const int my = (p.Hs - y0 + 15) >> 4;  // rows y0 + 16 m < Hs
+      // A block k covers input rows [y0 + 16 k - phe, + 16): loaded when they meet the map.
+      const int r0 = y0 - p.phe;
+      const uint32_t abase = sx_base + 2u * static_cast<uint32_t>(pl * p.plane_sz + y0 * p.pitch);
+      const uint32_t* brow = s_b + pl * dwords + y0 * wrow;
+      for (int cc = 0; cc < nc; ++cc) {
+        uint32_t b[MY][2];
 #pragma unroll
-      for (int b = 0; b < kWgNB; ++b) {
-        const int ib = bg + b;
-        const int lo = max(0, 16 * ib - p.phe), hi = min(p.Hs, 16 * ib + 15 - p.phe + p.Hs);
-        const bool live = ib < NB && lo < hi;
-        clo[b] = live ? lo >> 4 : 1 << 20;
-        chi[b] = live ? (hi - 1) >> 4 : -1;
-        c_lo = min(c_lo, clo[b]);
-        c_hi = max(c_hi, chi[b]);
-        wb[b] = (tb + p.phe - 16 * ib) >> 1;
-#pragma unroll
-        for (int v = 0; v < 4; ++v) acc[b][v] = 0.f;
-      }
-      int k = 0, xs = wid;
-      while (xs >= p.Ws) {
-        xs -= p.Ws;
-        ++k;
-      }
-      for (; k < nbatch;) {
-        const int line = k * p.Ws + xs;
-        const uint32_t* col = par ? s_o + line * wline : reinterpret_cast<const uint32_t*>(s_e) + line * wline;
-        const uint32_t xa = static_cast<uint32_t>(__cvta_generic_to_shared(s_x + k * p.plane_sz)) +
-                            2u * static_cast<uint32_t>((xs + (lane & 7)) * p.pitch + ((lane >> 3) & 1) * 8);
-        for (int cc = c_lo; cc <= c_hi; ++cc) {
-          uint32_t b0, b1;
-          ldsm_x2(xa + 32u * cc, b0, b1);
-#pragma unroll
-          for (int b = 0; b < kWgNB; ++b) {
-            if (cc >= clo[b] && cc <= chi[b]) {
-              const uint32_t* a = col + wb[b] + 8 * cc;
-              const uint32_t a0 = a[0], a1 = a[-4], a2 = a[4];
-              mma_16816<T>(acc[b], a0, a1, a2, a0, b0, b1);
-            }
+        for (int m = 0; m < MY; ++m) {
+          b[m][0] = b[m][1] = 0u;
+          if (m < my) {
+            const uint32_t* q = brow + m * 16 * wrow + 8 * cc;
+            b[m][0] = q[0];
+            b[m][1] = q[4];
           }
         }
-        xs += nw;
-        while (xs >= p.Ws) {
-          xs -= p.Ws;
-          ++k;
-        }
-      }
-      // Block-level sum: taps 16 ib + gq (+ 8), kernel columns 2 tq (+ 1).
+        uint32_t a[NK][4];
 #pragma unroll
-      for (int b = 0; b < kWgNB; ++b) {
-        const int ib = bg + b;
-        if (ib < NB) {
-#pragma unroll
-          for (int v = 0; v < 4; ++v) {
-            const int i = 16 * ib + gq + (v >> 1) * 8, j = 2 * tq + (v & 1);
-            if (i < p.khe && j < p.kw) atomicAdd(s_acc + i * 8 + j, acc[b][v]);
-          }
+        for (int k = 0; k < NK; ++k) {
+          a[k][0] = a[k][1] = a[k][2] = a[k][3] = 0u;
+          if (r0 + 16 * k > -16 && r0 + 16 * k < p.Hs) ldsm_x4(abase + k * astep + 32u * cc, a[k]);
         }
+#pragma unroll
+        for (int m = 0; m < MY; ++m)
+#pragma unroll
+          for (int ib = 0; ib < NB; ++ib)
+            mma_16816<T>(acc[ib], a[m + ib][0], a[m + ib][1], a[m + ib][2], a[m + ib][3], b[m][0], b[m][1]);
       }
+      y0 += nw;
+      while (y0 >= units) {
+        y0 -= units;
+        ++pl;
+      }
+    }
+  }
+  // Block-level sum: taps 16 ib + g (+ 8), kernel columns 2 q (+ 1).
+#pragma unroll
+  for (int ib = 0; ib < NB; ++ib) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int i = 16 * ib + gq + (v >> 1) * 8, j = 2 * tq + (v & 1);
+      if (i < p.khe && j < p.kw) atomicAdd(s_acc + i * 8 + j, acc[ib][v]);
     }
   }
   __syncthreads();
@@ -1657,27 +1659,37 @@ bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* ou
   return true;
 }
 
-// Tensor-core weight-gradient plan (fp16/bf16, whole-plane shapes with >= 13 taps along the long axis),
-// built at launch from the FFMA plan `b`, whose batch chunking (and so the workspace) it keeps. Opt-in
-// (SLAK_DWCONV_MMA_WGRAD=1): correct, but slower than the FFMA kernel today (NOTES.md, v8: s1 51x5 bf16
-// 0.43 vs 0.40 ms, s3 47x5 0.16 vs 0.07 ms), because it issues ~25 instructions per MMA and a batch of
-// planes runs load -> build -> compute with no overlap.
+// Tensor-core weight-gradient plan (fp16/bf16, v9), built at launch from the FFMA plan `b`, whose batch
+// chunking (and so the workspace) it keeps. Applies to whole-plane shapes with <= 64 rows along the long axis
+// and <= 64 effective taps. By default it is used for long kernels (>= 13 effective taps) on maps of >= 17 rows
+// along the long axis: there it beat the FFMA kernel on the H200 (bf16, B64: s1 51x5 405 -> 187 us, 5x51
+// 407 -> 179, s2 49x5 173 -> 141, 5x49 173 -> 128), while on 14- and 7-row maps and for 5x5 kernels the
+// FFMA kernel stayed faster (s3 47x5 70 vs 174 us, s1 5x5 130 vs 142). SLAK_DWCONV_MMA_WGRAD=0 keeps every shape
+// on FFMA, =1 takes the tensor cores wherever they apply; SLAK_DWCONV_MMA_WGRAD_MIN_K / _MIN_HS move the default.
 bool make_wgrad_mma_plan(const Plan& b, const void* x, const void* dy, Plan* out) {
-  if (b.path != 1 || b.kh < 13) return false;
+  if (b.path != 1 || b.Hs > kRgMaxMY * 16 || b.khe > kRgMaxNB * 16 || b.kw > 8) return false;
   const char* env = std::getenv("SLAK_DWCONV_MMA_WGRAD");
-  if (env == nullptr || env[0] != '1') return false;
+  if (env != nullptr && env[0] == '0') return false;
+  const bool forced = env != nullptr && env[0] == '1';
+  const int min_k = env_int("SLAK_DWCONV_MMA_WGRAD_MIN_K", 13), min_hs = env_int("SLAK_DWCONV_MMA_WGRAD_MIN_HS", 17);
+  if (!forced && (b.khe < min_k || b.Hs < min_hs)) return false;
   Plan p = b;
-  p.HP = 16 * ((p.Hs + 15) / 16);
-  p.pitch = p.HP + 8;                      // halves; pitch / 2 = 4 (mod 8) words: conflict-free ldmatrix rows
-  p.plane_sz = (p.Ws + 8) * p.pitch;       // columns x + n - pw for x < Ws, n < 8, at rows x + n
-  p.dpitch_h = p.HP + 2 * kWgT0;           // dY line: kWgT0 zeros, Hs values, zeros to HP + 2 kWgT0
-  const int NB = (p.khe + 15) / 16;
-  p.acc_sz = NB * 16 * 8;
-  const int64_t per_plane = 2LL * p.plane_sz + 2LL * 2 * p.Ws * p.dpitch_h;  // bytes: X tile + E + O lines
-  const int64_t chunk_planes = std::max(1, p.chunk);
+  const int nc = (p.Ws + 15) / 16;
+  p.pitch = 16 * nc + 8;                                  // halves; = 8 (mod 16): conflict-free ldmatrix rows
+  p.plane_sz = (p.Hs + 2 * kRgRO) * p.pitch;
+  p.pitch_d = (kRgDO + 16 * nc + p.pw + 10 + 7) & ~7;     // B reads up to element kRgDO + 16 nc + pw + 9
+  p.dplane_sz = p.Hs * p.pitch_d;
+  p.acc_sz = kRgMaxNB * 16 * 8;
+  const int64_t per_plane = 2LL * (p.plane_sz + 2 * p.dplane_sz);  // X tile, dY rows E and O
   auto smem = [&](int P) { return 4LL * p.acc_sz + P * per_plane; };
   if (smem(1) > smem_optin_limit()) return false;
-  p.P = static_cast<int>(std::min<int64_t>(chunk_planes, std::max<int64_t>(1, (48 * 1024 - 4LL * p.acc_sz) / per_plane)));
+  // Planes per batch: enough row classes for the block's 8 warps to have >= 4 units each, within 64 KB
+  // (3 blocks per SM).
+  const int units = std::min(16, p.Hs);
+  int P = std::max(1, (32 + units - 1) / units);
+  P = static_cast<int>(std::min<int64_t>(P, std::max(1, p.chunk)));
+  while (P > 1 && smem(P) > 64 * 1024) --P;
+  p.P = P;
   p.smem_bytes = smem(p.P);
   p.threads = 256;
   const uintptr_t xa = reinterpret_cast<uintptr_t>(x), da = reinterpret_cast<uintptr_t>(dy);
@@ -1939,11 +1951,24 @@ int launch_wgrad(const void* x, const void* dy, float* ws, const Plan& p, cudaSt
   }
 }
 
+// The tensor-core weight gradient compiled for MY row groups per warp unit and NB tap blocks (1..4 each).
+template <typename T, int MY>
+auto wgrad_mma_instance_my(int nb) {
+  return nb <= 1 ? wgrad_mma_kernel<T, MY, 1>
+         : nb == 2 ? wgrad_mma_kernel<T, MY, 2> : nb == 3 ? wgrad_mma_kernel<T, MY, 3> : wgrad_mma_kernel<T, MY, 4>;
+}
+template <typename T>
+auto wgrad_mma_instance(int my, int nb) {
+  return my <= 1 ? wgrad_mma_instance_my<T, 1>(nb)
+         : my == 2 ? wgrad_mma_instance_my<T, 2>(nb) : my == 3 ? wgrad_mma_instance_my<T, 3>(nb)
+                                                     : wgrad_mma_instance_my<T, 4>(nb);
+}
+
 template <typename T>
 int launch_wgrad_half(const void* x, const void* dy, float* ws, const Plan& plan, cudaStream_t s) {
   Plan q;
   if (make_wgrad_mma_plan(plan, x, dy, &q)) {
-    auto kernel = wgrad_mma_kernel<T>;
+    auto kernel = wgrad_mma_instance<T>((q.Hs + 15) / 16, (q.khe + 15) / 16);
     if (q.smem_bytes > 48 * 1024) {
       cudaError_t err =
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(q.smem_bytes));
