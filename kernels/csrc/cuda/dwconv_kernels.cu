@@ -1220,8 +1220,8 @@ __global__ void __launch_bounds__(256, 2)
 //   of them.
 // * A for (row y, tap block ib) starts at input row y + 16 ib - phe, so it is the same block for (y + 16, ib - 1):
 //   a warp takes the rows y0 + 16 m (m < MY, y0 < 16) together and loads each distinct A block once (MY + NB - 1
-//   instead of MY * NB), then runs all MY * NB products. Blocks of rows wholly off the map are not loaded
-//   (zero), rows past the map have a zero B and taps past khe are discarded, so no product needs a branch.
+//   instead of MY * NB), then runs all MY * NB products. Blocks of rows wholly off the map are zero (not read),
+//   rows past the map read zeros for B and taps past khe are discarded, so no product needs a branch.
 // Both tiles are row-major in slide orientation (a 51x5 kernel copies rows straight, a 5x51 one transposes on
 // the way in), zero outside the map: X at rows + kRgRO, dY at columns + kRgDO. fp32 accumulators live across
 // the block's planes, then go through shared memory to one workspace row per batch chunk, as the FFMA kernel's.
@@ -1277,6 +1277,9 @@ __global__ void __launch_bounds__(256, 3)
   const uint32_t astep = 32u * static_cast<uint32_t>(p.pitch);  // bytes per 16 tile rows
   const uint32_t sx_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_x)) +
                            2u * static_cast<uint32_t>((kRgRO - p.phe + arow) * p.pitch + acol);
+  // Zeros to read for B in place of a row past the map: the first plane's top tile row (words 8 cc and
+  // 8 cc + 4 < pitch / 2; the top kRgRO rows are never written).
+  const uint32_t* zero_b = reinterpret_cast<const uint32_t*>(s_x);
 
   for (int e = threadIdx.x; e < p.acc_sz; e += blockDim.x) s_acc[e] = 0.f;
   zero_fill(reinterpret_cast<float*>(s_x), p.P * (p.plane_sz + 2 * p.dplane_sz) / 2);  // margins stay zero
@@ -1316,26 +1319,34 @@ __global__ void __launch_bounds__(256, 3)
     }
     for (; pl < nbatch;) {
       const int my = (p.Hs - y0 + 15) >> 4;  // rows y0 + 16 m < Hs
-      // A block k covers input rows [y0 + 16 k - phe, + 16): loaded when they meet the map.
+      // A block k covers input rows [y0 + 16 k - phe, + 16); one wholly off the map is not read (zero: v9 read
+      // zero rows there, which was 30-40 % of the ldmatrix traffic on 56-row maps), and a row past the map reads
+      // zero words for B (the first plane's top tile row).
       const int r0 = y0 - p.phe;
-      const uint32_t abase = sx_base + 2u * static_cast<uint32_t>(pl * p.plane_sz + y0 * p.pitch);
-      const uint32_t* brow = s_b + pl * dwords + y0 * wrow;
+      uint32_t a_at[NK];
+      unsigned live = 0;
+#pragma unroll
+      for (int k = 0; k < NK; ++k) {
+        const bool on = r0 + 16 * k > -16 && r0 + 16 * k < p.Hs;
+        a_at[k] = sx_base + 2u * static_cast<uint32_t>(pl * p.plane_sz + y0 * p.pitch) + k * astep;
+        live |= on ? 1u << k : 0u;
+      }
+      const uint32_t* b_at[MY];
+#pragma unroll
+      for (int m = 0; m < MY; ++m) b_at[m] = m < my ? s_b + pl * dwords + (y0 + 16 * m) * wrow : zero_b;
+#pragma unroll 2
       for (int cc = 0; cc < nc; ++cc) {
         uint32_t b[MY][2];
 #pragma unroll
         for (int m = 0; m < MY; ++m) {
-          b[m][0] = b[m][1] = 0u;
-          if (m < my) {
-            const uint32_t* q = brow + m * 16 * wrow + 8 * cc;
-            b[m][0] = q[0];
-            b[m][1] = q[4];
-          }
+          b[m][0] = b_at[m][8 * cc];
+          b[m][1] = b_at[m][8 * cc + 4];
         }
         uint32_t a[NK][4];
 #pragma unroll
         for (int k = 0; k < NK; ++k) {
           a[k][0] = a[k][1] = a[k][2] = a[k][3] = 0u;
-          if (r0 + 16 * k > -16 && r0 + 16 * k < p.Hs) ldsm_x4(abase + k * astep + 32u * cc, a[k]);
+          if (live & (1u << k)) ldsm_x4(a_at[k] + 32u * cc, a[k]);
         }
 #pragma unroll
         for (int m = 0; m < MY; ++m)
