@@ -1814,34 +1814,33 @@ int make_wgrad_plan(int64_t N, int C, int H, int W, int kh, int kw, int sm_count
 
 namespace {
 
-template <typename T, int R>
-int launch_forward_r(const void* x, const void* w, const float* bias, void* y, const Plan& p,
-                     cudaStream_t stream) {
-  auto kernel = forward_kernel<T, R>;
+// Launch `kernel` on `blocks` blocks of p.threads threads with p.smem_bytes of dynamic shared memory, opting in
+// above the default 48 KB; returns the launch's cudaError_t value.
+template <typename... KArgs, typename... Args>
+int launch_kernel(void (*kernel)(KArgs...), int64_t blocks, const Plan& p, cudaStream_t stream, Args... args) {
   if (p.smem_bytes > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
     if (err != cudaSuccess) return static_cast<int>(err);
   }
-  const int64_t blocks = ((p.planes + p.P - 1) / p.P) * p.tiles_y * p.tiles_x;
-  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(
-      static_cast<const T*>(x), w, bias, static_cast<T*>(y), p);
+  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(args...);
   return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, int R>
+int launch_forward_r(const void* x, const void* w, const float* bias, void* y, const Plan& p,
+                     cudaStream_t stream) {
+  auto kernel = forward_kernel<T, R>;
+  return launch_kernel(kernel, ((p.planes + p.P - 1) / p.P) * p.tiles_y * p.tiles_x, p, stream,
+                       static_cast<const T*>(x), w, bias, static_cast<T*>(y), p);
 }
 
 template <typename T, int KW, int R>
 int launch_forward_plane_r(const void* x, const void* w, const float* bias, void* y, const Plan& p,
                            cudaStream_t stream) {
   auto kernel = forward_plane_kernel<T, KW, R>;
-  if (p.smem_bytes > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
-  const int64_t blocks = static_cast<int64_t>(p.n_chunks) * p.channels;
-  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(
-      static_cast<const T*>(x), w, bias, static_cast<T*>(y), p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_kernel(kernel, static_cast<int64_t>(p.n_chunks) * p.channels, p, stream,
+                       static_cast<const T*>(x), w, bias, static_cast<T*>(y), p);
 }
 
 template <typename T, int KW>
@@ -1877,15 +1876,8 @@ int launch_forward_mma_kw(const void* x, const void* w, const float* bias, void*
                           cudaStream_t stream) {
   auto kernel = p.NTW <= 2 ? forward_mma_kernel<T, KW, 2>
                 : p.NTW <= 4 ? forward_mma_kernel<T, KW, 4> : forward_mma_kernel<T, KW, kMmaNT>;
-  if (p.smem_bytes > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
-  const int64_t blocks = static_cast<int64_t>(p.n_chunks) * p.channels;
-  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(
-      static_cast<const T*>(x), w, bias, static_cast<T*>(y), p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_kernel(kernel, static_cast<int64_t>(p.n_chunks) * p.channels, p, stream,
+                       static_cast<const T*>(x), w, bias, static_cast<T*>(y), p);
 }
 
 // fp16/bf16: the tensor-core forward where its plan applies, else the FFMA kernels.
@@ -1908,15 +1900,8 @@ int launch_forward_half(const void* x, const void* w, const float* bias, void* y
 template <typename T, int R>
 int launch_wgrad_r(const void* x, const void* dy, float* ws, const Plan& p, cudaStream_t stream) {
   auto kernel = p.small ? wgrad_small_kernel<T, 8> : wgrad_kernel<T, R>;
-  if (p.smem_bytes > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
-  const int64_t blocks = static_cast<int64_t>(p.n_chunks) * p.channels;
-  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(dy), ws, p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_kernel(kernel, static_cast<int64_t>(p.n_chunks) * p.channels, p, stream,
+                       static_cast<const T*>(x), static_cast<const T*>(dy), ws, p);
 }
 
 template <typename T, int KW, int R>
@@ -1926,15 +1911,8 @@ int launch_wgrad_plane_r(const void* x, const void* dy, float* ws, const Plan& p
   const bool pipe = p.pipe != 0 && HW % N8 == 0 && reinterpret_cast<uintptr_t>(x) % 8 == 0 &&
                     reinterpret_cast<uintptr_t>(dy) % 8 == 0;
   auto kernel = pipe ? wgrad_plane_kernel<T, KW, R, true> : wgrad_plane_kernel<T, KW, R, false>;
-  if (p.smem_bytes > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
-  const int64_t blocks = static_cast<int64_t>(p.n_chunks) * p.channels;
-  kernel<<<static_cast<unsigned>(blocks), p.threads, p.smem_bytes, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(dy), ws, p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_kernel(kernel, static_cast<int64_t>(p.n_chunks) * p.channels, p, stream,
+                       static_cast<const T*>(x), static_cast<const T*>(dy), ws, p);
 }
 
 template <typename T, int KW>
@@ -1979,16 +1957,9 @@ template <typename T>
 int launch_wgrad_half(const void* x, const void* dy, float* ws, const Plan& plan, cudaStream_t s) {
   Plan q;
   if (make_wgrad_mma_plan(plan, x, dy, &q)) {
-    auto kernel = wgrad_mma_instance<T>((q.Hs + 15) / 16, (q.khe + 15) / 16);
-    if (q.smem_bytes > 48 * 1024) {
-      cudaError_t err =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(q.smem_bytes));
-      if (err != cudaSuccess) return static_cast<int>(err);
-    }
-    const int64_t blocks = static_cast<int64_t>(q.n_chunks) * q.channels;
-    kernel<<<static_cast<unsigned>(blocks), q.threads, q.smem_bytes, s>>>(static_cast<const T*>(x),
-                                                                          static_cast<const T*>(dy), ws, q);
-    return static_cast<int>(cudaGetLastError());
+    return launch_kernel(wgrad_mma_instance<T>((q.Hs + 15) / 16, (q.khe + 15) / 16),
+                         static_cast<int64_t>(q.n_chunks) * q.channels, q, s, static_cast<const T*>(x),
+                         static_cast<const T*>(dy), ws, q);
   }
   return launch_wgrad<T>(x, dy, ws, plan, s);
 }
