@@ -238,7 +238,7 @@ def test_geometry_knobs_keep_results(monkeypatch: pytest.MonkeyPatch, k: tuple[i
      (2, 3, (20, 9), (151, 1)), (2, 3, (70, 20), (51, 5))],
     ids=lambda s: f"C{s[1]}-{s[2][0]}x{s[2][1]}-k{s[3][0]}x{s[3][1]}",
 )
-def test_tensor_core_wgrad_opt_in(monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: torch.dtype) -> None:
+def test_tensor_core_wgrad_forced(monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: torch.dtype) -> None:
     """The tensor-core weight gradient, forced on (SLAK_DWCONV_MMA_WGRAD=1), matches float64; shapes it does not
     take (> 64 effective taps, > 64 rows along the long axis) fall back to the FFMA kernels."""
     _need("cuda")

@@ -1673,10 +1673,11 @@ bool make_forward_mma_plan(const Plan& b, const void* x, const void* y, Plan* ou
 // Tensor-core weight-gradient plan (fp16/bf16, v9), built at launch from the FFMA plan `b`, whose batch
 // chunking (and so the workspace) it keeps. Applies to whole-plane shapes with <= 64 rows along the long axis
 // and <= 64 effective taps. By default it is used for long kernels (>= 13 effective taps) on maps of >= 17 rows
-// along the long axis: there it beat the FFMA kernel on the H200 (bf16, B64: s1 51x5 405 -> 187 us, 5x51
-// 407 -> 179, s2 49x5 173 -> 141, 5x49 173 -> 128), while on 14- and 7-row maps and for 5x5 kernels the
-// FFMA kernel stayed faster (s3 47x5 70 vs 174 us, s1 5x5 130 vs 142). SLAK_DWCONV_MMA_WGRAD=0 keeps every shape
-// on FFMA, =1 takes the tensor cores wherever they apply; SLAK_DWCONV_MMA_WGRAD_MIN_K / _MIN_HS move the default.
+// along the long axis: there it beat the FFMA kernel on the H200 (bf16, B64: s1 51x5 405 -> 176 us, 5x51
+// 405 -> 172, s2 49x5 173 -> 142, 5x49 173 -> 130), while on 14- and 7-row maps and for 5x5 kernels the
+// FFMA kernel stayed faster (s3 47x5 70 vs 98 us, s4 13x5 50 vs 88, s1 5x5 129 vs 145).
+// SLAK_DWCONV_MMA_WGRAD=0 keeps every shape on FFMA, =1 takes the tensor cores wherever they apply;
+// SLAK_DWCONV_MMA_WGRAD_MIN_K / _MIN_HS move the default.
 bool make_wgrad_mma_plan(const Plan& b, const void* x, const void* dy, Plan* out) {
   if (b.path != 1 || b.Hs > kRgMaxMY * 16 || b.khe > kRgMaxNB * 16 || b.kw > 8) return false;
   const char* env = std::getenv("SLAK_DWCONV_MMA_WGRAD");
@@ -1688,7 +1689,7 @@ bool make_wgrad_mma_plan(const Plan& b, const void* x, const void* dy, Plan* out
   const int nc = (p.Ws + 15) / 16;
   p.pitch = 16 * nc + 8;                                  // halves; = 8 (mod 16): conflict-free ldmatrix rows
   p.plane_sz = (p.Hs + 2 * kRgRO) * p.pitch;
-  p.pitch_d = (kRgDO + 16 * nc + p.pw + 10 + 7) & ~7;     // B reads up to element kRgDO + 16 nc + pw + 9
+  p.pitch_d = (kRgDO + 16 * nc + p.pw + 10 + 7) & ~7;     // B reads elements < kRgDO + pw + 16 nc (+ slack)
   p.dplane_sz = p.Hs * p.pitch_d;
   p.acc_sz = kRgMaxNB * 16 * 8;
   const int64_t per_plane = 2LL * (p.plane_sz + 2 * p.dplane_sz);  // X tile, dY rows E and O
