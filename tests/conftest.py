@@ -16,3 +16,35 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from slak_model import _compat  # noqa: E402
 
 _compat.install()
+
+import random
+
+import pytest
+import torch
+
+# Numeric tests draw fresh random inputs each session from this seed; the header prints it so that a
+# failure can be replayed with SLAK_TEST_SEED=<seed>.
+NUMERIC_SEED = int(os.environ.get("SLAK_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+# SLAK_TEST_MKLDNN=0 turns PyTorch's oneDNN CPU kernels off, one of the CPU variants CI runs the numeric tests
+# under (with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA, which torch reads itself).
+if os.environ.get("SLAK_TEST_MKLDNN", "1") == "0":
+    torch.backends.mkldnn.enabled = False
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+    mkldnn = "on" if torch.backends.mkldnn.enabled else "off"
+    variant = f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN max ISA {isa}, mkldnn {mkldnn}"
+    return [f"numeric seed: {NUMERIC_SEED} (replay with SLAK_TEST_SEED={NUMERIC_SEED})", f"CPU variant: {variant}"]
+
+
+@pytest.fixture(scope="session")
+def numeric_seed() -> int:
+    """This session's seed for the fresh random inputs of numeric tests (see the report header)."""
+    return NUMERIC_SEED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Print the seed at the end too: the header is hidden under ``-q``, and a failure must be replayable."""
+    terminalreporter.write_line(f"numeric seed: {NUMERIC_SEED} (replay with SLAK_TEST_SEED={NUMERIC_SEED})")

@@ -45,7 +45,7 @@ def test_invariants_on_cuda(precision: str, growth: str) -> None:
     x0, y0 = torch.randn(8, 3, 32, 32, device=dev), torch.randint(0, 10, (8,), device=dev)
     engine.initialize(batch=(x0, y0), loss_fn=nn.functional.cross_entropy)
     assert all(m.device.type == "cuda" for m in engine.masks.values())
-    assert abs(engine.density() - 0.5) < 1e-3
+    assert abs(engine.density() - 0.5) < 1e-3  # a sanity bound; exact counts are checked on CPU
     counts = {n: int(m.sum()) for n, m in engine.masks.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16-scaler" else None

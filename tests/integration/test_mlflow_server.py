@@ -184,6 +184,7 @@ def test_smoke_training_job_logs_to_the_server(server: MlflowServer, ray_cluster
     hist = _histories(client, run)
     # every 2 steps, plus the epoch's mean at its last step
     assert sorted({s for s, _ in hist["train/loss"]}) == [2, 4, 6, 8] and len(hist["val/top1"]) == 1
+    # a sanity bound on the logged metric; exact per-layer counts are the sparsity engine tests' job
     assert hist["sparsity/density"][-1][1] == pytest.approx(0.6, abs=0.01)
     files = all_artifacts(client, run.info.run_id)
     final_masks = sorted(f for f in files if f.startswith("masks/") and f.endswith(".npz"))[-1]

@@ -1,11 +1,13 @@
 """Run in a fresh process with NUMBA_ENABLE_CUDASIM=1 and SLAK_KERNEL_BACKEND=numba; prints one JSON line.
 
-The simulator must be switched on before numba is first imported, hence a separate process.
+The simulator must be switched on before numba is first imported, hence a separate process. Inputs are drawn
+from ``SLAK_TEST_SEED`` (the test session's numeric seed).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import kernels  # noqa: E402
 from tests.kernels.oracle import dwconv2d_oracle  # noqa: E402
+from tests.numerics import rel_error, rel_tol
 
 CASES = [  # (N, C, H, W, kh, kw, bias, dtype)
     (1, 1, 1, 1, 1, 1, False, "float32"),
@@ -25,15 +28,12 @@ CASES = [  # (N, C, H, W, kh, kw, bias, dtype)
 ]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
-
-
 def main() -> None:
+    seed = int(os.environ["SLAK_TEST_SEED"])
     results = []
     for n, c, h, w, kh, kw, with_bias, dtype_name in CASES:
         dtype = getattr(torch, dtype_name)
-        gen = torch.Generator().manual_seed(n + c + h + w + kh + kw)
+        gen = torch.Generator().manual_seed(seed + n + c + h + w + kh + kw)
         x = torch.randn(n, c, h, w, generator=gen).to(dtype).requires_grad_()
         wt = torch.randn(c, 1, kh, kw, generator=gen).to(dtype).requires_grad_()
         b = torch.randn(c, generator=gen).to(dtype).requires_grad_() if with_bias else None
@@ -45,9 +45,14 @@ def main() -> None:
         b64 = b.detach().double().requires_grad_() if b is not None else None
         ref = dwconv2d_oracle(x64, w64, b64)
         ref.backward(dy.double())
-        errors = {"fwd": _rel(out, ref), "dgrad": _rel(x.grad, x64.grad), "wgrad": _rel(wt.grad, w64.grad)}
+        taps, positions = kh * kw, n * h * w
+        errors = {
+            "fwd": (rel_error(out, ref), rel_tol(dtype, taps)),
+            "dgrad": (rel_error(x.grad, x64.grad), rel_tol(dtype, taps)),
+            "wgrad": (rel_error(wt.grad, w64.grad), rel_tol(dtype, positions)),
+        }
         if b is not None:
-            errors["bias"] = _rel(b.grad, b64.grad)
+            errors["bias"] = (rel_error(b.grad, b64.grad), rel_tol(dtype, positions))
         results.append({"case": f"N{n}C{c}-{h}x{w}-k{kh}x{kw}-{dtype_name}", "dtype": dtype_name,
                         "errors": errors, "out_dtype": str(out.dtype).replace("torch.", "")})
     print(json.dumps({"backend": kernels.active_backend("cpu"), "results": results}))

@@ -117,6 +117,7 @@ def test_gmacs_at_224(variant: str, overrides: dict, dense: float, uniform60: fl
     assert round(counts.gmacs, 3) == dense
     assert counts.sparse_macs == counts.macs  # meta weights count as dense
     if uniform60 is not None:
+        # the expected sparse GMACs are the paper's, printed to 2 decimals (0.005), plus its own rounding of counts
         assert count_complexity(model, sparsity=0.4).sparse_gmacs == pytest.approx(uniform60, abs=0.006)
 
 

@@ -9,6 +9,7 @@ import torch
 import slak_model
 from slak_model import SLaK, create_model
 from slak_model.layers import LargeKernelConv, SLaKBlock
+from tests.numerics import assert_rel_close, rel_tol
 
 
 @pytest.fixture
@@ -82,6 +83,8 @@ def test_features_only_gives_the_four_stage_maps() -> None:
 
 
 def test_initialisation_matches_the_reference() -> None:
+    # Sampling tolerances, not rounding ones: the std of n draws misses sigma by about sigma/sqrt(2n): 2.8e-5 for
+    # fc1's 262k weights, 1.9e-4 for the tall kernels' 5.4k, 1.4e-4 for the head's 2.6k; each bound is >= 7 of those.
     torch.manual_seed(0)
     m = create_model("slak_test", dims=(64, 128, 192, 256), head_init_scale=0.5, layer_scale_init=1e-6)
     fc1 = m.stages[3].blocks[0].mlp.fc1
@@ -111,9 +114,10 @@ def test_reset_classifier_and_group_matcher(model: SLaK) -> None:
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("mode", ["decomposed", "replknet", "naive"])
-def test_merged_model_equals_the_trained_form(mode: str) -> None:
-    torch.manual_seed(1)
+def test_merged_model_equals_the_trained_form(mode: str, numeric_seed: int) -> None:
+    torch.manual_seed(numeric_seed)
     m = create_model("slak_test", kernel_mode=mode, layer_scale_init=1.0)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -131,8 +135,8 @@ def test_merged_model_equals_the_trained_form(mode: str) -> None:
     convs = [mod for mod in m.modules() if type(mod).__name__ == "DepthwiseConv"]
     assert len(convs) == (2 if mode == "decomposed" else 1) * 5
     assert not any(".bn." in k for k in m.state_dict())
-    err = (m(x) - before).abs().max().item()
-    assert err <= 1e-5, err
+    # both forms run in fp32 through the whole network (5 blocks, 4 downsamples, head; longest sum 13x13 taps)
+    assert_rel_close(m(x), before, rel_tol(torch.float32, 13 * 13, layers=2 * 10), "merged vs trained form")
     assert before.abs().max() > 0.1
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from slak_model.sparsity import erk_densities, select_targets, snip_densities, uniform_densities
+from tests.numerics import rel_tol
 
 SHAPES = {
     "stem.0.weight": (8, 3, 2, 2),
@@ -24,11 +25,13 @@ def test_erk_closed_form(density: float) -> None:
     out = erk_densities(SHAPES, density)
     numel = {n: math.prod(s) for n, s in SHAPES.items()}
     # the overall budget is met exactly by the continuous densities
-    assert sum(out[n] * numel[n] for n in SHAPES) == pytest.approx(density * sum(numel.values()), rel=1e-12)
+    # float64 throughout: a sum over the layers after a chain of about 3 products and quotients per density
+    tol = rel_tol(torch.float64, len(SHAPES), layers=3)
+    assert sum(out[n] * numel[n] for n in SHAPES) == pytest.approx(density * sum(numel.values()), rel=tol)
     non_dense = [n for n in SHAPES if out[n] < 1.0]
     # every non-dense layer has density proportional to sum(shape)/prod(shape) with one eps
     eps = {n: out[n] / (sum(SHAPES[n]) / numel[n]) for n in non_dense}
-    assert max(eps.values()) == pytest.approx(min(eps.values()), rel=1e-12)
+    assert max(eps.values()) == pytest.approx(min(eps.values()), rel=tol)
     assert all(0.0 < d <= 1.0 for d in out.values())
 
 
@@ -63,7 +66,8 @@ def test_snip_matches_reference_function(make_toy, toy_batch) -> None:
     ours = snip_densities(model, names, toy_batch, nn.functional.cross_entropy, 0.6)
     ref = _reference_snip_sparsities(make_toy(3).eval(), names, *toy_batch, 0.6)
     for n in names:
-        assert 1.0 - ours[n] == pytest.approx(ref[n], abs=1e-7), n
+        # the reference's sparsities are fp32 means of 0/1 masks (exact sums, one rounding of a value <= 1)
+        assert 1.0 - ours[n] == pytest.approx(ref[n], abs=rel_tol(torch.float32)), n
     # the real model was left untouched: no gradients
     assert all(p.grad is None for p in model.parameters())
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from slak_model.sparsity import DynamicSparsity, SparsityConfig
+from tests.numerics import rel_tol
 
 T = 100  # total optimizer steps of the toy runs
 
@@ -70,11 +71,12 @@ def _counts(engine: DynamicSparsity) -> dict[str, int]:
 @pytest.mark.parametrize("sparsity", [0.4, 0.8])
 def test_init_hits_target_sparsity(make_toy, toy_batch, init: str, sparsity: float) -> None:
     _, engine, _ = _setup(make_toy, toy_batch, init=init, sparsity=sparsity)
-    assert abs((1.0 - engine.density()) - sparsity) < 1e-3
     counted = sum(int(m.sum()) for m in engine.masks.values())
     dense = sum(p.numel() for n, p in engine.model.named_parameters() if n in engine.dense_layers)
     total = sum(p.numel() for n, p in engine.model.named_parameters() if p.dim() in (2, 4))
-    assert (counted + dense) / total == pytest.approx(engine.density(), abs=1e-12)
+    # each layer's count is its continuous target rounded to a whole weight: at most half a weight off per layer
+    assert abs((1.0 - engine.density()) - sparsity) <= 0.5 * len(engine.masks) / total
+    assert (counted + dense) / total == pytest.approx(engine.density(), rel=rel_tol(torch.float64, len(engine.masks)))
 
 
 def test_init_zeroes_masked_weights(make_toy, toy_batch) -> None:
