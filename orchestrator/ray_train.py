@@ -13,6 +13,9 @@ Reliability:
   with its SHA-256; Ray registers a checkpoint only after it is fully persisted, and a loader refuses a
   checkpoint whose manifest does not match. A crash mid-write therefore never yields a half-written
   "latest".
+* The state is tensors and plain Python data only, and is read with ``torch.load(weights_only=True)``:
+  the manifest proves integrity, not authorship, and a run folder on shared storage may hold a file
+  someone else planted. A file that needs arbitrary unpickling is refused without running it.
 * ``run.max_failures`` restarts the worker group from the last checkpoint; re-running the same command
   (same ``run.name`` and ``run.storage_path``) continues the run.
 * ``SLAK_FAULT_INJECT="rank:step"`` (read by the driver) makes that rank raise once, right after that
@@ -25,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -117,7 +121,14 @@ def load_checkpoint_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str
     if not state_path.is_file() or _sha256(state_path) != manifest["sha256"]:
         raise ValueError(f"checkpoint {state_path} does not match its manifest (truncated or modified); delete "
                          f"{directory} or pick an earlier checkpoint")
-    return torch.load(state_path, map_location="cpu", weights_only=False), manifest
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"checkpoint {state_path} holds objects other than tensors and plain Python data, which this project "
+            f"never writes; refusing to unpickle it (it could run code). Delete {directory} if you did not put it "
+            f"there. Detail: {str(exc).splitlines()[0]}") from None
+    return state, manifest
 
 
 # ---------------------------------------------------------------------- the worker

@@ -71,6 +71,7 @@ def test_sparse_training_on_cuda_keeps_masks(precision: str, channels_last: bool
     last = history[-1]
     for key in ("train/loss", "val/top1", "ema/top1", "sparsity/density", "sparsity/churn"):
         assert np.isfinite(last[key]), (key, last)
+    # a sanity bound on the logged metric; exact per-layer counts are the sparsity engine tests' job
     assert last["sparsity/density"] == pytest.approx(0.6, abs=0.02)
     assert tr.engine.step == tr.step == 2 * tr.steps_per_epoch and last["sparsity/updates"] >= 1
     params = dict(tr.module.named_parameters())
@@ -106,7 +107,7 @@ def test_resume_on_cuda_is_bitwise_identical() -> None:
             history.append(_epoch(first, train, val, on_step))
     torch.manual_seed(1234)
     second, train, val = _parts(cfg)
-    second.load_state_dict(torch.load(io.BytesIO(saved["state"]), weights_only=False))
+    second.load_state_dict(torch.load(io.BytesIO(saved["state"]), weights_only=True))
     while not second.done:
         history.append(_epoch(second, train, val))
     assert history == ref_history

@@ -70,6 +70,7 @@ def test_smoke_job_end_to_end(reference) -> None:
     for key in ("train/loss", "train/lr", "val/top1", "val/top5", "ema/top1", "perf/img_per_s", "sparsity/churn",
                 "sparsity/itop_rate", "sparsity/prune_rate", "sparsity/density/stage1"):
         assert key in m and math.isfinite(m[key]), key
+    # a sanity bound on the logged metric; exact per-layer counts are the sparsity engine tests' job
     assert m["sparsity/density"] == pytest.approx(0.6, abs=0.01)
 
     # checkpoints: sealed, the newest kept ones only, with the full trainer state
@@ -150,6 +151,28 @@ def test_interrupted_checkpoint_write_is_refused(tmp_path: Path) -> None:
     (tmp_path / "ck" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="not completely written"):
         ray_train.load_checkpoint_dir(tmp_path / "ck")
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a planted checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_planted_pickle_payload_is_refused_and_does_not_run(tmp_path: Path) -> None:
+    """The manifest proves integrity, not authorship: a payload sealed with a valid manifest must still not run."""
+    marker = tmp_path / "payload-ran"
+    ray_train.save_checkpoint_dir({"epoch": 1, "step": 3, "evil": _Payload(marker)}, tmp_path / "ck")
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        ray_train.load_checkpoint_dir(tmp_path / "ck")
+    assert not marker.exists(), "the planted payload ran"
 
 
 def test_skipped_images_are_counted_over_all_ranks(ray_cluster, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from orchestrator import data
 from orchestrator.config import load_config
 from orchestrator.loop import Trainer, cosine_schedule
+from tests.numerics import rel_error, rel_tol
 
 MICRO = 8
 
@@ -97,6 +98,7 @@ def test_two_epoch_sparse_run_learns_and_keeps_masks(reference) -> None:
     for key in ("train/loss", "train/lr", "val/top1", "val/top5", "ema/top1", "sparsity/density",
                 "sparsity/churn", "sparsity/itop_rate"):
         assert key in last and np.isfinite(last[key]), key
+    # a sanity bound on the logged metric; exact per-layer counts are the sparsity engine tests' job
     assert last["sparsity/density"] == pytest.approx(0.6, abs=0.02)
     assert last["sparsity/updates"] == tr.step // 2
     assert history[-1]["train/loss"] < history[0]["train/loss"] + 0.5
@@ -139,7 +141,7 @@ def test_resume_is_bitwise_identical(reference, save_at_step: int | None, stop_a
     # a fresh process: new trainer, perturbed global RNG, state loaded from bytes
     torch.manual_seed(1234)
     second = _trainer(cfg, loader)
-    state = torch.load(io.BytesIO(saved["state"]), weights_only=False)
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=True)  # what every checkpoint must allow
     second.load_state_dict(state)
     epochs_before = second.epoch
     history = history[:epochs_before] + _run(second, loader)
@@ -170,11 +172,12 @@ def test_load_rejects_a_different_run_length() -> None:
         other.load_state_dict(tr.state_dict())
 
 
+@pytest.mark.numeric
 def test_accumulated_micro_batches_equal_one_large_batch() -> None:
     """accumulation = global / (micro x workers): 2 x 8 must update like 1 x 16 (per-sample norms only)."""
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     y = torch.arange(16) % 4
-    weights = []
+    updates = []
     for micro in (8, 16):
         cfg = _cfg(**{"train.micro_batch_size": micro, "model.use_bn": False, "model.drop_path_rate": 0.0,
                       "sparse.enabled": False, "train.ema": False, "train.warmup_epochs": 0.0,
@@ -183,7 +186,14 @@ def test_accumulated_micro_batches_equal_one_large_batch() -> None:
         loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro)
         tr = Trainer(cfg, steps_per_epoch=1, num_classes=4)
         assert tr.accumulation == 16 // micro
+        before = {k: v.clone() for k, v in tr.module.state_dict().items()}
         tr.train_one_epoch(loader)
-        weights.append(tr.module.state_dict())
-    for name, a in weights[0].items():
-        torch.testing.assert_close(a, weights[1][name], rtol=1e-4, atol=1e-6, msg=name)
+        updates.append({k: v - before[k] for k, v in tr.module.state_dict().items()})
+    # The updates differ only by how fp32 gradient sums were grouped: sums over the batch's pixels (at most
+    # 16 x 32 x 32 terms), through the network's 10 stages forward and again backward.
+    tol = rel_tol(torch.float32, 16 * 32 * 32, layers=2 * 10)
+    moved = [name for name, u in updates[0].items() if u.is_floating_point() and u.abs().max() > 0]
+    assert len(moved) > len(updates[0]) // 2, "the step must move most tensors for this comparison to mean anything"
+    for name, a in updates[0].items():
+        b = updates[1][name]
+        assert torch.equal(a, b) or rel_error(a, b) <= tol, f"{name}: update differs by {rel_error(a, b):.3g} > {tol:.3g}"
