@@ -2,15 +2,22 @@
 
 A result computed from inputs that are exact in their dtype, by sums of ``K`` products accumulated in
 ``accumulate`` precision, passed through ``layers`` such stages and rounded to ``dtype``, is compared with
-the same math in float64. Its relative error is bounded by::
+the same math in float64. Its error is bounded, normwise, by::
 
-    C * layers * (u(dtype) + u(accumulate) * sqrt(K))
+    ||actual - exact|| <= C * layers * (u(dtype) * ||exact|| + u(accumulate) * sqrt(K) * ||tau||)
 
-- ``u(dtype)``: rounding the result to its storage dtype. Each element moves by at most ``u`` of itself
-  (round to nearest), so the normwise relative error of that step is at most ``u``.
-- ``u(accumulate) * sqrt(K)``: summing ``K`` terms. For zero-mean random inputs, as every test here uses,
-  the rounding errors behave like independent random variables and grow like ``sqrt(K)``, not ``K``
-  (Higham & Mary, "A new approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019).
+where ``tau`` holds, per output element, the root sum of squares of its ``K`` terms (``sum_error_bound``).
+
+- ``u(dtype) * ||exact||``: rounding the result to its storage dtype. Each element moves by at most ``u`` of
+  itself (round to nearest).
+- ``u(accumulate) * sqrt(K) * ||tau||``: summing ``K`` terms. For zero-mean random inputs, as every test here
+  uses, the partial sums grow like a random walk of step ``tau / sqrt(K)`` and their rounding errors behave
+  like independent random variables, so the error grows like ``sqrt(K)``, not ``K`` (Higham & Mary, "A new
+  approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019). It is measured against the
+  terms, not the result: a sum that cancels to almost nothing still carries its terms' rounding errors.
+- For random-sign terms ``||exact|| ~ ||tau||``, so over many outputs the relative form is
+  ``C * layers * (u(dtype) + u(accumulate) * sqrt(K))`` (``rel_tol``); use ``sum_error_bound`` where a result
+  has only a few elements (a bias gradient, a 1x1 kernel's weight gradient), whose norm may cancel.
 - ``layers``: chained stages (a network's depth); first-order errors of successive stages add.
 - ``C = 2``: twice these expected magnitudes, so that a correct result never fails on a fresh seed, while the
   bound stays tight enough to catch what it is for. A bf16 result accumulated in bf16 instead of fp32
@@ -27,7 +34,7 @@ import math
 
 import torch
 
-__all__ = ["SAFETY", "unit_roundoff", "rel_tol", "rel_error", "max_rel_error", "assert_rel_close"]
+__all__ = ["SAFETY", "assert_rel_close", "max_rel_error", "rel_error", "rel_tol", "sum_error_bound", "unit_roundoff"]
 
 SAFETY = 2.0
 
@@ -60,6 +67,33 @@ def rel_tol(
         raise ValueError(f"reduction and layers must be >= 1, got {reduction}, {layers}")
     acc = accumulate or (torch.float32 if dtype in _HALF else dtype)
     return SAFETY * layers * (unit_roundoff(dtype) + unit_roundoff(acc) * math.sqrt(reduction))
+
+
+def sum_error_bound(
+    dtype: torch.dtype,
+    reduction: int,
+    exact: torch.Tensor,
+    term_norms: torch.Tensor,
+    *,
+    accumulate: torch.dtype | None = None,
+    layers: int = 1,
+) -> float:
+    """Bound on ``||actual - exact||_2`` for sums of ``reduction`` terms (see the module docstring).
+
+    Args:
+        dtype: The result's dtype.
+        reduction: Terms per output element.
+        exact: The float64 result.
+        term_norms: Per output element, ``sqrt(sum of its terms squared)``, in float64.
+        accumulate: Precision of the sums (as in :func:`rel_tol`).
+        layers: Chained stages.
+    """
+    if reduction < 1 or layers < 1:
+        raise ValueError(f"reduction and layers must be >= 1, got {reduction}, {layers}")
+    acc = accumulate or (torch.float32 if dtype in _HALF else dtype)
+    rounding = unit_roundoff(dtype) * float(exact.detach().double().norm())
+    summing = unit_roundoff(acc) * math.sqrt(reduction) * float(term_norms.detach().double().norm())
+    return SAFETY * layers * (rounding + summing)
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

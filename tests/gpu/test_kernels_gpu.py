@@ -8,7 +8,8 @@ import torch
 import kernels
 from kernels import cuda_ext, numba_dwconv
 from kernels.reference import dwconv2d_reference
-from tests.numerics import rel_tol
+from tests.kernels.oracle import dwconv2d_errors, dwconv2d_term_norms
+from tests.numerics import rel_error, rel_tol
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,12 +38,6 @@ def _poison() -> None:
     del block
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.double()
-    assert torch.isfinite(out).all(), "output holds NaN/inf (an element was never written?)"
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def _check(backend: str, n: int, c: int, hw: tuple[int, int], k: tuple[int, int], dtype: torch.dtype,
            layout: str = "nchw", bias: bool = False) -> None:
     gen = torch.Generator(device="cuda").manual_seed(_seed + 1000 * c + 10 * k[0] + k[1])
@@ -68,14 +63,12 @@ def _check(backend: str, n: int, c: int, hw: tuple[int, int], k: tuple[int, int]
         out = kernels.dwconv2d(xi, wi, bi)
     _poison()
     out.backward(dy)
-    taps, positions = k[0] * k[1], n * h * w  # terms per output element: output / dgrad, then wgrad / bias grad
-    checks = {
-        "fwd": (_rel(out, ref), rel_tol(dtype, taps)),
-        "dgrad": (_rel(xi.grad, x64.grad), rel_tol(dtype, taps)),
-        "wgrad": (_rel(wi.grad, w64.grad), rel_tol(dtype, positions)),
-    }
+    results = {"fwd": out, "dgrad": xi.grad, "wgrad": wi.grad}
+    exact = {"fwd": ref, "dgrad": x64.grad, "wgrad": w64.grad}
     if b is not None:
-        checks["bias"] = (_rel(bi.grad, b64.grad), rel_tol(dtype, positions))
+        results["bias"], exact["bias"] = bi.grad, b64.grad
+    checks = dwconv2d_errors(dtype, x.shape, wt.shape, results, exact,
+                             dwconv2d_term_norms(dwconv2d_reference, x, wt, b, dy))
     assert out.dtype == dtype and out.shape == x.shape
     bad = {name: f"{err:.3g} > {tol:.3g}" for name, (err, tol) in checks.items() if not err <= tol}
     assert not bad, f"{backend} {DTYPE_IDS[dtype]} C={c} {h}x{w} k={k}: rel. errors {bad}"
@@ -202,7 +195,7 @@ def test_autocast_bf16() -> None:
     out.float().sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
     ref = dwconv2d_reference(x.bfloat16().double(), w.bfloat16().double())
-    assert _rel(out, ref) <= rel_tol(torch.bfloat16, 5 * 49)
+    assert rel_error(out, ref) <= rel_tol(torch.bfloat16, 5 * 49)
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
@@ -221,7 +214,7 @@ def test_binding_reads_weights_as_given(k: tuple[int, int], wdtype: torch.dtype)
         ref = dwconv2d_reference(x.double(), w64.flip((-2, -1)) if flip else w64)
         assert out.dtype == torch.bfloat16
         # a wider weight is rounded to bf16 inside the kernel: one more bf16 rounding per product
-        assert _rel(out, ref) <= rel_tol(torch.bfloat16, k[0] * k[1], layers=2), (k, wdtype, flip)
+        assert rel_error(out, ref) <= rel_tol(torch.bfloat16, k[0] * k[1], layers=2), (k, wdtype, flip)
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import kernels  # noqa: E402
-from tests.kernels.oracle import dwconv2d_oracle  # noqa: E402
-from tests.numerics import rel_error, rel_tol
+from tests.kernels.oracle import dwconv2d_errors, dwconv2d_oracle, dwconv2d_term_norms  # noqa: E402
 
 CASES = [  # (N, C, H, W, kh, kw, bias, dtype)
     (1, 1, 1, 1, 1, 1, False, "float32"),
@@ -45,14 +44,12 @@ def main() -> None:
         b64 = b.detach().double().requires_grad_() if b is not None else None
         ref = dwconv2d_oracle(x64, w64, b64)
         ref.backward(dy.double())
-        taps, positions = kh * kw, n * h * w
-        errors = {
-            "fwd": (rel_error(out, ref), rel_tol(dtype, taps)),
-            "dgrad": (rel_error(x.grad, x64.grad), rel_tol(dtype, taps)),
-            "wgrad": (rel_error(wt.grad, w64.grad), rel_tol(dtype, positions)),
-        }
+        computed = {"fwd": out, "dgrad": x.grad, "wgrad": wt.grad}
+        exact = {"fwd": ref, "dgrad": x64.grad, "wgrad": w64.grad}
         if b is not None:
-            errors["bias"] = (rel_error(b.grad, b64.grad), rel_tol(dtype, positions))
+            computed["bias"], exact["bias"] = b.grad, b64.grad
+        errors = dwconv2d_errors(dtype, x.shape, wt.shape, computed, exact,
+                                 dwconv2d_term_norms(dwconv2d_oracle, x, wt, b, dy))
         results.append({"case": f"N{n}C{c}-{h}x{w}-k{kh}x{kw}-{dtype_name}", "dtype": dtype_name,
                         "errors": errors, "out_dtype": str(out.dtype).replace("torch.", "")})
     print(json.dumps({"backend": kernels.active_backend("cpu"), "results": results}))

@@ -35,7 +35,7 @@ def test_numba_backend_is_active_under_the_simulator(sim_results: dict) -> None:
 
 def test_numba_kernels_match_the_float64_oracle(sim_results: dict) -> None:
     assert len(sim_results["results"]) == 5
-    bad = [  # each error with its bound from tests.numerics.rel_tol, computed in the child process
+    bad = [  # each error with its bound from tests.numerics.sum_error_bound, computed in the child process
         (r["case"], name, err, tol)
         for r in sim_results["results"]
         for name, (err, tol) in r["errors"].items()
