@@ -42,8 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from orchestrator import ray_train  # after validation: a bad config never waits for Ray
+    from orchestrator.run_identity import RunConfigMismatchError
 
-    result = ray_train.run_training(cfg, address=args.address)
+    try:
+        result = ray_train.run_training(cfg, address=args.address)
+    except RunConfigMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     metrics = result.metrics or {}
     print(f"\nrun {ray_train.run_name_for(cfg)!r} finished; checkpoints under {result.path}")
     print("| metric | value |\n|---|---|")

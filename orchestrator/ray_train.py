@@ -42,7 +42,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from orchestrator import tracking
+from orchestrator import ray_cluster, run_identity, tracking
 from orchestrator.config import ExperimentConfig, to_yaml
 from orchestrator.loop import Trainer
 
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 
 FAULT_ENV = "SLAK_FAULT_INJECT"
 _STATE_FILE, _MANIFEST = "state.pt", "manifest.json"
-_RUN_ONLY_SECTIONS = ("run.", "tracking.", "tune.")
 
 
 class InjectedFault(RuntimeError):
@@ -73,7 +72,7 @@ def run_name_for(cfg: ExperimentConfig) -> str:
     finds and continues its own run."""
     if cfg.run.name:
         return cfg.run.name
-    shaping = {k: v for k, v in cfg.to_flat().items() if not k.startswith(_RUN_ONLY_SECTIONS)}
+    shaping = run_identity.identity(cfg.to_flat())
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{cfg.model.variant}-{digest}"
 
@@ -352,18 +351,10 @@ def build_trainer(cfg: ExperimentConfig, *, run_name: str, mlflow_run_id: str | 
 
 
 def _ensure_ray(cfg: ExperimentConfig, address: str | None) -> None:
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)}
-    if FAULT_ENV in os.environ:
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
-    if address is None:
-        # One logical CPU per worker plus the controller, even on a 2-core box.
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.run.num_workers * cfg.run.cpus_per_worker + 1)
-    ray.init(address=address, **kwargs)
+    extra = {FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else None
+    # locally, one logical CPU per worker plus the controller, even on a 2-core box
+    num_cpus = max(os.cpu_count() or 1, int(cfg.run.num_workers * cfg.run.cpus_per_worker) + 1)
+    ray_cluster.init_ray(address=address, num_cpus=num_cpus, extra_env=extra)
 
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
@@ -371,8 +362,13 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
 
     The MLflow run is created (or found again, by run name) in the driver so every retry and every
     re-run of the same command logs into the same run; its final status is set here too.
+
+    Raises:
+        RunConfigMismatchError: a run of this name exists with other settings (nothing was started).
     """
     run_name = run_name_for(cfg)
+    run_identity.check_or_record(cfg.run.storage_path, run_name, run_identity.identity(cfg.to_flat()),
+                                 yaml_text=to_yaml(cfg), what="training run")
     run_id = None
     if cfg.tracking.enabled:
         try:

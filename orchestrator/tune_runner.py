@@ -35,8 +35,8 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator import collate, tracking
-from orchestrator.config import ExperimentConfig, replace
+from orchestrator import collate, ray_cluster, run_identity, tracking
+from orchestrator.config import ExperimentConfig, replace, to_yaml
 from orchestrator.search_space import GridPoint, build_meta_model, param_space, validate_points
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _TIME_ATTR, _METRIC = "epochs_done", "val/top1"
 
 
@@ -244,20 +243,12 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     of waiting forever for CPUs that do not exist. The dashboard stays on: Train V2 inside Tune needs
     its state API to release the workers of a stopped trial.
     """
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": {"PYTHONPATH": str(_PROJECT_ROOT)}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-        return
     per_trial = 1 + cfg.run.num_workers * max(1, int(cfg.run.cpus_per_worker))
     concurrent = max(1, int(cfg.tune.max_concurrent_trials or 1))
-    num_cpus = max(os.cpu_count() or 1, per_trial * concurrent)
-    ray.init(
-        num_cpus=num_cpus,
+    ray_cluster.init_ray(
+        address=address,
+        num_cpus=max(os.cpu_count() or 1, per_trial * concurrent),
         include_dashboard=True,
-        runtime_env=runtime_env,
         object_store_memory=512 * 2**20,
         log_to_driver=False,
     )
@@ -467,6 +458,7 @@ def run_experiment(
     Raises:
         GridError: some points are invalid (nothing was started).
         ValueError: a new experiment would overwrite an existing one, or there is nothing to resume.
+        RunConfigMismatchError: ``resume`` with settings (or a grid) other than the experiment's own.
     """
     started = time.monotonic()
     cfg = _absolute_paths(cfg)
@@ -487,6 +479,12 @@ def run_experiment(
                 f"run.name={name!r} already exists under run.storage_path={storage}; pass --resume "
                 "to continue it, or choose another run.name"
             )
+    settings = {
+        **run_identity.identity(cfg.to_flat()),
+        "tune.seeds": cfg.tune.seeds,
+        "grid": [{"row": p.row, "setting": p.setting, **p.overrides} for p in points],
+    }
+    run_identity.check_or_record(str(storage), name, settings, yaml_text=to_yaml(cfg), what="experiment")
     tracking_flat = _tracking_flat(cfg)
     parent = (
         _parent_run(tracking_flat, name, table, points, cfg, resume) if tracking_flat.get("enabled") else None

@@ -18,7 +18,7 @@ FORBIDDEN = {
     "experiments": {"experiments"},
 }
 # Inside orchestrator only these adapters may touch Ray / MLflow.
-RAY_ADAPTERS = {"ray_train.py", "tune_runner.py", "search_space.py"}
+RAY_ADAPTERS = {"ray_train.py", "tune_runner.py", "search_space.py", "ray_cluster.py"}
 MLFLOW_ADAPTERS = {"tracking.py"}
 
 

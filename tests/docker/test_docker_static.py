@@ -42,7 +42,7 @@ def _compose_text() -> str:
 
 
 def _compose(env: dict[str, str] | None = None) -> dict:
-    env = {"POSTGRES_PASSWORD": "x" * 16, "SLAK_DATA_DIR": "/srv/imagenet"} if env is None else env
+    env = {"POSTGRES_PASSWORD": "x" * 16, "SLAK_DATA_DIR": "/srv/imagenet", "RAY_AUTH_TOKEN": "t" * 32} if env is None else env
     return yaml.safe_load(_interpolate(_compose_text(), env))
 
 
@@ -139,7 +139,8 @@ def test_published_ports_bind_localhost_unless_the_user_opts_in() -> None:
     assert hosts == {"127.0.0.1"}
     mapping = {name: [p.split(":", 1)[1] for p in ports] for name, ports in published.items() if ports}
     assert mapping == {"mlflow": ["5000:5000"], "ray-head": ["8265:8265", "10001:10001"]}
-    opened = _compose({"POSTGRES_PASSWORD": "pw", "SLAK_DATA_DIR": "/d", "SLAK_BIND_ADDRESS": "0.0.0.0"})
+    opened = _compose({"POSTGRES_PASSWORD": "pw", "SLAK_DATA_DIR": "/d", "RAY_AUTH_TOKEN": "t",
+                       "SLAK_BIND_ADDRESS": "0.0.0.0"})
     assert {p.split(":")[0] for svc in opened["services"].values() for p in svc.get("ports", [])} == {"0.0.0.0"}
 
 
@@ -148,17 +149,37 @@ def test_no_secret_in_the_file_and_required_settings_are_enforced() -> None:
     assert "${POSTGRES_PASSWORD:?" in text
     raw = yaml.safe_load(text)["services"]
     secrets = {k: v for svc in raw.values() for k, v in (svc.get("environment") or {}).items()
-               if "PASSWORD" in k or "STORE_URI" in k}
-    assert set(secrets) == {"POSTGRES_PASSWORD", "MLFLOW_BACKEND_STORE_URI"}
+               if "PASSWORD" in k or "STORE_URI" in k or "TOKEN" in k}
+    assert set(secrets) == {"POSTGRES_PASSWORD", "MLFLOW_BACKEND_STORE_URI", "RAY_AUTH_TOKEN"}
     assert secrets["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert secrets["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
     store = secrets["MLFLOW_BACKEND_STORE_URI"]
     assert ":${POSTGRES_PASSWORD:?" in store
     assert _VAR.sub("", store) == "postgresql+psycopg2://:@postgres:5432/", "literal credentials in the store URI"
     with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        _compose({"SLAK_DATA_DIR": "/d"})
+        _compose({"SLAK_DATA_DIR": "/d", "RAY_AUTH_TOKEN": "t"})
     with pytest.raises(KeyError, match="SLAK_DATA_DIR"):
-        _compose({"POSTGRES_PASSWORD": "pw"})
+        _compose({"POSTGRES_PASSWORD": "pw", "RAY_AUTH_TOKEN": "t"})
+    with pytest.raises(KeyError, match="RAY_AUTH_TOKEN"):
+        _compose({"POSTGRES_PASSWORD": "pw", "SLAK_DATA_DIR": "/d"})
     assert _env_example()["POSTGRES_PASSWORD"] == "", ".env.example must not ship a password"
+    assert _env_example()["RAY_AUTH_TOKEN"] == "", ".env.example must not ship a token"
+
+
+def test_ray_token_authentication_is_on_by_default() -> None:
+    compose = _compose()
+    for name in ("ray-head", "ray-worker"):
+        env = compose["services"][name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == "t" * 32, name
+    assert _env_example()["RAY_AUTH_MODE"] == "token"
+    kuberay = yaml.safe_load((DOCKER / "kuberay.yaml").read_text())
+    cluster = kuberay["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"]),
+                 kuberay["spec"]["submitterPodTemplate"]]
+    for template in templates:
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "slak-ray-token", "key": "token"}
     assert ".env" in (DOCKER / ".gitignore").read_text().split()
 
 

@@ -10,39 +10,34 @@ grids), because starting Ray costs ~5 s and parallel clusters slow each other do
 * ``object_store_memory=300 MiB``: the default takes 30% of RAM in /dev/shm.
 * ``_temp_dir``: a short private folder (Ray's unix sockets must stay under 108 characters), deleted
   after shutdown so session logs do not pile up in /tmp/ray.
-* ``runtime_env`` PYTHONPATH = the repo root (plus the caller's PYTHONPATH): workers do not inherit the
-  driver's ``sys.path``.
-* ``RAY_AUTH_MODE=disabled`` and no usage stats (set in tests/conftest.py).
+* Started through ``orchestrator.ray_cluster.init_ray``, as the scripts start it: bound to 127.0.0.1,
+  Ray's token authentication on, the repo root added to the workers' PYTHONPATH (workers do not
+  inherit the driver's ``sys.path``).
 
 Tests that need Ray take the fixture as an argument; it yields the ``ray`` module.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from orchestrator import ray_cluster as local_ray
+
     if ray.is_initialized():  # someone else's cluster in this process: share it
         yield ray
         return
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=3, include_dashboard=True, object_store_memory=300 * 2**20, _temp_dir=tmp,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    local_ray.init_ray(address=None, num_cpus=3, include_dashboard=True, object_store_memory=300 * 2**20,
+                       temp_dir=tmp, log_to_driver=False)
     try:
         yield ray
     finally:

@@ -141,6 +141,24 @@ def test_bad_config_fails_fast_with_one_message(capsys) -> None:
     assert "data.image_size=8" in err and "sparse.sparsity=2" in err and "did you mean 'train.lr'" in err
 
 
+def test_same_run_name_with_other_settings_exits_2_before_ray(tmp_path: Path, capsys) -> None:
+    """A second job under an existing run.name with a different sparsity must not resume the first one."""
+    from orchestrator import run_identity
+    from orchestrator.config import to_yaml
+
+    storage = tmp_path / "ray"
+    first = load_config(str(SMOKE), {"run.name": "collide", "run.storage_path": str(storage)})
+    run_identity.check_or_record(str(storage), "collide", run_identity.identity(first.to_flat()),
+                                 yaml_text=to_yaml(first))  # what the first job's start recorded
+    cli = load_train_cli()
+    t0 = time.monotonic()
+    code = cli.main(["--config", str(SMOKE), "run.name=collide", f"run.storage_path={storage}",
+                     "sparse.sparsity=0.7", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - t0 < 10
+    assert "sparse.sparsity: 0.4 when it started, 0.7 now" in err and err.count("error:") == 1
+
+
 def test_interrupted_checkpoint_write_is_refused(tmp_path: Path) -> None:
     path = ray_train.save_checkpoint_dir({"epoch": 1, "step": 3, "w": torch.arange(1000)}, tmp_path / "ck")
     state, manifest = ray_train.load_checkpoint_dir(tmp_path / "ck")

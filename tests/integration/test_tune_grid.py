@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray")
 
 from ray import tune  # noqa: E402
 
-from orchestrator import search_space, tracking, tune_runner  # noqa: E402
+from orchestrator import run_identity, search_space, tracking, tune_runner  # noqa: E402
 from orchestrator.config import load_config, replace  # noqa: E402
 from orchestrator.search_space import GridPoint  # noqa: E402
 
@@ -72,6 +72,10 @@ def test_two_trial_grid_interrupt_and_resume(ray_cluster, tmp_path: Path) -> Non
     assert len(done_first) == 1, children[["tags.slak.row", "status"]]
     finished_run = done_first["run_id"].item()
     history_before = tracking.metric_history(uri, [finished_run], ["val/top1"])
+
+    # a changed setting on --resume is refused, naming it, before anything starts
+    with pytest.raises(run_identity.RunConfigMismatchError, match=r"train\.epochs: 2 when it started, 3 now"):
+        tune_runner.run_experiment(replace(cfg, {"train.epochs": 3}), points, table="table8", resume=True)
 
     second = tune_runner.run_experiment(replace(cfg, {}), points, table="table8", resume=True)
     assert not second.interrupted and second.errors == 0

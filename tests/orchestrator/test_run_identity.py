@@ -1,0 +1,57 @@
+"""A run's identity includes its config: the same run folder never continues under other settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config, to_yaml
+from orchestrator.run_identity import IDENTITY_FILE, RunConfigMismatchError, check_or_record, identity
+
+SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.yaml"
+
+
+def _record(storage: Path, overrides: dict) -> list[str]:
+    cfg = load_config(str(SMOKE), overrides)
+    return check_or_record(str(storage), "run-a", identity(cfg.to_flat()), yaml_text=to_yaml(cfg))
+
+
+def test_first_start_records_and_the_same_settings_continue(tmp_path: Path) -> None:
+    assert _record(tmp_path, {}) == []
+    assert (tmp_path / "run-a" / IDENTITY_FILE).is_file()
+    assert _record(tmp_path, {"run.num_workers": 1, "tracking.enabled": False}) == []  # run-only sections
+
+
+def test_a_setting_that_shapes_the_result_is_refused_with_every_difference(tmp_path: Path) -> None:
+    _record(tmp_path, {})
+    with pytest.raises(RunConfigMismatchError) as err:
+        _record(tmp_path, {"sparse.sparsity": 0.7, "train.epochs": 3, "train.log_every_steps": 5})
+    text = str(err.value)
+    assert "sparse.sparsity: 0.4 when it started, 0.7 now" in text
+    assert "train.epochs: 2 when it started, 3 now" in text
+    assert "train.log_every_steps" not in text  # changeable: not a reason to refuse
+    assert "another run.name" in text and "--config" in text
+
+
+def test_changeable_settings_continue_and_are_recorded(tmp_path: Path) -> None:
+    _record(tmp_path, {})
+    assert _record(tmp_path, {"train.log_every_steps": 5, "data.workers": 2}) == ["data.workers",
+                                                                                 "train.log_every_steps"]
+    assert _record(tmp_path, {"train.log_every_steps": 5, "data.workers": 2}) == []
+
+
+def test_the_stored_config_continues_the_run_deliberately(tmp_path: Path) -> None:
+    _record(tmp_path, {"sparse.sparsity": 0.6})
+    stored = load_config(str(tmp_path / "run-a" / "config.yaml"), {})
+    assert check_or_record(str(tmp_path), "run-a", identity(stored.to_flat()), yaml_text="") == []
+
+
+def test_smoke_runs_with_different_settings_get_different_names() -> None:
+    pytest.importorskip("ray")
+    from orchestrator.ray_train import run_name_for
+
+    base = load_config(str(SMOKE), {})
+    assert not base.run.name, "a preset must not fix run.name: unrelated runs would collide"
+    assert run_name_for(base) != run_name_for(load_config(str(SMOKE), {"sparse.sparsity": 0.7}))
+    assert run_name_for(base) == run_name_for(load_config(str(SMOKE), {"run.num_workers": 1}))
