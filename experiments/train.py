@@ -18,7 +18,7 @@ import sys
 from orchestrator.config import ConfigError, load_config
 
 _SHOWN = ("epochs_done", "train/loss", "val/top1", "val/top5", "ema/top1", "ema/top5", "sparsity/density",
-          "sparsity/itop_rate", "perf/img_per_s")
+          "sparsity/itop_rate", "perf/img_per_s", "data/skipped_images")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,23 +42,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from orchestrator import ray_train  # after validation: a bad config never waits for Ray
+    from orchestrator.preflight import PreflightError
     from orchestrator.run_identity import RunConfigMismatchError
 
+    name = ray_train.run_name_for(cfg)
     try:
         result = ray_train.run_training(cfg, address=args.address)
-    except RunConfigMismatchError as err:
+    except (PreflightError, RunConfigMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: running the same command again continues run {name!r} from its last "
+              "checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - Ray's TrainingFailedError and anything after the job started
+        print(f"\nerror: training run {name!r} failed for good ({cfg.run.max_failures} retries allowed by "
+              f"run.max_failures): {ray_train.failure_summary(err)}", file=sys.stderr)
+        print(f"Its checkpoints stay under {cfg.run.storage_path}/{name}: running the same command again resumes "
+              "from the last one.", file=sys.stderr)
+        return 1
     metrics = result.metrics or {}
-    print(f"\nrun {ray_train.run_name_for(cfg)!r} finished; checkpoints under {result.path}")
+    print(f"\nrun {name!r} finished; checkpoints under {result.path}")
     print("| metric | value |\n|---|---|")
     for key in _SHOWN:
         if key in metrics:
             print(f"| {key} | {metrics[key]:.4g} |")
     if cfg.tracking.enabled:
+        from orchestrator import tracking
+
         uri = cfg.tracking.uri
         ui = f"open {uri} in a browser" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
         print(f"\nMLflow experiment {cfg.tracking.experiment!r}: {ui}")
+        pending = tracking.pending_offline(cfg.tracking.offline_dir)
+        if pending:
+            print(f"{pending} tracking event(s) could not reach {uri} and are kept offline in "
+                  f"{cfg.tracking.offline_dir}; send them when the server is up with:\n  "
+                  f"{tracking.sync_command(cfg.tracking.offline_dir, uri)}")
     return 0
 
 

@@ -457,7 +457,9 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
                 f"exact multiple so the effective batch does not change with the worker count; use e.g. "
                 f"train.micro_batch_size in {fit or ['(none fits: change run.num_workers)']}")
     rng("train.lr", 0, None, lo_open=True, why="absolute, for the global batch; paper 4e-3 at 4096")
-    rng("train.min_lr", 0, t.lr if math.isfinite(t.lr) else None, why="cosine floor, at most train.lr")
+    lr_valid = isinstance(t.lr, (int, float)) and math.isfinite(t.lr) and t.lr > 0
+    # the floor is checked against train.lr only when that is valid: a bad lr is one problem, not two
+    rng("train.min_lr", 0, t.lr if lr_valid else None, why="cosine floor, at most train.lr")
     rng("train.warmup_epochs", 0, t.epochs, why="at most train.epochs; paper 20")
     rng("train.weight_decay", 0, None)
     rng("train.opt_eps", 0, None, lo_open=True)

@@ -28,9 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+# isort: off
+import slak_model  # noqa: F401  (installs the torchvision guard before the first timm import)
 from timm.data import ImageDataset, Mixup, auto_augment, create_transform
+# isort: on
 from timm.data.readers.img_extensions import get_img_extensions
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -45,8 +50,10 @@ __all__ = [
     "build_datasets",
     "build_loaders",
     "build_mixup",
+    "bad_file_flags",
     "build_transforms",
     "check_image_folder",
+    "preflight_image_folder",
     "skipped_images",
 ]
 
@@ -118,6 +125,53 @@ def check_image_folder(root: str | os.PathLike) -> list[str]:
     return splits["train"]
 
 
+def preflight_image_folder(data_cfg: Any, *, decode: int = 8) -> list[str]:
+    """What a job's driver checks before Ray starts: layout, class sets, an image in every class folder, and
+    ``decode`` images (spread over the classes, both splits) read through. Cheap on a full ImageNet: each
+    class folder is listed only up to its first image.
+
+    Returns:
+        Warnings (unreadable sample images under ``data.on_bad_image=skip``).
+
+    Raises:
+        DataError: every problem found, one per line.
+    """
+    if data_cfg.source != "imagenet":
+        return []
+    if not data_cfg.path:
+        raise DataError("data.path=None: data.source='imagenet' needs the folder holding train/ and val/")
+    root = Path(data_cfg.path).expanduser()
+    classes = check_image_folder(root)
+    exts = get_img_extensions(as_set=True)
+    problems: list[str] = []
+    warnings: list[str] = []
+    for split in ("train", "val"):
+        firsts: dict[str, str] = {}
+        for c in classes:
+            with os.scandir(root / split / c) as entries:
+                first = next((e.path for e in entries if e.is_file() and Path(e.name).suffix.lower() in exts), None)
+            if first is not None:
+                firsts[c] = first
+        empty = [c for c in classes if c not in firsts]
+        if empty:
+            problems.append(f"{root / split}: class folders without images: {_preview(empty)}; add images or "
+                            "remove the folders from both splits")
+        samples = list(firsts.values())[:: max(1, len(firsts) // max(1, decode // 2))][: max(1, decode // 2)]
+        for path in samples:
+            try:
+                with Image.open(path) as im:
+                    im.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                if data_cfg.on_bad_image == "error":
+                    problems.append(f"cannot decode image {path}: {e}; fix or delete the file, or set "
+                                    "data.on_bad_image=skip to skip unreadable images")
+                else:
+                    warnings.append(f"unreadable image {path} ({e}) will be skipped (data.on_bad_image=skip)")
+    if problems:
+        raise DataError("\n".join(problems))
+    return warnings
+
+
 def _preview(names: list[str], n: int = 10) -> str:
     return str(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
@@ -127,7 +181,8 @@ class CheckedImageDataset(Dataset):
 
     timm's ``ImageDataset`` logs and moves on for up to 10 broken files; a run must instead either
     stop with the path (``on_bad_image="error"``) or skip on purpose and say how many it skipped.
-    The skip count is shared with DataLoader worker processes through a ``multiprocessing.Value``.
+    Skipped *files* are counted, not reads (an epoch and the EMA's BatchNorm pass read a file twice): one
+    flag per file in shared memory, which DataLoader worker processes write too.
     """
 
     def __init__(
@@ -150,7 +205,7 @@ class CheckedImageDataset(Dataset):
             )
         self.transform = transform
         self.on_bad_image = on_bad_image
-        self._skipped = multiprocessing.Value("l", 0)
+        self._bad = multiprocessing.Array("b", len(self.inner))  # 1 byte per file: 1.3 MB for ImageNet
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -160,8 +215,12 @@ class CheckedImageDataset(Dataset):
 
     @property
     def skipped(self) -> int:
-        """Files skipped so far by every process reading this dataset."""
-        return int(self._skipped.value)
+        """Distinct files skipped so far by every process reading this dataset."""
+        return int(self.bad_files().sum())
+
+    def bad_files(self) -> np.ndarray:
+        """One bool per file: skipped as unreadable by any process reading this dataset so far."""
+        return np.frombuffer(self._bad.get_obj(), dtype=np.int8).astype(bool)
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         path, target = self.inner.reader.samples[index]
@@ -179,10 +238,11 @@ class CheckedImageDataset(Dataset):
                         f"cannot decode image {self.path(i)}: {e}; fix or delete the file, or set "
                         "data.on_bad_image=skip to skip unreadable images"
                     ) from e
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                    total = self._skipped.value
-                log.warning("skipped unreadable image %s (%s); %d skipped so far", self.path(i), e, total)
+                first_time = not self._bad[i]
+                self._bad[i] = 1
+                if first_time:
+                    log.warning("skipped unreadable image %s (%s); %d skipped so far", self.path(i), e,
+                                self.skipped)
                 continue
             return self.transform(img), target
         raise DataError(
@@ -356,5 +416,12 @@ def build_mixup(data_cfg: Any, num_classes: int) -> Mixup | None:
 
 
 def skipped_images(bundle: DataBundle) -> int:
-    """Unreadable files skipped so far across both splits (0 for generated sources)."""
-    return sum(getattr(ds, "skipped", 0) for ds in (bundle.train, bundle.val))
+    """Distinct unreadable files skipped so far across both splits (0 for generated sources)."""
+    return int(bad_file_flags(bundle).sum())
+
+
+def bad_file_flags(bundle: DataBundle) -> np.ndarray:
+    """One bool per file of both splits (train, then val): skipped as unreadable so far; empty for generated
+    sources. Ranks combine theirs with a logical OR, so a file read by two ranks counts once."""
+    flags = [ds.bad_files() for ds in (bundle.train, bundle.val) if isinstance(ds, CheckedImageDataset)]
+    return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)

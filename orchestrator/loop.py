@@ -29,11 +29,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
-import slak_model
+# isort: off
+import slak_model  # installs the torchvision guard before the first timm import
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_weight_decay
+# isort: on
+
 from orchestrator.config import ExperimentConfig
 from slak_model.sparsity import DynamicSparsity, MaskedModelEma, SparsityConfig, TorchDistributedCollective
 

@@ -42,13 +42,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from orchestrator import ray_cluster, run_identity, tracking
+from orchestrator import preflight, ray_cluster, run_identity, tracking
 from orchestrator.config import ExperimentConfig, to_yaml
 from orchestrator.loop import Trainer
 
 __all__ = [
     "FAULT_ENV",
     "build_trainer",
+    "failure_summary",
     "load_checkpoint_dir",
     "run_name_for",
     "run_training",
@@ -271,14 +272,16 @@ class _Worker:
         self._finish()
 
     def _skipped_images(self) -> float:
-        """Unreadable images skipped by every rank (and its loader workers) since the workers started."""
+        """Distinct unreadable files skipped by any rank (or its loader workers) since the workers started.
+
+        Every rank holds one flag per file of the whole dataset; a MAX all-reduce is their logical OR, so a
+        file that two ranks read (padded shards) counts once."""
         from orchestrator import data
 
-        count = torch.tensor([float(data.skipped_images(self.bundle))], dtype=torch.float64,
-                             device=self.trainer.device)
+        flags = torch.from_numpy(data.bad_file_flags(self.bundle).astype("uint8")).to(self.trainer.device)
         if self.world_size > 1:
-            dist.all_reduce(count)
-        total = float(count.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        total = float(flags.sum().item())
         if total and self.rank == 0:
             log.warning("%d unreadable image(s) skipped so far (data.on_bad_image=skip)", int(total))
         return total
@@ -357,6 +360,21 @@ def _ensure_ray(cfg: ExperimentConfig, address: str | None) -> None:
     ray_cluster.init_ray(address=address, num_cpus=num_cpus, extra_env=extra)
 
 
+def failure_summary(error: BaseException) -> str:
+    """One line for a job that failed for good: which rank, and the exception's own last line (not Ray's
+    wrapping traceback)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, cause = min(failures.items())
+        return f"rank {rank}: {_last_line(cause)}"
+    return _last_line(error)
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
     """Run (or continue) one training job and return Ray's ``Result``.
 
@@ -364,8 +382,10 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
     re-run of the same command logs into the same run; its final status is set here too.
 
     Raises:
+        PreflightError: the model or the data cannot work as configured (nothing was started).
         RunConfigMismatchError: a run of this name exists with other settings (nothing was started).
     """
+    preflight.check_before_start(cfg)
     run_name = run_name_for(cfg)
     run_identity.check_or_record(cfg.run.storage_path, run_name, run_identity.identity(cfg.to_flat()),
                                  yaml_text=to_yaml(cfg), what="training run")

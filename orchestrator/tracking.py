@@ -56,6 +56,7 @@ __all__ = [
     "metric_history",
     "run_tags_for_environment",
     "runs_dataframe",
+    "pending_offline",
     "set_run_status",
     "sync_offline",
     "sync_command",
@@ -542,6 +543,15 @@ def create_tracker(tracking_cfg: Any, *, run_id: str | None = None, run_name: st
     all_tags = {**run_tags_for_environment(), **(tags or {})}
     return MlflowTracker(uri, _cfg(tracking_cfg, "experiment", "slak"), offline_dir, run_id=run_id,
                          run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
+
+
+def pending_offline(offline_dir: str | Path) -> int:
+    """Events kept in ``offline_dir``'s journals that have not reached a server yet (0 if there is none)."""
+    root = Path(offline_dir)
+    if not root.is_dir():
+        return 0
+    roots = [root] if (root / _META).exists() else [p.parent for p in root.glob(f"*/{_META}")]
+    return sum(_Journal(r).pending() for r in roots)
 
 
 def sync_offline(offline_dir: str | Path, uri: str | None = None) -> list[dict]:

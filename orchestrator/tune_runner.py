@@ -35,7 +35,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator import collate, ray_cluster, run_identity, tracking
+from orchestrator import collate, preflight, ray_cluster, run_identity, tracking
 from orchestrator.config import ExperimentConfig, replace, to_yaml
 from orchestrator.search_space import GridPoint, build_meta_model, param_space, validate_points
 
@@ -462,7 +462,11 @@ def run_experiment(
     """
     started = time.monotonic()
     cfg = _absolute_paths(cfg)
-    validate_points(cfg, points, seeds=cfg.tune.seeds)
+    validate_points(cfg, points, seeds=cfg.tune.seeds)  # every point's config and model (meta device)
+    data_problems = preflight.check_data(cfg)
+    if data_problems:
+        lines = "\n".join(f"  - {p}" for p in data_problems)
+        raise preflight.PreflightError(f"the experiment cannot start:\n{lines}")
     storage = Path(cfg.run.storage_path)
     name = cfg.run.name or None
     if resume:
