@@ -173,7 +173,7 @@ class _Worker:
         self.tracker = tracking.create_tracker(
             cfg.tracking, run_id=self.mlflow_run_id, run_name=self.run_name,
             parent_run_id=config.get("mlflow_parent_run_id"), rank=self.rank,
-            tags={"slak.role": "train", "slak.run_name": self.run_name})
+            tags={"slak.role": "train", "slak.run_name": self.run_name}, environment=True)
         if self.rank == 0 and checkpoint is None:
             self.tracker.log_params(cfg.to_flat())
             self.tracker.log_text(to_yaml(cfg), "config/resolved.yaml")

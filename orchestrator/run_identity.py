@@ -32,6 +32,11 @@ CHANGEABLE_ON_CONTINUE = frozenset(
     {"data.workers", "train.log_every_steps", "train.checkpoint_every_steps", "train.eval_every_epochs"}
 )
 _MISSING = "<not set>"
+#: Why a setting cannot change on a continuation, where that is not obvious.
+_WHY_FIXED = {
+    "train.epochs": "the learning-rate and sparsity schedules are cosines over the planned length of the run, "
+                    "so every step already taken depends on it: more epochs is a new run, not a continuation",
+}
 
 
 class RunConfigMismatchError(ValueError):
@@ -103,7 +108,7 @@ def check_or_record(
     blocking = [k for k in differing if k not in CHANGEABLE_ON_CONTINUE]
     if blocking:
         lines = "\n".join(f"  {k}: {stored.get(k, _MISSING)!r} when it started, {new.get(k, _MISSING)!r} now"
-                          for k in blocking)
+                          + (f" ({_WHY_FIXED[k]})" if k in _WHY_FIXED else "") for k in blocking)
         raise RunConfigMismatchError(
             f"{what} {run_name!r} under {storage} was started with other settings, and continuing it would "
             f"report results for a config nobody asked for:\n{lines}\n"

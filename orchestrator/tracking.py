@@ -530,17 +530,20 @@ class MlflowTracker(Tracker):
 
 def create_tracker(tracking_cfg: Any, *, run_id: str | None = None, run_name: str | None = None,
                    parent_run_id: str | None = None, rank: int = 0,
-                   tags: Mapping[str, Any] | None = None) -> Tracker:
+                   tags: Mapping[str, Any] | None = None, environment: bool = False) -> Tracker:
     """The tracker of one training job: MLflow on rank 0 when enabled, else a :class:`NullTracker`.
 
-    A new run gets :func:`run_tags_for_environment` tags, so every run says which commit, packages,
-    kernel backend and devices produced it.
+    Args:
+        environment: Add :func:`run_tags_for_environment` (commit, packages, kernel backend, devices, host).
+            Only the process that trains passes True (rank 0 of the job), so the tags describe where the
+            run was computed; a driver that reopens a run to set its status must not overwrite them with
+            its own machine (and must not build the CUDA extension just to describe itself).
     """
     if rank != 0 or not _cfg(tracking_cfg, "enabled", True):
         return NullTracker()
     uri = _cfg(tracking_cfg, "uri", None) or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     offline_dir = _cfg(tracking_cfg, "offline_dir", None) or Path.cwd() / "mlflow-offline"
-    all_tags = {**run_tags_for_environment(), **(tags or {})}
+    all_tags = {**(run_tags_for_environment() if environment else {}), **(tags or {})}
     return MlflowTracker(uri, _cfg(tracking_cfg, "experiment", "slak"), offline_dir, run_id=run_id,
                          run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
 

@@ -48,7 +48,7 @@ def _masks() -> dict[str, torch.Tensor]:
 
 def test_logs_params_metrics_masks_table_and_environment_tags(cfg: dict, uri: str, tmp_path: Path) -> None:
     masks = _masks()
-    with create_tracker(cfg, run_name="smoke", tags={"purpose": "test"}) as tr:
+    with create_tracker(cfg, run_name="smoke", tags={"purpose": "test"}, environment=True) as tr:
         assert isinstance(tr, MlflowTracker)
         tr.log_params({"model.kernel_size": [51, 49, 47, 13, 5], "sparse.sparsity": 0.4, "train.lr": 4e-3})
         for step in range(3):
@@ -206,6 +206,28 @@ def test_sync_cli_reports_and_rejects_a_missing_dir(cfg: dict, uri: str, tmp_pat
     assert tr.run_id in capsys.readouterr().out
     assert tracking._main(["sync", str(tmp_path / "missing"), "--tracking-uri", uri]) == 1
     assert "offline_dir=" in capsys.readouterr().err
+
+
+def test_a_driver_closing_a_run_keeps_the_workers_environment_tags(cfg: dict, uri: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training worker tags the run with its host and kernel backend; the Tune driver later reopens the run
+    to set its final status from another machine, and must not overwrite those tags with its own."""
+    import socket
+
+    import kernels
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-worker-7")
+    monkeypatch.setattr(kernels, "active_backend", lambda *a, **k: "cuda")
+    worker = create_tracker(cfg, run_name="trial", tags={"slak.role": "train"}, environment=True)
+    worker.log_metrics({"train/loss": 1.0}, step=1)
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "driver-laptop")
+    monkeypatch.setattr(kernels, "active_backend", lambda *a, **k: "torch")
+    create_tracker(cfg, run_id=worker.run_id, tags={"slak.epochs_done": "2"}).end("FINISHED")
+
+    tags = MlflowClient(uri).get_run(worker.run_id).data.tags
+    assert tags["slak.hostname"] == "gpu-worker-7" and tags["slak.kernel.backend"] == "cuda"
+    assert tags["slak.epochs_done"] == "2"
 
 
 def test_environment_tags_fall_back_to_the_commit_baked_into_an_image(monkeypatch: pytest.MonkeyPatch) -> None:
