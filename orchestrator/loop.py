@@ -135,11 +135,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of top-1 and top-5 hits (top-k capped at the class count)."""
     k = min(5, logits.shape[1])

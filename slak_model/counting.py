@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ._wrappers import unwrap_model
 from .layers import DepthwiseConv
 
 __all__ = ["Complexity", "StageComplexity", "count_complexity"]
@@ -139,7 +140,7 @@ def count_complexity(
     Returns:
         A :class:`Complexity`.
     """
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     if not hasattr(model, "stages") or not hasattr(model, "stem"):
         raise ValueError(
             f"count_complexity needs a SLaK model (stem/stages/head), got {type(model).__name__}"

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._wrappers import unwrap_model
 from .collective import Collective, LocalCollective
 from .config import SparsityConfig
 from .density import erk_densities, snip_densities, uniform_densities
@@ -74,13 +75,6 @@ def layer_group(name: str) -> str:
     if match:
         return f"stage{int(match.group(1)) + 1}"
     return "other"
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP / ``torch.compile`` wrapper, so names carry no ``module.``/``_orig_mod.`` prefix."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
 class DynamicSparsity:
@@ -112,7 +106,7 @@ class DynamicSparsity:
     ) -> None:
         if not isinstance(config, SparsityConfig):
             raise ValueError(f"config must be a SparsityConfig, got {type(config).__name__}")
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         self.config = config
         self.schedule = AdaptationSchedule(
             p0=config.prune_rate,

@@ -170,3 +170,13 @@ def test_forward_intermediates_follow_timm(model: SLaK) -> None:
     getter = timm.create_model("slak_test", features_only=True, feature_cls="getter", out_indices=(0, 2))
     assert [o.shape[1] for o in getter(x)] == [8, 24]
     assert model.prune_intermediate_layers([1]) == [1] and len(model.stages) == 2
+
+
+def test_unwrap_model_looks_through_compile_only_wrappers() -> None:
+    from slak_model._wrappers import unwrap_model
+
+    inner = create_model("slak_test")
+    assert unwrap_model(torch.compile(inner)) is inner  # not compiled until called
+    holder = torch.nn.Module()
+    holder.module = inner  # a user's attribute named "module" is not a wrapper
+    assert unwrap_model(holder) is holder
