@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator import tracking
 
         uri = cfg.tracking.uri
-        ui = f"open {uri} in a browser" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
-        print(f"\nMLflow experiment {cfg.tracking.experiment!r}: {ui}")
+        print(f"\nMLflow experiment {cfg.tracking.experiment!r}: {tracking.mlflow_ui_command(uri)}")
         pending = tracking.pending_offline(cfg.tracking.offline_dir)
         if pending:
             print(f"{pending} tracking event(s) could not reach {uri} and are kept offline in "

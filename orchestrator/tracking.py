@@ -46,6 +46,8 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator.config import TrackingConfig
+
 __all__ = [
     "NullTracker",
     "MlflowTracker",
@@ -54,6 +56,7 @@ __all__ = [
     "find_or_create_run",
     "log_artifact_to_run",
     "metric_history",
+    "mlflow_ui_command",
     "run_tags_for_environment",
     "runs_dataframe",
     "pending_offline",
@@ -78,16 +81,16 @@ _FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _META, _EVENTS, _SYNCED, _REJECTED = "meta.json", "events.jsonl", "synced.json", "rejected.jsonl"
 
 
+def mlflow_ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on ``uri`` (a server URI is simply opened in a browser)."""
+    if _is_http(uri):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 def sync_command(offline_dir: str | Path, uri: str) -> str:
     """The shell command that replays ``offline_dir`` into ``uri`` (quoted for messages)."""
     return f"python -m orchestrator.tracking sync {offline_dir} --tracking-uri {uri}"
-
-
-def _cfg(section: Any, name: str, default: Any) -> Any:
-    """Read a field of ``tracking`` config given as a dataclass or a mapping (Tune passes dicts)."""
-    if isinstance(section, Mapping):
-        return section.get(name, default)
-    return getattr(section, name, default)
 
 
 def _is_http(uri: str) -> bool:
@@ -528,7 +531,7 @@ class MlflowTracker(Tracker):
         self._emit({"kind": "table", "data": data, "artifact_file": f"masks/density_step{int(step):08d}.json"})
 
 
-def create_tracker(tracking_cfg: Any, *, run_id: str | None = None, run_name: str | None = None,
+def create_tracker(tracking_cfg: TrackingConfig, *, run_id: str | None = None, run_name: str | None = None,
                    parent_run_id: str | None = None, rank: int = 0,
                    tags: Mapping[str, Any] | None = None, environment: bool = False) -> Tracker:
     """The tracker of one training job: MLflow on rank 0 when enabled, else a :class:`NullTracker`.
@@ -539,12 +542,10 @@ def create_tracker(tracking_cfg: Any, *, run_id: str | None = None, run_name: st
             run was computed; a driver that reopens a run to set its status must not overwrite them with
             its own machine (and must not build the CUDA extension just to describe itself).
     """
-    if rank != 0 or not _cfg(tracking_cfg, "enabled", True):
+    if rank != 0 or not tracking_cfg.enabled:
         return NullTracker()
-    uri = _cfg(tracking_cfg, "uri", None) or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    offline_dir = _cfg(tracking_cfg, "offline_dir", None) or Path.cwd() / "mlflow-offline"
     all_tags = {**(run_tags_for_environment() if environment else {}), **(tags or {})}
-    return MlflowTracker(uri, _cfg(tracking_cfg, "experiment", "slak"), offline_dir, run_id=run_id,
+    return MlflowTracker(tracking_cfg.uri, tracking_cfg.experiment, tracking_cfg.offline_dir, run_id=run_id,
                          run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
 
 
@@ -599,13 +600,13 @@ def sync_offline(offline_dir: str | Path, uri: str | None = None) -> list[dict]:
 
 
 # -- helpers for Tune and collation (so that only this module touches mlflow) ---------------------------
-def find_or_create_run(tracking_cfg: Any, *, run_name: str, tags: Mapping[str, Any] | None = None,
+def find_or_create_run(tracking_cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, Any] | None = None,
                        parent_run_id: str | None = None,
                        match_tag: tuple[str, str] | None = None) -> str:
     """Run id of the run carrying tag ``match_tag`` (a Tune retry finds its run again), else a new run."""
-    uri = _cfg(tracking_cfg, "uri", None) or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    uri = tracking_cfg.uri
     client = _client(uri)
-    exp_id = _experiment_id(client, uri, _cfg(tracking_cfg, "experiment", "slak"))
+    exp_id = _experiment_id(client, uri, tracking_cfg.experiment)
     if match_tag is not None:
         key, value = match_tag
         found = client.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'", max_results=1)

@@ -36,7 +36,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator import collate, preflight, ray_cluster, run_identity, tracking
-from orchestrator.config import ExperimentConfig, replace, to_yaml
+from orchestrator.config import ExperimentConfig, TrackingConfig, replace, to_yaml
 from orchestrator.search_space import GridPoint, build_meta_model, param_space, validate_points
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "TrialStatusCallback",
     "experiment_config_for_trial",
     "init_ray",
-    "mlflow_ui_command",
     "run_experiment",
     "trial_identity",
 ]
@@ -71,13 +70,6 @@ class ExperimentOutcome:
     seconds: float
     collated: collate.CollatedExperiment | None = None
     files: list[Path] = field(default_factory=list)
-
-
-def mlflow_ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on ``uri`` (a server URI is simply opened in a browser)."""
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
 
 
 # -- the trial driver ---------------------------------------------------------------------------------
@@ -117,10 +109,10 @@ def _trial_name(trial: Any) -> str:
     return f"{name}_{trial.trial_id}"
 
 
-def _find_trial_run(config: Mapping[str, Any], trial_id: str) -> str:
+def _find_trial_run(tracking_cfg: TrackingConfig, config: Mapping[str, Any], trial_id: str) -> str:
     run_name, tags = trial_identity(config, trial_id)
     return tracking.find_or_create_run(
-        config["tracking"],
+        tracking_cfg,
         run_name=run_name,
         tags=tags,
         parent_run_id=config.get("parent_run_id"),
@@ -148,20 +140,24 @@ def _complexity_metrics(cfg: ExperimentConfig) -> dict[str, float]:
     }
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One Tune trial: own (or find again) the MLflow child run, then fit one Ray Train DDP job."""
+def _trial(config: dict[str, Any], tracking_cfg: TrackingConfig) -> None:
+    """One Tune trial: own (or find again) the MLflow child run, then fit one Ray Train DDP job.
+
+    ``tracking_cfg`` arrives through ``tune.with_parameters``: Tune's param space would take a dataclass
+    apart (into a tuple), and the tracking settings are not a search dimension anyway.
+    """
     from orchestrator import ray_train  # imported here: the trial actor is the only place it runs
 
     trial_id = tune.get_context().get_trial_id()
     cfg = experiment_config_for_trial(config)
     run_id = None
-    if config["tracking"].get("enabled", True):
+    if tracking_cfg.enabled:
         try:
-            run_id = _find_trial_run(config, trial_id)
+            run_id = _find_trial_run(tracking_cfg, config, trial_id)
         except Exception as exc:  # noqa: BLE001 - rank 0 then keeps its metrics in the offline journal
             logger.warning("MLflow is unreachable for trial %s (%s); metrics go offline", trial_id, exc)
         if run_id is not None:
-            tracker = tracking.create_tracker(config["tracking"], run_id=run_id)  # RUNNING again on retry
+            tracker = tracking.create_tracker(tracking_cfg, run_id=run_id)  # RUNNING again on retry
             tracker.log_params(cfg.to_flat())
             try:
                 tracker.log_metrics(_complexity_metrics(cfg), step=0)
@@ -180,17 +176,17 @@ def _trial(config: dict[str, Any]) -> None:
 class TrialStatusCallback(tune.Callback):
     """Driver-side: shows progress and gives every trial's MLflow run its final status."""
 
-    def __init__(self, tracking_flat: Mapping[str, Any], total_epochs: int, total_trials: int) -> None:
-        self.tracking = dict(tracking_flat)
+    def __init__(self, tracking_cfg: TrackingConfig, total_epochs: int, total_trials: int) -> None:
+        self.tracking = tracking_cfg
         self.total_epochs = total_epochs
         self.total_trials = total_trials
         self._started: dict[str, float] = {}
 
     def _finish(self, trial: Any, status: str, tags: Mapping[str, str]) -> None:
-        if not self.tracking.get("enabled", True):
+        if not self.tracking.enabled:
             return
         try:
-            run_id = _find_trial_run(trial.config, trial.trial_id)
+            run_id = _find_trial_run(self.tracking, trial.config, trial.trial_id)
             tracker = tracking.create_tracker(self.tracking, run_id=run_id, tags=dict(tags))
             tracker.end(status)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop the experiment
@@ -355,13 +351,9 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return replace(cfg, updates)
 
 
-def _tracking_flat(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {k.split(".", 1)[1]: v for k, v in cfg.to_flat().items() if k.startswith("tracking.")}
-
-
-def _close_unfinished_runs(tracking_flat: Mapping[str, Any], experiment: str) -> int:
+def _close_unfinished_runs(tracking_cfg: TrackingConfig, experiment: str) -> int:
     """Runs of this experiment still RUNNING after Tune returned were interrupted: mark them KILLED."""
-    runs = tracking.runs_dataframe(tracking_flat["uri"], tracking_flat["experiment"])
+    runs = tracking.runs_dataframe(tracking_cfg.uri, tracking_cfg.experiment)
     if runs.empty or "tags.slak.experiment" not in runs:
         return 0
     stale = runs[
@@ -370,12 +362,12 @@ def _close_unfinished_runs(tracking_flat: Mapping[str, Any], experiment: str) ->
         & (runs.get("tags.slak.grid_role") == "trial")
     ]
     for run_id in stale["run_id"]:
-        tracking.set_run_status(tracking_flat["uri"], run_id, "KILLED")
+        tracking.set_run_status(tracking_cfg.uri, run_id, "KILLED")
     return len(stale)
 
 
 def _parent_run(
-    tracking_flat: Mapping[str, Any],
+    tracking_cfg: TrackingConfig,
     name: str,
     table: str,
     points: Sequence[GridPoint],
@@ -385,7 +377,7 @@ def _parent_run(
     """Create (or find again on resume) the experiment's parent MLflow run; None if MLflow is down."""
     try:
         parent = tracking.find_or_create_run(
-            tracking_flat,
+            tracking_cfg,
             run_name=name,
             match_tag=("slak.parent_of", name),
             tags={
@@ -399,12 +391,12 @@ def _parent_run(
     except Exception as exc:  # noqa: BLE001 - tracking is never the reason an experiment dies
         logger.warning(
             "MLflow at %s is unreachable (%s): the grid runs, each trial keeps its metrics offline in %s",
-            tracking_flat.get("uri"),
+            tracking_cfg.uri,
             exc,
-            tracking_flat.get("offline_dir"),
+            tracking_cfg.offline_dir,
         )
         return None
-    parent_tracker = tracking.create_tracker(tracking_flat, run_id=parent)  # RUNNING again on resume
+    parent_tracker = tracking.create_tracker(tracking_cfg, run_id=parent)  # RUNNING again on resume
     if not resume:
         parent_tracker.log_params(cfg.to_flat())
         parent_tracker.log_dict([p.to_dict() for p in points], "grid.json")
@@ -412,10 +404,10 @@ def _parent_run(
 
 
 def _finish_parent(
-    tracking_flat: Mapping[str, Any], parent: str, outcome: ExperimentOutcome, collate_into: str | Path | None
+    tracking_cfg: TrackingConfig, parent: str, outcome: ExperimentOutcome, collate_into: str | Path | None
 ) -> None:
     """Close interrupted trial runs, collate the tables into the parent run, give it its final status."""
-    killed = _close_unfinished_runs(tracking_flat, outcome.name)
+    killed = _close_unfinished_runs(tracking_cfg, outcome.name)
     if killed:
         logger.warning(
             "%d trial run(s) of %s were interrupted and marked KILLED; --resume continues them",
@@ -424,11 +416,11 @@ def _finish_parent(
         )
     out_dir = Path(collate_into) if collate_into else outcome.path / "tables"
     outcome.collated = collate.collate_experiment(
-        tracking_flat["uri"], tracking_flat["experiment"], outcome.name, out_dir
+        tracking_cfg.uri, tracking_cfg.experiment, outcome.name, out_dir
     )
     outcome.files = list(outcome.collated.files)
     tags = {"slak.failed_trials": str(outcome.errors), "slak.trials": str(outcome.trials)}
-    tracking.create_tracker(tracking_flat, run_id=parent, tags=tags).end(
+    tracking.create_tracker(tracking_cfg, run_id=parent, tags=tags).end(
         "KILLED" if outcome.interrupted else "FINISHED"
     )
 
@@ -489,12 +481,12 @@ def run_experiment(
         "grid": [{"row": p.row, "setting": p.setting, **p.overrides} for p in points],
     }
     run_identity.check_or_record(str(storage), name, settings, yaml_text=to_yaml(cfg), what="experiment")
-    tracking_flat = _tracking_flat(cfg)
+    tracking_cfg = cfg.tracking
     parent = (
-        _parent_run(tracking_flat, name, table, points, cfg, resume) if tracking_flat.get("enabled") else None
+        _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None
     )
     init_ray(cfg, address)
-    trainable = tune.with_resources(_trial, {"cpu": 1})
+    trainable = tune.with_resources(tune.with_parameters(_trial, tracking_cfg=tracking_cfg), {"cpu": 1})
     expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
     if resume:
         logger.info("resuming experiment %s from %s", name, storage / name)
@@ -505,7 +497,6 @@ def run_experiment(
             "base": cfg.to_flat(),
             "experiment": name,
             "parent_run_id": parent,
-            "tracking": tracking_flat,
         }
         tuner = tune.Tuner(
             trainable,
@@ -523,7 +514,7 @@ def run_experiment(
                 # Status table only: our callback already logs one line per trial report, and verbose=2
                 # would print every trial's whole flat config when it starts.
                 verbose=1,
-                callbacks=[TrialStatusCallback(tracking_flat, cfg.train.epochs, expected), *callbacks],
+                callbacks=[TrialStatusCallback(tracking_cfg, cfg.train.epochs, expected), *callbacks],
             ),
         )
     groups_before = _live_placement_groups()
@@ -532,8 +523,8 @@ def run_experiment(
     except BaseException:
         if parent is not None:
             try:
-                _close_unfinished_runs(tracking_flat, name)
-                tracking.set_run_status(tracking_flat["uri"], parent, "KILLED")
+                _close_unfinished_runs(tracking_cfg, name)
+                tracking.set_run_status(tracking_cfg.uri, parent, "KILLED")
             except Exception as exc:  # noqa: BLE001 - keep the original error
                 logger.warning("could not mark the MLflow runs of %s KILLED: %s", name, exc)
         raise
@@ -547,7 +538,7 @@ def run_experiment(
     )
     if parent is not None:
         try:
-            _finish_parent(tracking_flat, parent, outcome, collate_into)
+            _finish_parent(tracking_cfg, parent, outcome, collate_into)
         except Exception as exc:  # noqa: BLE001 - the trials are done; the tables can be rebuilt later
             logger.warning(
                 "could not collate %s from MLflow (%s); rebuild the tables later with "
@@ -644,5 +635,5 @@ def summary_text(cfg: ExperimentConfig, outcome: ExperimentOutcome) -> str:
         f"{outcome.seconds:.0f} s"
     )
     if cfg.tracking.enabled:
-        lines.append(f"open the MLflow UI: {mlflow_ui_command(cfg.tracking.uri)}")
+        lines.append(f"open the MLflow UI: {tracking.mlflow_ui_command(cfg.tracking.uri)}")
     return "\n".join(lines)

@@ -334,12 +334,11 @@ def _likely_causes(model: nn.Module, ours: Mapping[str, Any], expected: Mapping[
             f"{[f'{ckk[s][0]}x{ckk[s][1]}' for s in sorted(ckk)]}, the model's "
             f"{[f'{mkk[s][0]}x{mkk[s][1]}' for s in sorted(mkk)]}: build with {suggestion}"
         )
-    for name in ("head.weight",):
-        if name in ours and name in expected and ours[name].shape[0] != expected[name].shape[0] and cw == mw:
-            causes.append(
-                f"the classifier has {ours[name].shape[0]} classes in the checkpoint: num_classes="
-                f"{ours[name].shape[0]}"
-            )
+    head = "head.weight"
+    if head in ours and head in expected and ours[head].shape[0] != expected[head].shape[0] and cw == mw:
+        causes.append(
+            f"the classifier has {ours[head].shape[0]} classes in the checkpoint: num_classes={ours[head].shape[0]}"
+        )
     return causes
 
 

@@ -2,16 +2,14 @@
 
 Usage (``key=value`` arguments, all optional)::
 
-    python -m slak_model.sparsity.bench device=cuda batch=64 image=224 repeats=10 model=auto out=bench.json
+    python -m slak_model.sparsity.bench device=cuda batch=64 image=224 repeats=10 out=bench.json
 
 ``growth=random,gradient`` limits the growth modes; ``select=topk,sort`` times each selection
 method (see ``select.py``); ``profile=1`` also prints the profiler's top
 operations of one update (to see where its time goes).
 
-``model=auto`` builds ``slak_model.create_model("slak_tiny", width_factor=1.3)`` when the model
-family is available and falls back to ``synthetic`` (the 95 mask-eligible SLaK-T tensors with
-their exact shapes, 50,576,524 weights). The training-step comparison needs the real model and
-is skipped on the synthetic one.
+The model is ``slak_model.create_model("slak_tiny", width_factor=1.3)``: SLaK-T with its 95
+mask-eligible tensors (50,576,524 weights).
 
 Measured: (a) one ``on_optimizer_step`` that performs a topology update (prune + regrow + moment
 reset + apply), per growth mode, median of ``repeats``; (b) ``apply_masks`` alone; (c) a training
@@ -35,62 +33,16 @@ from .config import SparsityConfig
 from .engine import DynamicSparsity
 from .select import get_select_method, set_select_method
 
-__all__ = ["SLAK_T_ELIGIBLE", "bench_apply", "bench_step", "bench_update", "main", "profile_update", "slak_t_shapes"]
+__all__ = ["SLAK_T_ELIGIBLE", "bench_apply", "bench_step", "bench_update", "main", "profile_update", "slak_t"]
 
-SLAK_T_ELIGIBLE = (95, 50_576_524)  # tensors, weights (reference measurement)
-_DIMS = (124, 249, 499, 998)  # SLaK-T at width_factor 1.3
-_DEPTHS = (3, 3, 9, 3)
-_KERNELS = (51, 49, 47, 13)
-_SMALL = 5
-_CLASSES = 1000
+SLAK_T_ELIGIBLE = (95, 50_576_524)  # tensors, weights of SLaK-T's mask-eligible set (reference measurement)
 
 
-def slak_t_shapes() -> dict[str, tuple[int, ...]]:
-    """Names (the model's naming contract) and shapes of SLaK-T's 2-D/4-D weights."""
-    shapes: dict[str, tuple[int, ...]] = {"stem.0.weight": (_DIMS[0], 3, 4, 4)}
-    for i, (dim, depth, k) in enumerate(zip(_DIMS, _DEPTHS, _KERNELS)):
-        if i > 0:
-            shapes[f"stages.{i}.downsample.1.weight"] = (dim, _DIMS[i - 1], 2, 2)
-        for j in range(depth):
-            p = f"stages.{i}.blocks.{j}"
-            shapes[f"{p}.large_kernel.tall.conv.weight"] = (dim, 1, k, _SMALL)
-            shapes[f"{p}.large_kernel.wide.conv.weight"] = (dim, 1, _SMALL, k)
-            shapes[f"{p}.large_kernel.small.conv.weight"] = (dim, 1, _SMALL, _SMALL)
-            shapes[f"{p}.mlp.fc1.weight"] = (4 * dim, dim)
-            shapes[f"{p}.mlp.fc2.weight"] = (dim, 4 * dim)
-    shapes["head.fc.weight"] = (_CLASSES, _DIMS[-1])
-    return shapes
+def slak_t(device: torch.device | str = "cpu") -> nn.Module:
+    """SLaK-T as the paper trains it (``slak_tiny``, width factor 1.3)."""
+    from slak_model.variants import create_model  # the model package; the engine itself never needs it
 
-
-def _module_from_shapes(shapes: dict[str, tuple[int, ...]], device: torch.device) -> nn.Module:
-    """A parameter-only module tree holding tensors of the given names and shapes (std 0.02)."""
-    root = nn.Module()
-    g = torch.Generator(device=device).manual_seed(0)
-    for name, shape in shapes.items():
-        *path, leaf = name.split(".")
-        node = root
-        for part in path:
-            if not hasattr(node, part):
-                node.add_module(part, nn.Module())
-            node = getattr(node, part)
-        node.register_parameter(leaf, nn.Parameter(torch.randn(shape, generator=g, device=device) * 0.02))
-    return root
-
-
-def _build_model(kind: str, device: torch.device) -> tuple[nn.Module, str]:
-    if kind in ("auto", "real"):
-        try:
-            import slak_model
-
-            model = slak_model.create_model("slak_tiny", width_factor=1.3)
-            return model.to(device), "slak_tiny(width_factor=1.3)"
-        except (ImportError, AttributeError, RuntimeError) as err:
-            if kind == "real":
-                raise
-            return _module_from_shapes(slak_t_shapes(), device), f"synthetic SLaK-T shapes ({type(err).__name__})"
-    if kind == "synthetic":
-        return _module_from_shapes(slak_t_shapes(), device), "synthetic SLaK-T shapes"
-    raise ValueError(f"model={kind!r} is not one of ['auto', 'real', 'synthetic']")
+    return create_model("slak_tiny", width_factor=1.3).to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -177,7 +129,7 @@ def bench_apply(model: nn.Module, device: torch.device, repeats: int) -> dict[st
 
 
 def bench_step(model: nn.Module, device: torch.device, batch: int, image: int, repeats: int,
-               classes: int = _CLASSES) -> dict[str, float]:
+               classes: int = 1000) -> dict[str, float]:
     """Training-step milliseconds with masking off and on (no topology update), alternating steps."""
     model.train()
     engine = DynamicSparsity(model, SparsityConfig(sparsity=0.4, init="uniform", update_frequency=10**9),
@@ -209,7 +161,7 @@ def bench_step(model: nn.Module, device: torch.device, batch: int, image: int, r
 
 
 def _parse(argv: Sequence[str]) -> dict[str, str]:
-    allowed = {"device", "batch", "image", "repeats", "model", "out", "growth", "profile", "select"}
+    allowed = {"device", "batch", "image", "repeats", "out", "growth", "profile", "select"}
     opts: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -225,13 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(opts.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
     repeats = int(opts.get("repeats", "10"))
     growths = opts.get("growth", "random,gradient,momentum").split(",")
-    model, source = _build_model(opts.get("model", "auto"), device)
+    model = slak_t(device)
     n_eligible = sum(p.numel() for p in model.parameters() if p.dim() in (2, 4))
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "model": source,
+        "model": "slak_tiny(width_factor=1.3)",
         "eligible_tensors": sum(1 for p in model.parameters() if p.dim() in (2, 4)),
         "eligible_weights": n_eligible,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -251,14 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = bench_apply(model, device, repeats)
     results["apply"] = a
     rows.append(("apply_masks (per optimizer step)", f"{a['median_ms']:.3f} ms", f"min {a['min_ms']:.3f} ms"))
-    if not source.startswith("synthetic"):
-        batch, image = int(opts.get("batch", "64")), int(opts.get("image", "224"))
-        s = bench_step(model, device, batch, image, repeats)
-        results["step"] = s
-        rows.append((f"train step, batch {batch} @ {image}px, masking off", f"{s['unmasked_ms']:.1f} ms", ""))
-        rows.append((f"train step, batch {batch} @ {image}px, masking on", f"{s['masked_ms']:.1f} ms",
-                     f"{s['overhead_pct']:+.2f} %"))
-        rows.append(("apply_masks / unmasked step", f"{100 * a['median_ms'] / s['unmasked_ms']:.2f} %", ""))
+    batch, image = int(opts.get("batch", "64")), int(opts.get("image", "224"))
+    s = bench_step(model, device, batch, image, repeats)
+    results["step"] = s
+    rows.append((f"train step, batch {batch} @ {image}px, masking off", f"{s['unmasked_ms']:.1f} ms", ""))
+    rows.append((f"train step, batch {batch} @ {image}px, masking on", f"{s['masked_ms']:.1f} ms",
+                 f"{s['overhead_pct']:+.2f} %"))
+    rows.append(("apply_masks / unmasked step", f"{100 * a['median_ms'] / s['unmasked_ms']:.2f} %", ""))
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     print("| measurement | median | note |\n|---|---|---|")
     for row in rows:

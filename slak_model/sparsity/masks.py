@@ -38,15 +38,6 @@ _HASH_MULTIPLIERS = (1_000_003, 2_147_483_629)
 _HASH_MODULUS = 2_147_483_647
 
 
-def _large_kernel_class() -> type | None:
-    """``slak_model.layers.LargeKernelConv``, imported late so this package imports without it."""
-    try:
-        from slak_model.layers import LargeKernelConv
-    except ImportError:
-        return None
-    return LargeKernelConv
-
-
 def select_targets(model: nn.Module, targets: str) -> dict[str, nn.Parameter]:
     """The parameters the engine may mask, in ``named_parameters()`` order.
 
@@ -63,18 +54,9 @@ def select_targets(model: nn.Module, targets: str) -> dict[str, nn.Parameter]:
         return {n: p for n, p in model.named_parameters() if p.dim() in (2, 4)}
     if targets != "large_kernels":
         raise ValueError(f"targets={targets!r} is not one of ['all', 'large_kernels']")
-    cls = _large_kernel_class()
-    wanted: set[int] = set()
-    if cls is not None:
-        for module in model.modules():
-            if not isinstance(module, cls):
-                continue
-            if hasattr(module, "rectangular_parameters"):
-                wanted.update(id(p) for p in module.rectangular_parameters())
-                continue
-            for branch in (getattr(module, "tall", None), getattr(module, "wide", None)):
-                if branch is not None:
-                    wanted.add(id(branch.conv.weight))
+    from slak_model.layers import LargeKernelConv  # late: the layers import timm, the engine does not need it
+
+    wanted = {id(p) for m in model.modules() if isinstance(m, LargeKernelConv) for p in m.rectangular_parameters()}
     selected = {n: p for n, p in model.named_parameters() if id(p) in wanted}
     if not selected:
         raise ValueError(

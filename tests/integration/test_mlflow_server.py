@@ -16,6 +16,7 @@ from job_helpers import all_artifacts, load_train_cli
 from mlflow import MlflowClient
 from servers import MlflowServer, ServerUnavailable, managed_mlflow_server, postgres_reason, process_alive
 
+from orchestrator.config import TrackingConfig
 from orchestrator.tracking import create_tracker
 from slak_model.sparsity.masks import load_masks
 
@@ -62,8 +63,8 @@ def _masks(seed: int) -> dict[str, torch.Tensor]:
             "stages.2.blocks.1.large.weight": torch.rand(16, 1, 5, 5, generator=gen) > 0.3}
 
 
-def _cfg(uri: str, tmp_path: Path) -> dict:
-    return {"enabled": True, "uri": uri, "experiment": "server-it", "offline_dir": str(tmp_path / "offline")}
+def _cfg(uri: str, tmp_path: Path) -> TrackingConfig:
+    return TrackingConfig(enabled=True, uri=uri, experiment="server-it", offline_dir=str(tmp_path / "offline"))
 
 
 def _losses(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
@@ -89,7 +90,7 @@ def test_params_metrics_and_masks_reach_the_server(server: MlflowServer, tmp_pat
         "masks/density_step00000004.json", "masks/masks_step00000004.npz"]
     loaded = load_masks(client.download_artifacts(tr.run_id, "masks/masks_step00000004.npz", str(tmp_path)))
     assert all(torch.equal(loaded[k], v) for k, v in masks.items())
-    assert not Path(_cfg(server.uri, tmp_path)["offline_dir"]).exists(), "nothing should have gone offline"
+    assert not Path(_cfg(server.uri, tmp_path).offline_dir).exists(), "nothing should have gone offline"
     if server.backend_store_uri.startswith("postgresql"):
         import psycopg2
 
@@ -134,10 +135,10 @@ def test_server_down_until_the_end_keeps_metrics_and_cli_syncs_them(
         for step in range(1, 4):
             tr.log_metrics({"train/loss": float(step)}, step=step)
         tr.end()
-    assert f"python -m orchestrator.tracking sync {cfg['offline_dir']} --tracking-uri {server.uri}" in caplog.text
+    assert f"python -m orchestrator.tracking sync {cfg.offline_dir} --tracking-uri {server.uri}" in caplog.text
     server.start()
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    sync = subprocess.run([sys.executable, "-m", "orchestrator.tracking", "sync", cfg["offline_dir"],
+    sync = subprocess.run([sys.executable, "-m", "orchestrator.tracking", "sync", cfg.offline_dir,
                            "--tracking-uri", server.uri], capture_output=True, text=True, env=env, timeout=120)
     assert sync.returncode == 0, sync.stderr[-2000:]
     client = MlflowClient(server.uri)

@@ -120,8 +120,6 @@ def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) ->
             "tracking.offline_dir": str(tmp_path / "offline"),
         },
     )
-    flat = {k.split(".", 1)[1]: v for k, v in cfg.to_flat().items() if k.startswith("tracking.")}
-
     def config(row: str) -> dict:
         point = GridPoint("table8", row, "slak", {"sparse.sparsity": 0.2})
         return {
@@ -130,7 +128,6 @@ def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) ->
             "seed_index": 0,
             "experiment": "cb-exp",
             "parent_run_id": None,
-            "tracking": flat,
         }
 
     full, short, broken = (
@@ -138,8 +135,8 @@ def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) ->
         _FakeTrial("t2", config("b"), {"epochs_done": 1}),
         _FakeTrial("t3", config("c")),
     )
-    existing = tune_runner._find_trial_run(full.config, "t1")  # the trial driver made its run
-    callback = tune_runner.TrialStatusCallback(flat, total_epochs=4, total_trials=3)
+    existing = tune_runner._find_trial_run(cfg.tracking, full.config, "t1")  # the trial driver made its run
+    callback = tune_runner.TrialStatusCallback(cfg.tracking, total_epochs=4, total_trials=3)
     callback.on_trial_complete(0, [], full)
     callback.on_trial_complete(0, [], short)
     callback.on_trial_error(0, [], broken)

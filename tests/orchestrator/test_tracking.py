@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import socket
@@ -12,6 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from orchestrator import tracking
+from orchestrator.config import TrackingConfig
 from orchestrator.tracking import MlflowTracker, NullTracker, Tracker, create_tracker, sync_offline
 from slak_model.sparsity.masks import load_masks
 
@@ -23,9 +26,9 @@ def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
-def cfg(uri: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict:
-    return {"enabled": True, "uri": uri, "experiment": request.node.name.replace("[", "-").rstrip("]"),
-            "offline_dir": str(tmp_path / "offline")}
+def cfg(uri: str, tmp_path: Path, request: pytest.FixtureRequest) -> TrackingConfig:
+    return TrackingConfig(enabled=True, uri=uri, experiment=request.node.name.replace("[", "-").rstrip("]"),
+                          offline_dir=str(tmp_path / "offline"))
 
 
 def _dead_uri() -> str:
@@ -87,18 +90,18 @@ def test_logs_params_metrics_masks_table_and_environment_tags(cfg: dict, uri: st
 
 @pytest.mark.parametrize("rank, enabled", [(1, True), (3, True), (0, False)], ids=["rank1", "rank3", "disabled"])
 def test_other_ranks_and_disabled_tracking_get_a_null_tracker(cfg: dict, rank: int, enabled: bool) -> None:
-    tr = create_tracker({**cfg, "enabled": enabled}, rank=rank)
+    tr = create_tracker(dataclasses.replace(cfg, enabled=enabled), rank=rank)
     assert isinstance(tr, NullTracker) and isinstance(tr, Tracker)
     assert tr.run_id is None
     tr.log_metrics({"train/loss": 1.0}, step=0)
     tr.log_masks(_masks(), step=0)
     tr.end()
-    assert not Path(cfg["offline_dir"]).exists()
+    assert not Path(cfg.offline_dir).exists()
 
 
 def test_unreachable_server_keeps_everything_offline_then_sync_replays_once(
         cfg: dict, uri: str, caplog: pytest.LogCaptureFixture) -> None:
-    dead = {**cfg, "uri": _dead_uri()}
+    dead = dataclasses.replace(cfg, uri=_dead_uri())
     with caplog.at_level(logging.WARNING, logger="orchestrator.tracking"):
         tr = create_tracker(dead, run_name="offline-run")
         tr.log_params({"train.lr": 0.1})
@@ -111,7 +114,7 @@ def test_unreachable_server_keeps_everything_offline_then_sync_replays_once(
     assert "python -m orchestrator.tracking sync" in caplog.text
     assert tr.run_id.startswith("offline-")
 
-    results = sync_offline(cfg["offline_dir"], uri)
+    results = sync_offline(cfg.offline_dir, uri)
     assert len(results) == 1 and results[0]["pending"] == 0 and results[0]["rejected"] == 0
     client = MlflowClient(uri)
     run = client.get_run(results[0]["run_id"])
@@ -121,7 +124,7 @@ def test_unreachable_server_keeps_everything_offline_then_sync_replays_once(
     assert _history(client, run.info.run_id, "train/loss") == [(s, float(s)) for s in range(4)]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "masks")] == ["masks/masks_step00000003.npz"]
 
-    again = sync_offline(cfg["offline_dir"], uri)
+    again = sync_offline(cfg.offline_dir, uri)
     assert again[0]["applied"] == 0
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4, "a second sync must not duplicate"
 
@@ -151,7 +154,7 @@ def test_server_back_mid_run_resumes_live_logging_and_syncs_the_gap(
     tr.end()
     assert _history(client, tr.run_id, "train/loss") == [(s, float(s)) for s in range(4)]
     assert client.get_run(tr.run_id).info.status == "FINISHED"
-    assert tracking._Journal(Path(cfg["offline_dir"]) / tr.run_id).pending() == 0
+    assert tracking._Journal(Path(cfg.offline_dir) / tr.run_id).pending() == 0
 
 
 def test_rejected_event_is_kept_aside_and_does_not_stop_logging(cfg: dict, uri: str) -> None:
@@ -160,7 +163,7 @@ def test_rejected_event_is_kept_aside_and_does_not_stop_logging(cfg: dict, uri: 
     tr.log_params({"train.lr": 0.2})  # MLflow forbids changing a logged param
     tr.log_metrics({"train/loss": 1.0}, step=0)
     tr.end()
-    rejected = (Path(cfg["offline_dir"]) / tr.run_id / "rejected.jsonl").read_text().splitlines()
+    rejected = (Path(cfg.offline_dir) / tr.run_id / "rejected.jsonl").read_text().splitlines()
     assert len(rejected) == 1 and json.loads(rejected[0])["event"]["params"] == {"train.lr": "0.2"}
     assert _history(MlflowClient(uri), tr.run_id, "train/loss") == [(0, 1.0)]
 
@@ -190,7 +193,7 @@ def test_tune_helpers_find_run_by_trial_tag_set_status_and_dataframe(cfg: dict, 
     tracking.set_run_status(uri, parent, "KILLED")
     with pytest.raises(ValueError, match="status='PAUSED'"):
         tracking.set_run_status(uri, parent, "PAUSED")
-    df = tracking.runs_dataframe(uri, cfg["experiment"]).set_index("run_id")
+    df = tracking.runs_dataframe(uri, cfg.experiment).set_index("run_id")
     assert df.loc[first, "tags.mlflow.parentRunId"] == parent
     assert df.loc[first, "metrics.val/top1"] == 12.5
     assert df.loc[first, "status"] == "FINISHED" and df.loc[parent, "status"] == "KILLED"
@@ -199,10 +202,10 @@ def test_tune_helpers_find_run_by_trial_tag_set_status_and_dataframe(cfg: dict, 
 
 def test_sync_cli_reports_and_rejects_a_missing_dir(cfg: dict, uri: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    tr = create_tracker({**cfg, "uri": _dead_uri()})
+    tr = create_tracker(dataclasses.replace(cfg, uri=_dead_uri()))
     tr.log_metrics({"train/loss": 0.5}, step=7)
     tr.end()
-    assert tracking._main(["sync", cfg["offline_dir"], "--tracking-uri", uri]) == 0
+    assert tracking._main(["sync", cfg.offline_dir, "--tracking-uri", uri]) == 0
     assert tr.run_id in capsys.readouterr().out
     assert tracking._main(["sync", str(tmp_path / "missing"), "--tracking-uri", uri]) == 1
     assert "offline_dir=" in capsys.readouterr().err

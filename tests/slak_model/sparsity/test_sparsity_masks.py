@@ -15,7 +15,6 @@ from slak_model.sparsity import (
     save_masks,
     select_targets,
 )
-from slak_model.sparsity import masks as masks_mod
 
 
 def test_all_targets_are_the_2d_and_4d_weights(toy_model) -> None:
@@ -25,16 +24,15 @@ def test_all_targets_are_the_2d_and_4d_weights(toy_model) -> None:
     assert not any(n.endswith("bias") or ".bn." in n or ".norm." in n for n in names)
 
 
-def test_large_kernel_targets_are_the_rectangular_branches(toy_model, monkeypatch) -> None:
-    cls = type(toy_model.stages[0].blocks[0].large_kernel)
-    monkeypatch.setattr(masks_mod, "_large_kernel_class", lambda: cls)
-    names = list(select_targets(toy_model, "large_kernels"))
-    assert len(names) == 6
+def test_large_kernel_targets_are_the_rectangular_branches() -> None:
+    import slak_model
+
+    names = list(select_targets(slak_model.create_model("slak_test"), "large_kernels"))
+    assert len(names) == 2 * 5  # tall and wide of each of slak_test's 5 blocks
     assert all(n.endswith((".tall.conv.weight", ".wide.conv.weight")) for n in names)
 
 
-def test_large_kernel_targets_without_branches_is_a_clear_error(monkeypatch) -> None:
-    monkeypatch.setattr(masks_mod, "_large_kernel_class", lambda: None)
+def test_large_kernel_targets_without_branches_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="targets='large_kernels'.*targets='all'"):
         select_targets(torch.nn.Linear(3, 3), "large_kernels")
 
