@@ -13,12 +13,8 @@ JPEGs (256-500 px) through a DataLoader, reported per CPU worker.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import kernels
+from kernels import environment
 from orchestrator import data  # installs the torchvision guard before timm, registers the SLaK variants
 from orchestrator.config import DataConfig
 
@@ -208,39 +205,10 @@ def bench_pipeline(n: int, workers: int, image_size: int = 224, batch: int = 32)
 
 
 # ---------------------------------------------------------------------- driver
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment(device: torch.device) -> dict[str, Any]:
     import timm
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else _cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
-    }
+    return {**environment.describe(device), "timm": timm.__version__}
 
 
 def _backends(spec: str, device: torch.device) -> list[tuple[str, str]]:

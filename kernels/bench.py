@@ -13,9 +13,7 @@ small stage-3/4 convs, is not counted. ``--timer eager`` times eager calls with 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
-import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import cuda_ext, numba_dwconv
+from . import cuda_ext, environment, numba_dwconv
 
 __all__ = ["Shape", "slak_tiny_shapes", "measure_ceilings", "main"]
 
@@ -318,12 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             shapes += baseline_shapes(batch)
     dtypes = [getattr(torch, name) for name in args.dtype]
     rows, ceil = run(shapes, dtypes, args.numba, args.impl, args.timer)
-    header = (
-        f"Device: {torch.cuda.get_device_name()} | timer: {args.timer} | "
-        f"torch {torch.__version__} (CUDA {torch.version.cuda}, "
-        f"cuDNN {torch.backends.cudnn.version()}) | python {platform.python_version()} | "
-        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
-    )
+    header = f"{environment.summary_line(environment.describe('cuda'))} | timer: {args.timer}"
     text = header + "\n\n" + format_tables(rows, ceil)
     print(text)
     if args.out:

@@ -24,11 +24,8 @@ import importlib.metadata
 import json
 import logging
 import os
-import platform
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +43,7 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from kernels import environment
 from orchestrator.config import TrackingConfig
 
 __all__ = [
@@ -690,24 +688,17 @@ def _version(dist: str) -> str:
 
 def run_tags_for_environment() -> dict[str, str]:
     """Tags that make a run reproducible: git commit, package versions, kernel backends, devices."""
-    tags = {"slak.python": platform.python_version(), "slak.hostname": socket.gethostname()}
+    env = environment.describe()
+    tags = {"slak.python": env["python"], "slak.hostname": env["hostname"], "slak.devices": env["device"],
+            "slak.cuda": env["cuda"], "slak.cudnn": env["cudnn"]}
     for dist in ("torch", "timm", "ray", "mlflow", "numpy", "numba", "slak-orchestrator"):
         tags[f"slak.version.{dist}"] = _version(dist)
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        tags.update({"mlflow.source.git.commit": commit, "slak.git.commit": commit,
-                     "slak.git.dirty": str(bool(dirty)).lower()})
-    except (OSError, subprocess.SubprocessError):
-        # Container images have no .git: docker/Dockerfile bakes the commit into SLAK_GIT_COMMIT.
-        baked = os.environ.get("SLAK_GIT_COMMIT", "")
-        if baked and baked != "unknown":
-            tags.update({"mlflow.source.git.commit": baked, "slak.git.commit": baked})
-        else:
-            tags["slak.git.commit"] = "unknown (not a git checkout; set SLAK_GIT_COMMIT)"
+    commit, dirty = environment.git_commit()  # an image without .git reads the commit from SLAK_GIT_COMMIT
+    tags["slak.git.commit"] = commit
+    if not commit.startswith("unknown"):
+        tags["mlflow.source.git.commit"] = commit
+    if dirty is not None:
+        tags["slak.git.dirty"] = str(dirty).lower()
     try:
         import kernels
 
@@ -715,11 +706,6 @@ def run_tags_for_environment() -> dict[str, str]:
         tags["slak.kernel.report"] = json.dumps(kernels.backend_report(), default=str)[:_MAX_TAG_LEN]
     except Exception as exc:  # noqa: BLE001 - a broken backend must still be recorded, not crash
         tags["slak.kernel.backend"] = f"error: {exc}"[:_MAX_TAG_LEN]
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        tags["slak.devices"] = ", ".join(names)
-    else:
-        tags["slak.devices"] = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
     return tags
 
 

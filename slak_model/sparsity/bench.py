@@ -19,7 +19,6 @@ step (forward, backward, AdamW; bf16 autocast on CUDA) with and without the engi
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kernels import environment
 
 from .config import SparsityConfig
 from .engine import DynamicSparsity
@@ -180,13 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = slak_t(device)
     n_eligible = sum(p.numel() for p in model.parameters() if p.dim() in (2, 4))
     info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **environment.describe(device),
         "model": "slak_tiny(width_factor=1.3)",
         "eligible_tensors": sum(1 for p in model.parameters() if p.dim() in (2, 4)),
         "eligible_weights": n_eligible,
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     rows: list[tuple[str, str, str]] = []
     results: dict[str, Any] = {"info": info}

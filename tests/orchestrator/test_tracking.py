@@ -237,7 +237,9 @@ def test_environment_tags_fall_back_to_the_commit_baked_into_an_image(monkeypatc
     def no_git(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - stands in for subprocess.run
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(tracking.subprocess, "run", no_git)
+    from kernels import environment
+
+    monkeypatch.setattr(environment.subprocess, "run", no_git)
     monkeypatch.setenv("SLAK_GIT_COMMIT", "0123abcd")
     tags = tracking.run_tags_for_environment()
     assert tags["slak.git.commit"] == tags["mlflow.source.git.commit"] == "0123abcd"
