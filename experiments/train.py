@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from orchestrator import cli
 from orchestrator.config import ConfigError, load_config
 
 _SHOWN = ("epochs_done", "train/loss", "val/top1", "val/top5", "ema/top1", "ema/top5", "sparsity/density",
@@ -23,20 +24,14 @@ _SHOWN = ("epochs_done", "train/loss", "val/top1", "val/top5", "ema/top1", "ema/
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML preset, e.g. experiments/configs/smoke.yaml")
-    parser.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster); default: local")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI, e.g. http://HOST:5000 (= tracking.uri)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    cli.add_common_arguments(parser, "YAML preset, e.g. experiments/configs/smoke.yaml")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, cli.overrides_from_args(args))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import sys
 
-from orchestrator import search_space, tune_runner
+from orchestrator import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = tune_runner.cli_parser(__doc__.splitlines()[0])
+    parser = cli.grid_parser(__doc__.splitlines()[0])
     parser.add_argument("--sweep", choices=("p", "f"), default="p", help="which knob to sweep (default: p)")
     parser.add_argument(
         "--values", type=float, nargs="+", default=None, help="the swept values (default: the paper's figure)"
@@ -24,13 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     table = f"adapt_{args.sweep}"
     try:
-        cfg, outcome = tune_runner.run_cli(
-            args, table, lambda c: search_space.adaptation_grid(c, args.sweep, args.values)
-        )
+        cfg, outcome = cli.run_grid(args, table, "adaptation_grid", sweep=args.sweep, values=args.values)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(tune_runner.summary_text(cfg, outcome))
+    print(cli.summary_text(cfg, outcome))
     return 1 if outcome.interrupted else 0
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from orchestrator import search_space, tune_runner
+from orchestrator import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = tune_runner.cli_parser(__doc__.splitlines()[0])
+    parser = cli.grid_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--table",
         choices=("table1", "table2", "table9"),
@@ -24,13 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     kwargs = {"short_edges": args.short_edges} if args.table == "table9" else {}
     try:
-        cfg, outcome = tune_runner.run_cli(
-            args, args.table, lambda c: search_space.kernel_size_grid(c, args.table, **kwargs)
-        )
+        cfg, outcome = cli.run_grid(args, args.table, "kernel_size_grid", table=args.table, **kwargs)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(tune_runner.summary_text(cfg, outcome))
+    print(cli.summary_text(cfg, outcome))
     return 1 if outcome.interrupted else 0
 
 

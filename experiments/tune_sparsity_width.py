@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator import search_space, tune_runner
+from orchestrator import cli
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -29,7 +29,7 @@ def _pair(text: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = tune_runner.cli_parser(__doc__.splitlines()[0])
+    parser = cli.grid_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--point",
         action="append",
@@ -40,13 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        cfg, outcome = tune_runner.run_cli(
-            args, "table8", lambda c: search_space.sparsity_width_grid(c, extra_pairs=args.point)
-        )
+        cfg, outcome = cli.run_grid(args, "table8", "sparsity_width_grid", extra_pairs=args.point)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(tune_runner.summary_text(cfg, outcome))
+    print(cli.summary_text(cfg, outcome))
     return 1 if outcome.interrupted else 0
 
 

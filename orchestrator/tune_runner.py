@@ -1,60 +1,34 @@
-"""Run one paper grid as a Ray Tune experiment whose trials are Ray Train DDP jobs.
+"""Run one paper grid as a Ray Tune experiment whose trials are Ray Train DDP jobs (see
+:mod:`orchestrator.tune_trial` for what one trial does).
 
-Shape (Train V2 inside Tune): a Tune trial is a plain function, the *trial driver*, that builds the
-trainer with :func:`orchestrator.ray_train.build_trainer` and calls ``fit()``; Ray Train's
-``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, so ASHA can stop a trial on
-``val/top1`` with ``epochs_done`` as its clock (Tune's own iteration counter restarts after a restore,
-the epoch count does not). The inner Train run is named after the Tune trial id, so a Tune retry or
-``Tuner.restore`` finds the inner run's snapshot in the shared ``run.storage_path`` and resumes from
-its last checkpoint instead of starting over.
-
-MLflow: the driver owns one *parent* run per experiment; each trial driver owns one nested *child*
-run, created on first start and found again by its ``ray_trial_id`` tag on retry or restore (never a
-second run per trial or per rank; rank 0 logs into it by id). A Tune callback in the driver gives each
-child its final status: FINISHED when the trial completes, FAILED when it errors (also when it
-failed before creating its run: the run is then created to record the failure), and FINISHED with
-tag ``slak.stopped_early=asha`` when ASHA stopped it (its numbers are real, only shorter). Runs of
-trials that were still going when the experiment was interrupted become KILLED, and RUNNING again
-when ``--resume`` picks them up.
+The experiment driver validates every point (and the data) before Ray starts, records the experiment's
+identity, owns one MLflow *parent* run per experiment, sizes concurrency to the cluster, and collates the
+tables when the grid ends. Runs of trials that were still going when the experiment was interrupted
+become KILLED, and RUNNING again when ``--resume`` picks them up.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator import collate, preflight, ray_cluster, run_identity, tracking
 from orchestrator.config import ExperimentConfig, TrackingConfig, replace, to_yaml
-from orchestrator.search_space import GridPoint, build_meta_model, param_space, validate_points
+from orchestrator.search_space import GridPoint, param_space, validate_points
+from orchestrator.tune_trial import METRIC, TIME_ATTR, TrialStatusCallback, run_trial, trial_name
 
-__all__ = [
-    "LAPTOP_DEFAULTS",
-    "ExperimentOutcome",
-    "cli_parser",
-    "run_cli",
-    "summary_text",
-    "TrialStatusCallback",
-    "experiment_config_for_trial",
-    "init_ray",
-    "run_experiment",
-    "trial_identity",
-]
+__all__ = ["ExperimentOutcome", "TrialStatusCallback", "init_ray", "run_experiment"]
 
 logger = logging.getLogger(__name__)
-
-_TIME_ATTR, _METRIC = "epochs_done", "val/top1"
 
 
 @dataclass
@@ -72,165 +46,6 @@ class ExperimentOutcome:
     files: list[Path] = field(default_factory=list)
 
 
-# -- the trial driver ---------------------------------------------------------------------------------
-def experiment_config_for_trial(config: Mapping[str, Any]) -> ExperimentConfig:
-    """Rebuild the typed config of one trial from Tune's config (base flat dict + point + seed)."""
-    base = ExperimentConfig.from_flat(dict(config["base"]))
-    point = GridPoint.from_dict(config["point"])
-    seed_index = int(config["seed_index"])
-    overrides = dict(point.overrides)
-    if seed_index:
-        overrides["train.seed"] = base.train.seed + seed_index
-        if base.sparse.seed is not None:
-            overrides["sparse.seed"] = base.sparse.seed + seed_index
-    return replace(base, overrides)
-
-
-def trial_identity(config: Mapping[str, Any], trial_id: str) -> tuple[str, dict[str, str]]:
-    """Run name and tags of a trial's MLflow run; the same for the trial driver and the callback."""
-    point = GridPoint.from_dict(config["point"])
-    seed_index = int(config["seed_index"])
-    tags = {
-        "slak.grid_role": "trial",
-        "slak.experiment": str(config["experiment"]),
-        "slak.table": point.table,
-        "slak.row": point.row,
-        "slak.setting": point.setting,
-        "slak.point": point.label,
-        "slak.seed_index": str(seed_index),
-        "ray_trial_id": trial_id,
-    }
-    return f"{point.label}-seed{seed_index}", tags
-
-
-def _trial_name(trial: Any) -> str:
-    """Short, path-safe trial names (Tune would otherwise spell the whole point dict into the folder)."""
-    name, _ = trial_identity(trial.config, trial.trial_id)
-    return f"{name}_{trial.trial_id}"
-
-
-def _find_trial_run(tracking_cfg: TrackingConfig, config: Mapping[str, Any], trial_id: str) -> str:
-    run_name, tags = trial_identity(config, trial_id)
-    return tracking.find_or_create_run(
-        tracking_cfg,
-        run_name=run_name,
-        tags=tags,
-        parent_run_id=config.get("parent_run_id"),
-        match_tag=("ray_trial_id", trial_id),
-    )
-
-
-def _complexity_metrics(cfg: ExperimentConfig) -> dict[str, float]:
-    """Params and FLOPs of this trial's model, logged once so that collation can read them.
-
-    The model is built on the ``meta`` device (no memory, any size). With sparsity on, the counts are
-    ``count_complexity``'s uniform-sparsity estimate (sparse weights not counted, as in the paper).
-    """
-    from slak_model import count_complexity
-
-    model = build_meta_model(cfg)
-    counts = count_complexity(
-        model, image_size=cfg.data.image_size, sparsity=cfg.sparse.sparsity if cfg.sparse.enabled else None
-    )
-    return {
-        "complexity/params": float(counts.nonzero_params),
-        "complexity/flops": float(counts.sparse_macs),
-        "complexity/dense_params": float(counts.params),
-        "complexity/dense_flops": float(counts.macs),
-    }
-
-
-def _trial(config: dict[str, Any], tracking_cfg: TrackingConfig) -> None:
-    """One Tune trial: own (or find again) the MLflow child run, then fit one Ray Train DDP job.
-
-    ``tracking_cfg`` arrives through ``tune.with_parameters``: Tune's param space would take a dataclass
-    apart (into a tuple), and the tracking settings are not a search dimension anyway.
-    """
-    from orchestrator import ray_train  # imported here: the trial actor is the only place it runs
-
-    trial_id = tune.get_context().get_trial_id()
-    cfg = experiment_config_for_trial(config)
-    run_id = None
-    if tracking_cfg.enabled:
-        try:
-            run_id = _find_trial_run(tracking_cfg, config, trial_id)
-        except Exception as exc:  # noqa: BLE001 - rank 0 then keeps its metrics in the offline journal
-            logger.warning("MLflow is unreachable for trial %s (%s); metrics go offline", trial_id, exc)
-        if run_id is not None:
-            tracker = tracking.create_tracker(tracking_cfg, run_id=run_id)  # RUNNING again on retry
-            tracker.log_params(cfg.to_flat())
-            try:
-                tracker.log_metrics(_complexity_metrics(cfg), step=0)
-            except Exception as exc:  # noqa: BLE001 - a counting problem must not cost the training run
-                logger.warning("could not count params/FLOPs for trial %s: %s", trial_id, exc)
-    trainer = ray_train.build_trainer(
-        cfg,
-        run_name=f"{config['experiment']}_train_{trial_id}",
-        mlflow_run_id=run_id,
-        mlflow_parent_run_id=config.get("parent_run_id"),
-        callbacks=[TuneReportCallback()],
-    )
-    trainer.fit()
-
-
-class TrialStatusCallback(tune.Callback):
-    """Driver-side: shows progress and gives every trial's MLflow run its final status."""
-
-    def __init__(self, tracking_cfg: TrackingConfig, total_epochs: int, total_trials: int) -> None:
-        self.tracking = tracking_cfg
-        self.total_epochs = total_epochs
-        self.total_trials = total_trials
-        self._started: dict[str, float] = {}
-
-    def _finish(self, trial: Any, status: str, tags: Mapping[str, str]) -> None:
-        if not self.tracking.enabled:
-            return
-        try:
-            run_id = _find_trial_run(self.tracking, trial.config, trial.trial_id)
-            tracker = tracking.create_tracker(self.tracking, run_id=run_id, tags=dict(tags))
-            tracker.end(status)
-        except Exception as exc:  # noqa: BLE001 - tracking must never stop the experiment
-            logger.warning("could not mark the MLflow run of trial %s %s: %s", trial.trial_id, status, exc)
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._started[trial.trial_id] = time.monotonic()
-        point = trial.config["point"]
-        logger.info(
-            "trial %s started: %s / %s, seed %s",
-            trial.trial_id,
-            point["row"],
-            point["setting"],
-            trial.config["seed_index"],
-        )
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        done = sum(t.status == "TERMINATED" for t in trials)
-        elapsed = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
-        logger.info(
-            "[%d/%d trials done] %s %s epoch %s/%d  val/top1=%.2f  train/loss=%.3f  (%.0f s)",
-            done,
-            max(self.total_trials, len(trials)),
-            trial.trial_id,
-            trial.config["point"]["row"],
-            result.get(_TIME_ATTR, "?"),
-            self.total_epochs,
-            float(result.get(_METRIC, float("nan"))),
-            float(result.get("train/loss", float("nan"))),
-            elapsed,
-        )
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        epochs = int((trial.last_result or {}).get(_TIME_ATTR, 0) or 0)
-        target = experiment_config_for_trial(trial.config).train.epochs
-        tags = {"slak.stopped_early": "asha", "slak.epochs_done": str(epochs)} if 0 < epochs < target else {}
-        self._finish(trial, "FINISHED", tags)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        logger.warning("trial %s failed (%s); the experiment goes on", trial.trial_id, trial.error_file)
-        self._finish(trial, "FAILED", {"slak.error_file": str(trial.error_file or "")})
-
-
-# -- the experiment driver ------------------------------------------------------------------------------
 def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
     """Join ``address`` or start a local Ray sized for the grid (no-op when Ray is already up).
 
@@ -331,8 +146,8 @@ def _scheduler(cfg: ExperimentConfig) -> ASHAScheduler | None:
     if not cfg.tune.asha:
         return None
     return ASHAScheduler(
-        time_attr=_TIME_ATTR,
-        metric=_METRIC,
+        time_attr=TIME_ATTR,
+        metric=METRIC,
         mode="max",
         max_t=cfg.train.epochs,
         grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
@@ -486,7 +301,7 @@ def run_experiment(
         _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None
     )
     init_ray(cfg, address)
-    trainable = tune.with_resources(tune.with_parameters(_trial, tracking_cfg=tracking_cfg), {"cpu": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, tracking_cfg=tracking_cfg), {"cpu": 1})
     expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
     if resume:
         logger.info("resuming experiment %s from %s", name, storage / name)
@@ -504,8 +319,8 @@ def run_experiment(
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrent,
                 scheduler=_scheduler(cfg),
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -549,91 +364,3 @@ def run_experiment(
             )
     outcome.seconds = time.monotonic() - started
     return outcome
-
-
-# -- the command line shared by the experiments/tune_*.py scripts -------------------------------------------
-#: The embedded laptop default (no ``--config``): the paper's recipe, shrunk to learn something on
-#: 1,024 procedural 32 px images in ~10 epochs on 2 cores. Heavy regularisation (RandAugment, mixup,
-#: cutmix, random erasing) and a 0.9999 EMA would keep a run this short at chance level, and topology
-#: updates every 100 steps would never fire in 320 steps. ``--config`` presets replace all of this;
-#: ``key=value`` overrides still win over it.
-LAPTOP_DEFAULTS: dict[str, Any] = {
-    "train.epochs": 10,
-    "data.train_size": 1024,
-    "data.val_size": 256,
-    "data.auto_augment": "",
-    "data.reprob": 0.0,
-    "data.mixup": 0.0,
-    "data.cutmix": 0.0,
-    "train.warmup_epochs": 1.0,
-    "train.ema_decay": 0.99,
-    "sparse.update_frequency": 8,
-}
-
-
-def cli_parser(description: str) -> argparse.ArgumentParser:
-    """Flags every grid script takes; everything else is a dotted ``key=value`` override."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="dotted config overrides, e.g. train.epochs=120 data.path=/data/imagenet",
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="YAML preset, e.g. experiments/configs/paper_slak_tiny_120ep.yaml (without it: the laptop "
-        "default, a short slak_test run on procedural shapes)",
-    )
-    parser.add_argument(
-        "--address", default=None, help="Ray cluster address ('auto' joins a running cluster)"
-    )
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite ./mlflow.db)")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the newest (or run.name=...) experiment of this grid; finished trials stay",
-    )
-    return parser
-
-
-def run_cli(
-    args: argparse.Namespace, table: str, make_points: Callable[[ExperimentConfig], list[GridPoint]]
-) -> tuple[ExperimentConfig, ExperimentOutcome]:
-    """Config -> grid -> :func:`run_experiment` for a grid script (which prints :func:`summary_text`).
-
-    Raises:
-        ConfigError, GridError, ValueError: a bad config, grid or resume request; nothing was started.
-    """
-    from orchestrator.config import load_config, parse_overrides
-
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    overrides = {} if args.config else dict(LAPTOP_DEFAULTS)
-    overrides.update(parse_overrides(args.overrides))
-    if args.tracking_uri:
-        overrides["tracking.uri"] = args.tracking_uri
-    cfg = load_config(args.config, overrides)
-    outcome = run_experiment(cfg, make_points(cfg), table=table, address=args.address, resume=args.resume)
-    return cfg, outcome
-
-
-def summary_text(cfg: ExperimentConfig, outcome: ExperimentOutcome) -> str:
-    """What a grid script prints at the end: the tables, where the files are, how to open MLflow."""
-    lines = []
-    if outcome.collated is not None:
-        lines += [
-            "",
-            outcome.collated.markdown,
-            f"tables, plots and per-trial parquet: {outcome.path / 'tables'}",
-        ]
-    state = "INTERRUPTED (continue with --resume)" if outcome.interrupted else "complete"
-    lines.append(
-        f"experiment {outcome.name}: {outcome.trials} trial(s), {outcome.errors} failed, {state}, "
-        f"{outcome.seconds:.0f} s"
-    )
-    if cfg.tracking.enabled:
-        lines.append(f"open the MLflow UI: {tracking.mlflow_ui_command(cfg.tracking.uri)}")
-    return "\n".join(lines)

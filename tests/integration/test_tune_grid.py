@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray")
 
 from ray import tune  # noqa: E402
 
-from orchestrator import run_identity, search_space, tracking, tune_runner  # noqa: E402
+from orchestrator import cli, run_identity, search_space, tracking, tune_runner, tune_trial  # noqa: E402
 from orchestrator.config import load_config, replace  # noqa: E402
 from orchestrator.search_space import GridPoint  # noqa: E402
 
@@ -135,8 +135,8 @@ def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) ->
         _FakeTrial("t2", config("b"), {"epochs_done": 1}),
         _FakeTrial("t3", config("c")),
     )
-    existing = tune_runner._find_trial_run(cfg.tracking, full.config, "t1")  # the trial driver made its run
-    callback = tune_runner.TrialStatusCallback(cfg.tracking, total_epochs=4, total_trials=3)
+    existing = tune_trial._find_trial_run(cfg.tracking, full.config, "t1")  # the trial driver made its run
+    callback = tune_trial.TrialStatusCallback(cfg.tracking, total_epochs=4, total_trials=3)
     callback.on_trial_complete(0, [], full)
     callback.on_trial_complete(0, [], short)
     callback.on_trial_error(0, [], broken)
@@ -166,7 +166,7 @@ def test_grid_logs_to_a_tracking_server_over_http(ray_cluster, tmp_path: Path) -
         pytest.skip(f"sqlite tracking server unavailable here: {exc}")
     try:
         cfg = load_config(None, {
-            **tune_runner.LAPTOP_DEFAULTS, "train.epochs": 2, "data.train_size": 256, "data.val_size": 64,
+            **cli.LAPTOP_DEFAULTS, "train.epochs": 2, "data.train_size": 256, "data.val_size": 64,
             "run.name": "http-itest", "run.num_workers": 2, "run.storage_path": str(tmp_path / "ray"),
             "tracking.uri": server.uri, "tracking.experiment": "http", "tracking.offline_dir": str(tmp_path / "off"),
             "tune.max_concurrent_trials": 1, "tune.seeds": 1,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import socket
@@ -16,6 +15,8 @@ from mlflow import MlflowClient
 from orchestrator import tracking
 from orchestrator.config import TrackingConfig
 from orchestrator.tracking import MlflowTracker, NullTracker, Tracker, create_tracker, sync_offline
+from orchestrator.tracking import journal as journal_module
+from orchestrator.tracking import tracker as tracker_module
 from slak_model.sparsity.masks import load_masks
 
 
@@ -132,15 +133,16 @@ def test_unreachable_server_keeps_everything_offline_then_sync_replays_once(
 def test_server_back_mid_run_resumes_live_logging_and_syncs_the_gap(
         cfg: dict, uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     state = {"up": True}
-    real_apply = tracking._apply
+    real_apply = tracker_module._apply
 
     def flaky_apply(client, run_id, event, root=None):  # noqa: ANN001, ANN202 - mirrors _apply
         if not state["up"]:
             raise ConnectionError("server down")
         return real_apply(client, run_id, event, root)
 
-    monkeypatch.setattr(tracking, "_apply", flaky_apply)
-    monkeypatch.setattr(tracking, "_server_reachable", lambda *a, **k: state["up"])
+    for module in (tracker_module, journal_module):  # live logging and replay both apply events
+        monkeypatch.setattr(module, "_apply", flaky_apply)
+        monkeypatch.setattr(module, "_server_reachable", lambda *a, **k: state["up"])
     tr = create_tracker(cfg, run_name="flaky")
     tr.reconnect_interval_s = 0.0
     tr.log_metrics({"train/loss": 0.0}, step=0)
@@ -154,7 +156,7 @@ def test_server_back_mid_run_resumes_live_logging_and_syncs_the_gap(
     tr.end()
     assert _history(client, tr.run_id, "train/loss") == [(s, float(s)) for s in range(4)]
     assert client.get_run(tr.run_id).info.status == "FINISHED"
-    assert tracking._Journal(Path(cfg.offline_dir) / tr.run_id).pending() == 0
+    assert journal_module._Journal(Path(cfg.offline_dir) / tr.run_id).pending() == 0
 
 
 def test_rejected_event_is_kept_aside_and_does_not_stop_logging(cfg: dict, uri: str) -> None:
@@ -205,9 +207,9 @@ def test_sync_cli_reports_and_rejects_a_missing_dir(cfg: dict, uri: str, tmp_pat
     tr = create_tracker(dataclasses.replace(cfg, uri=_dead_uri()))
     tr.log_metrics({"train/loss": 0.5}, step=7)
     tr.end()
-    assert tracking._main(["sync", cfg.offline_dir, "--tracking-uri", uri]) == 0
+    assert journal_module.main(["sync", cfg.offline_dir, "--tracking-uri", uri]) == 0
     assert tr.run_id in capsys.readouterr().out
-    assert tracking._main(["sync", str(tmp_path / "missing"), "--tracking-uri", uri]) == 1
+    assert journal_module.main(["sync", str(tmp_path / "missing"), "--tracking-uri", uri]) == 1
     assert "offline_dir=" in capsys.readouterr().err
 
 
