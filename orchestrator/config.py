@@ -3,9 +3,9 @@
 Why one tree: the reference threads an ``argparse`` namespace through everything and packs unrelated
 numbers into one flag. Here every setting has exactly one dotted name (``sparse.sparsity``,
 ``train.global_batch_size``) that is at once the YAML key path, the CLI override ``key=value``, the Ray
-Tune search-space key and the MLflow param name. The flat form (:meth:`ExperimentConfig.to_flat`) is
-what crosses process boundaries (Ray workers, Tune trials, MLflow), so a config survives any hop as
-plain JSON-able scalars and lists.
+Tune search-space key and the MLflow param name. The frozen tree itself crosses process boundaries (Ray
+Train workers, Tune trials); the flat form (:meth:`ExperimentConfig.to_flat`) is what MLflow params,
+grid-point overrides and run identities are made of.
 
 Validation happens once, before Ray starts, and reports every problem together (name, value, what is
 allowed, the fix); a typo in a key suggests the nearest valid name.

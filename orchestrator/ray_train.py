@@ -1,7 +1,7 @@
 """One training job as a Ray Train (V2) ``TorchTrainer``: DDP workers, checkpoints, retries, MLflow.
 
 This is the only module that touches ``ray.train``; Ray's API moves between versions, so it stays here.
-Each worker rebuilds the typed config from its flat form, builds its data shard, wraps
+Each worker receives the typed config itself, builds its data shard, wraps
 :class:`orchestrator.loop.Trainer` in DDP and reports once per epoch (and every
 ``train.checkpoint_every_steps`` optimizer steps) with a checkpoint from rank 0. Every rank calls
 ``ray.train.report`` the same number of times, because it is a barrier.
@@ -138,7 +138,7 @@ class _Worker:
     def __init__(self, config: dict[str, Any]) -> None:
         from orchestrator import data  # a worker-side import: the driver never needs the datasets
 
-        self.cfg = cfg = ExperimentConfig.from_flat(config["experiment"])
+        self.cfg = cfg = config["experiment"]
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.run_name = config.get("run_name") or run_name_for(cfg)
@@ -311,7 +311,7 @@ class _Worker:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config = {"experiment": cfg.to_flat(), "mlflow_run_id": str | None,
+    """Ray Train entry point. ``config = {"experiment": ExperimentConfig, "mlflow_run_id": str | None,
     "mlflow_parent_run_id": str | None}`` (plus ``run_name`` and ``fault_inject`` set by :func:`build_trainer`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = _Worker(config)
@@ -330,7 +330,7 @@ def build_trainer(cfg: ExperimentConfig, *, run_name: str, mlflow_run_id: str | 
     """A ``TorchTrainer`` for ``cfg`` (gloo on CPU, NCCL on GPU) that resumes the run named ``run_name``."""
     storage = str(Path(cfg.run.storage_path).expanduser().absolute())
     loop_config = {
-        "experiment": cfg.to_flat(),
+        "experiment": cfg,  # the typed tree itself: Ray Train pickles the loop config whole
         "mlflow_run_id": mlflow_run_id,
         "mlflow_parent_run_id": mlflow_parent_run_id,
         "run_name": run_name,

@@ -376,8 +376,8 @@ def validate_points(
 def param_space(points: Sequence[GridPoint], *, seeds: int, constants: Mapping[str, Any]) -> dict[str, Any]:
     """Tune's param space: one grid over whole point dicts (paired, never crossed) times the seeds.
 
-    ``constants`` (the base config's flat dict, the parent MLflow run, ...) ride along unchanged so that
-    ``Tuner.restore`` finds everything a trial needs in its own stored config.
+    ``constants`` (the experiment's name, its parent MLflow run) ride along unchanged so that
+    ``Tuner.restore`` finds them in each trial's own stored config.
     """
     return {
         **constants,

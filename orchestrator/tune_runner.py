@@ -301,7 +301,9 @@ def run_experiment(
         _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None
     )
     init_ray(cfg, address)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, tracking_cfg=tracking_cfg), {"cpu": 1})
+    # The typed config travels whole to every trial (also after a restore, where the identity check above
+    # guaranteed that it equals the experiment's own in everything that shapes a result).
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), {"cpu": 1})
     expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
     if resume:
         logger.info("resuming experiment %s from %s", name, storage / name)
@@ -309,7 +311,6 @@ def run_experiment(
     else:
         concurrent = _fitting_concurrency(cfg)
         constants = {
-            "base": cfg.to_flat(),
             "experiment": name,
             "parent_run_id": parent,
         }
@@ -329,7 +330,7 @@ def run_experiment(
                 # Status table only: our callback already logs one line per trial report, and verbose=2
                 # would print every trial's whole flat config when it starts.
                 verbose=1,
-                callbacks=[TrialStatusCallback(tracking_cfg, cfg.train.epochs, expected), *callbacks],
+                callbacks=[TrialStatusCallback(cfg, expected), *callbacks],
             ),
         )
     groups_before = _live_placement_groups()

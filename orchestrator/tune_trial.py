@@ -36,9 +36,8 @@ logger = logging.getLogger(__name__)
 #: Tune's clock (epochs done, which survives a restore) and the metric ASHA ranks trials by.
 TIME_ATTR, METRIC = "epochs_done", "val/top1"
 
-def experiment_config_for_trial(config: Mapping[str, Any]) -> ExperimentConfig:
-    """Rebuild the typed config of one trial from Tune's config (base flat dict + point + seed)."""
-    base = ExperimentConfig.from_flat(dict(config["base"]))
+def experiment_config_for_trial(base: ExperimentConfig, config: Mapping[str, Any]) -> ExperimentConfig:
+    """The typed config of one trial: the experiment's base config with the trial's point and seed applied."""
     point = GridPoint.from_dict(config["point"])
     seed_index = int(config["seed_index"])
     overrides = dict(point.overrides)
@@ -103,16 +102,18 @@ def _complexity_metrics(cfg: ExperimentConfig) -> dict[str, float]:
     }
 
 
-def run_trial(config: dict[str, Any], tracking_cfg: TrackingConfig) -> None:
+def run_trial(config: dict[str, Any], base: ExperimentConfig) -> None:
     """One Tune trial: own (or find again) the MLflow child run, then fit one Ray Train DDP job.
 
-    ``tracking_cfg`` arrives through ``tune.with_parameters``: Tune's param space would take a dataclass
-    apart (into a tuple), and the tracking settings are not a search dimension anyway.
+    ``config`` is Tune's (the grid point, the seed index, the experiment's name and parent run); the typed
+    ``base`` config arrives whole through ``tune.with_parameters``: Tune's param space would take a
+    dataclass apart (into a tuple), and the base is not a search dimension anyway.
     """
     from orchestrator import ray_train  # imported here: the trial actor is the only place it runs
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = experiment_config_for_trial(config)
+    cfg = experiment_config_for_trial(base, config)
+    tracking_cfg = base.tracking
     run_id = None
     if tracking_cfg.enabled:
         try:
@@ -139,9 +140,10 @@ def run_trial(config: dict[str, Any], tracking_cfg: TrackingConfig) -> None:
 class TrialStatusCallback(tune.Callback):
     """Driver-side: shows progress and gives every trial's MLflow run its final status."""
 
-    def __init__(self, tracking_cfg: TrackingConfig, total_epochs: int, total_trials: int) -> None:
-        self.tracking = tracking_cfg
-        self.total_epochs = total_epochs
+    def __init__(self, base: ExperimentConfig, total_trials: int) -> None:
+        self.base = base
+        self.tracking = base.tracking
+        self.total_epochs = base.train.epochs
         self.total_trials = total_trials
         self._started: dict[str, float] = {}
 
@@ -184,7 +186,7 @@ class TrialStatusCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epochs = int((trial.last_result or {}).get(TIME_ATTR, 0) or 0)
-        target = experiment_config_for_trial(trial.config).train.epochs
+        target = experiment_config_for_trial(self.base, trial.config).train.epochs
         tags = {"slak.stopped_early": "asha", "slak.epochs_done": str(epochs)} if 0 < epochs < target else {}
         self._finish(trial, "FINISHED", tags)
 

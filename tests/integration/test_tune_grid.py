@@ -123,7 +123,6 @@ def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) ->
     def config(row: str) -> dict:
         point = GridPoint("table8", row, "slak", {"sparse.sparsity": 0.2})
         return {
-            "base": cfg.to_flat(),
             "point": point.to_dict(),
             "seed_index": 0,
             "experiment": "cb-exp",
@@ -136,7 +135,7 @@ def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) ->
         _FakeTrial("t3", config("c")),
     )
     existing = tune_trial._find_trial_run(cfg.tracking, full.config, "t1")  # the trial driver made its run
-    callback = tune_trial.TrialStatusCallback(cfg.tracking, total_epochs=4, total_trials=3)
+    callback = tune_trial.TrialStatusCallback(cfg, total_trials=3)
     callback.on_trial_complete(0, [], full)
     callback.on_trial_complete(0, [], short)
     callback.on_trial_error(0, [], broken)
