@@ -28,6 +28,7 @@ from ray import tune
 
 from orchestrator.config import ConfigError, ExperimentConfig, replace, validate
 from orchestrator.loop import build_model
+from slak_model import published
 
 __all__ = [
     "ADAPTATION_F_VALUES",
@@ -50,14 +51,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Table 8: the paired (sparsity, width factor) points of SLaK-T.
-TABLE8_PAIRS: tuple[tuple[float, float], ...] = (
-    (0.20, 1.1),
-    (0.40, 1.3),
-    (0.55, 1.5),
-    (0.70, 1.9),
-    (0.82, 2.5),
-)
+#: Table 8: the paired (sparsity, width factor) points of SLaK-T (the published table's own list).
+TABLE8_PAIRS = published.TABLE8_PAIRS
 #: The paper's stage kernels by their headline size; the short edge N is appended separately.
 PAPER_KERNELS: dict[int, tuple[int, int, int, int]] = {
     7: (7, 7, 7, 7),
@@ -179,7 +174,7 @@ def sparsity_width_grid(
             "model.kernel_mode": "decomposed",
             "model.kernel_size": _kernel(base, SLAK_KERNEL),
         }
-        points.append(GridPoint("table8", f"{sparsity:.2f}/{width:g}x", "slak", overrides))
+        points.append(GridPoint("table8", published.table8_row(sparsity, width), "slak", overrides))
     return points
 
 

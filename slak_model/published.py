@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["PUBLISHED", "TABLES", "PublishedResult", "published"]
+__all__ = ["PUBLISHED", "TABLE8_PAIRS", "TABLES", "PublishedResult", "published", "table8_row"]
 
 
 @dataclass(frozen=True)
@@ -116,15 +116,25 @@ def _t3() -> list[PublishedResult]:
     ]
 
 
+#: Table 8's paired (sparsity, width factor) points with their params (M), FLOPs (G) and top-1.
+_TABLE8 = (
+    ((0.20, 1.1), 29, 5.0, 81.3),
+    ((0.40, 1.3), 30, 5.0, 81.6),
+    ((0.55, 1.5), 30, 4.9, 81.7),
+    ((0.70, 1.9), 32, 5.0, 81.6),
+    ((0.82, 2.5), 32, 5.1, 81.3),
+)
+#: The (sparsity, width factor) points of Table 8, in the paper's order.
+TABLE8_PAIRS: tuple[tuple[float, float], ...] = tuple(pair for pair, *_ in _TABLE8)
+
+
+def table8_row(sparsity: float, width: float) -> str:
+    """Table 8's row key of a (sparsity, width) point, e.g. ``"0.40/1.3x"`` (grid points use the same)."""
+    return f"{sparsity:.2f}/{width:g}x"
+
+
 def _t8() -> list[PublishedResult]:
-    rows = [
-        ((0.20, 1.1), 29, 5.0, 81.3),
-        ((0.40, 1.3), 30, 5.0, 81.6),
-        ((0.55, 1.5), 30, 4.9, 81.7),
-        ((0.70, 1.9), 32, 5.0, 81.6),
-        ((0.82, 2.5), 32, 5.1, 81.3),
-    ]
-    return [PublishedResult("table8", f"{s:.2f}/{w:g}x", "slak", top1, p, f) for (s, w), p, f, top1 in rows]
+    return [PublishedResult("table8", table8_row(s, w), "slak", top1, p, f) for (s, w), p, f, top1 in _TABLE8]
 
 
 def _t9() -> list[PublishedResult]:
