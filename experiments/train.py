@@ -38,12 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from orchestrator import ray_train  # after validation: a bad config never waits for Ray
     from orchestrator.preflight import PreflightError
+    from orchestrator.ray_cluster import ResourceError
     from orchestrator.run_identity import RunConfigMismatchError
 
     name = ray_train.run_name_for(cfg)
     try:
         result = ray_train.run_training(cfg, address=args.address)
-    except (PreflightError, RunConfigMismatchError) as err:
+    except (PreflightError, ResourceError, RunConfigMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -159,13 +159,24 @@ class TrainConfig:
     eval_every_epochs: int = 1
 
 
+#: Workers of a CPU job when ``run.num_workers`` is left to fit the cluster.
+CPU_DEFAULT_WORKERS = 2
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Where and how the Ray Train job runs; ``name`` "" = derived from the config (same config, same run)."""
+    """Where and how the Ray Train job runs; ``name`` "" = derived from the config (same config, same run).
+
+    ``use_gpu`` "auto" takes GPUs when the cluster has them; ``num_workers`` None fits the resources: one
+    worker per GPU on GPUs (one per trial when ``gpus_per_worker`` < 1 shares a GPU between trials),
+    ``CPU_DEFAULT_WORKERS`` on CPUs. Both are resolved against the cluster before any trial starts
+    (``orchestrator.ray_cluster.fit_resources``); a request that can never fit is an error.
+    """
 
     name: str = ""
-    num_workers: int = 2
-    use_gpu: bool = False
+    num_workers: int | None = None
+    use_gpu: bool | Literal["auto"] = "auto"
+    gpus_per_worker: float = 1.0
     cpus_per_worker: int = 1
     storage_path: str = field(default_factory=lambda: _cwd_path("ray_results"))
     max_failures: int = 0
@@ -239,15 +250,20 @@ class ExperimentConfig:
         return _build(dict(flat))
 
     @property
+    def workers(self) -> int:
+        """``run.num_workers``, or the CPU default while it is still to be fitted to the cluster."""
+        return self.run.num_workers or CPU_DEFAULT_WORKERS
+
+    @property
     def micro_batch_size(self) -> int:
         """Per-worker batch of one forward pass."""
         t = self.train
-        return t.micro_batch_size or max(1, t.global_batch_size // max(1, self.run.num_workers))
+        return t.micro_batch_size or max(1, t.global_batch_size // max(1, self.workers))
 
     @property
     def accumulation_steps(self) -> int:
         """Micro-batches per optimizer step, so the effective batch is the same on any worker count."""
-        return max(1, self.train.global_batch_size // (self.micro_batch_size * max(1, self.run.num_workers)))
+        return max(1, self.train.global_batch_size // (self.micro_batch_size * max(1, self.workers)))
 
     @property
     def sparse_seed(self) -> int:
@@ -268,6 +284,10 @@ def _hints(section_cls: type) -> dict[str, Any]:
 def _describe(tp: Any) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if len(args) > 1:  # a union such as ``bool | Literal["auto"]``
+        return " or ".join(_describe(a) for a in args)
     if origin is list:
         return f"a list of {args[0].__name__}" if args else "a list"
     if args and origin is not list:
@@ -285,6 +305,17 @@ def _coerce(value: Any, tp: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise TypeError
+    if len(args) > 1 and origin is not list:  # a union: the first member that takes the value
+        for member in args:
+            try:
+                return _coerce(value, member)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
     if origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -443,17 +474,18 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     rng("train.epochs", 1, None)
     rng("train.global_batch_size", 1, None, why="effective batch across workers and accumulation; paper 4096")
     rng("train.micro_batch_size", 1, None, optional=True)
-    rng("run.num_workers", 1, None)
-    if all(isinstance(x, int) and x > 0 for x in (t.global_batch_size, r.num_workers)) and \
+    rng("run.num_workers", 1, None, optional=True, why="null = fit the cluster (one per GPU, else 2)")
+    workers = cfg.workers
+    if all(isinstance(x, int) and x > 0 for x in (t.global_batch_size, workers)) and \
             (t.micro_batch_size is None or t.micro_batch_size > 0):
         micro = cfg.micro_batch_size
-        per_step = micro * r.num_workers
+        per_step = micro * workers
         if t.global_batch_size % per_step:
             fit = [b for b in range(1, t.global_batch_size + 1)
-                   if t.global_batch_size % (b * r.num_workers) == 0][-3:]
+                   if t.global_batch_size % (b * workers) == 0][-3:]
             out.append(
                 f"train.global_batch_size={t.global_batch_size}: not divisible by train.micro_batch_size "
-                f"({micro}) x run.num_workers ({r.num_workers}) = {per_step}; gradient accumulation needs an "
+                f"({micro}) x run.num_workers ({workers}) = {per_step}; gradient accumulation needs an "
                 f"exact multiple so the effective batch does not change with the worker count; use e.g. "
                 f"train.micro_batch_size in {fit or ['(none fits: change run.num_workers)']}")
     rng("train.lr", 0, None, lo_open=True, why="absolute, for the global batch; paper 4e-3 at 4096")
@@ -467,7 +499,7 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
         out.append(f"train.opt_betas={t.opt_betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     rng("train.clip_grad", 0, None, lo_open=True, optional=True, why="max grad norm; null disables")
     choice("train.precision", PRECISIONS)
-    if t.precision == "fp16" and not r.use_gpu:
+    if t.precision == "fp16" and r.use_gpu is False:
         out.append("train.precision='fp16' with run.use_gpu=false: fp16 autocast is a GPU mode; use "
                    "train.precision=bf16 (or fp32) on CPU")
     rng("train.ema_decay", 0, 1, hi_open=True)
@@ -477,6 +509,10 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     rng("train.eval_every_epochs", 1, None)
 
     rng("run.cpus_per_worker", 1, None)
+    rng("run.gpus_per_worker", 0, None, lo_open=True, why="below 1 shares a GPU between trials, e.g. 0.25")
+    gpw = r.gpus_per_worker
+    if isinstance(gpw, (int, float)) and gpw > 1 and not float(gpw).is_integer():
+        out.append(f"run.gpus_per_worker={r.gpus_per_worker}: above 1 it must be a whole number of GPUs")
     if not r.storage_path:
         out.append("run.storage_path='': must name a (shared) directory for checkpoints, e.g. "
                    "run.storage_path=/shared/ray_results")

@@ -385,7 +385,7 @@ def build_loaders(
     )
     common: dict[str, Any] = {
         "num_workers": d.workers,
-        "pin_memory": bool(getattr(cfg.run, "use_gpu", False)),
+        "pin_memory": cfg.run.use_gpu is True,  # resolved by the driver; "auto" never reaches a loader
     }
     train = DataLoader(
         bundle.train, batch_size=micro_batch_size, sampler=train_sampler, drop_last=True, **common

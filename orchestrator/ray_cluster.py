@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import ray
 
-__all__ = ["LOCAL_HOST", "PROJECT_ROOT", "init_ray", "worker_env"]
+from orchestrator.config import CPU_DEFAULT_WORKERS, ExperimentConfig, replace
+
+__all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "fit_resources", "init_ray", "local_num_cpus",
+           "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,8 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def _warn_if_auth_disabled(where: str) -> None:
     if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
-        log.warning("Ray token authentication is OFF for %s (RAY_AUTH_MODE=disabled): any process that can reach "
-                    "its ports can run code in it. Unset RAY_AUTH_MODE to turn it back on.", where)
+        log.warning("Ray token authentication is OFF for %s (RAY_AUTH_MODE=disabled): any process that can "
+                    "reach its ports can run code in it. Unset RAY_AUTH_MODE to turn it back on.", where)
 
 
 def _bind_loopback_only() -> None:
@@ -91,3 +95,72 @@ def init_ray(
         log_to_driver=log_to_driver,
         _temp_dir=temp_dir,
     )
+
+
+class ResourceError(ValueError):
+    """What one trial asks for can never fit the cluster; the message says what was asked, what exists and
+    the setting to change."""
+
+
+def local_num_cpus(cfg: ExperimentConfig, trials_at_once: int = 1, trial_driver_cpus: int = 0) -> int:
+    """Logical CPUs for a local Ray: the machine's, or more, so that the configured workers always fit.
+
+    On a 2-core laptop the processes then share the cores instead of waiting forever for CPUs that do not
+    exist. Workers still to be fitted count as one per local GPU (at least the CPU default).
+    """
+    import torch
+
+    workers = cfg.run.num_workers or max(CPU_DEFAULT_WORKERS, torch.cuda.device_count())
+    per_trial = trial_driver_cpus + workers * max(1, int(cfg.run.cpus_per_worker))
+    return max(os.cpu_count() or 1, per_trial * max(1, trials_at_once))
+
+
+def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_driver_cpus: int = 0
+                  ) -> ExperimentConfig:
+    """Resolve ``run.use_gpu="auto"`` and an unset ``run.num_workers`` against ``cluster`` (Ray's
+    ``cluster_resources()``), and refuse what can never fit.
+
+    Args:
+        cfg: The validated config.
+        cluster: Total resources of the cluster, e.g. ``{"CPU": 16.0, "GPU": 1.0}``.
+        trial_driver_cpus: CPUs each trial reserves besides its workers (1 for a Tune trial driver).
+
+    Returns:
+        ``cfg`` with ``run.use_gpu`` True/False and ``run.num_workers`` a number (validated again).
+
+    Raises:
+        ResourceError: GPUs asked for on a cluster without any, or more GPUs or CPUs per trial than exist.
+    """
+    r = cfg.run
+    gpus, cpus = float(cluster.get("GPU", 0.0)), float(cluster.get("CPU", 0.0))
+    use_gpu = gpus > 0 if r.use_gpu == "auto" else bool(r.use_gpu)
+    if use_gpu and gpus <= 0:
+        raise ResourceError(
+            f"run.use_gpu=true but the cluster has no GPUs ({cpus:g} CPUs): set run.use_gpu=auto (uses the "
+            "CPUs here) or false, or join a cluster with GPUs (--address)")
+    if r.num_workers is not None:
+        workers = r.num_workers
+    elif use_gpu:
+        workers = max(1, int(gpus // r.gpus_per_worker)) if r.gpus_per_worker >= 1 else 1
+    else:
+        workers = CPU_DEFAULT_WORKERS
+    if use_gpu and workers * r.gpus_per_worker > gpus + 1e-9:
+        fits = max(1, int(gpus // r.gpus_per_worker)) if r.gpus_per_worker <= gpus else 0
+        fix = (f"set run.num_workers={fits} (or leave it unset to fit the GPUs)" if fits
+               else f"lower run.gpus_per_worker to at most {gpus:g}")
+        asked = workers * r.gpus_per_worker
+        raise ResourceError(
+            f"one trial asks for {workers} worker(s) x {r.gpus_per_worker:g} GPU = {asked:g} GPUs, the "
+            f"cluster has {gpus:g}: {fix}, or run.use_gpu=false")
+    need_cpus = trial_driver_cpus + workers * r.cpus_per_worker
+    if need_cpus > cpus + 1e-9:
+        driver = f" + {trial_driver_cpus} for the trial driver" if trial_driver_cpus else ""
+        raise ResourceError(
+            f"one trial asks for {need_cpus} CPUs ({workers} worker(s) x run.cpus_per_worker="
+            f"{r.cpus_per_worker}{driver}), the cluster has {cpus:g}: lower run.num_workers or "
+            "run.cpus_per_worker, or add nodes")
+    resolved = replace(cfg, {"run.use_gpu": use_gpu, "run.num_workers": workers})
+    each = f"{r.gpus_per_worker:g} GPU each" if use_gpu else f"{r.cpus_per_worker} CPU each"
+    log.info("resources: %d %s worker(s) per trial (%s); the cluster has %g CPUs, %g GPUs", workers,
+             "GPU" if use_gpu else "CPU", each, cpus, gpus)
+    return resolved

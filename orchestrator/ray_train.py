@@ -353,11 +353,13 @@ def build_trainer(cfg: ExperimentConfig, *, run_name: str, mlflow_run_id: str | 
     )
 
 
-def _ensure_ray(cfg: ExperimentConfig, address: str | None) -> None:
+def _ensure_ray(cfg: ExperimentConfig, address: str | None) -> ExperimentConfig:
+    """Start or join Ray, then fit ``run.use_gpu``/``run.num_workers`` to what the cluster has."""
     extra = {FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else None
-    # locally, one logical CPU per worker plus the controller, even on a 2-core box
-    num_cpus = max(os.cpu_count() or 1, int(cfg.run.num_workers * cfg.run.cpus_per_worker) + 1)
+    # locally, one logical CPU per worker plus Train's controller, even on a 2-core box
+    num_cpus = ray_cluster.local_num_cpus(cfg, trial_driver_cpus=1)
     ray_cluster.init_ray(address=address, num_cpus=num_cpus, extra_env=extra)
+    return ray_cluster.fit_resources(cfg, ray.cluster_resources())
 
 
 def failure_summary(error: BaseException) -> str:
@@ -384,11 +386,13 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
     Raises:
         PreflightError: the model or the data cannot work as configured (nothing was started).
         RunConfigMismatchError: a run of this name exists with other settings (nothing was started).
+        ResourceError: one worker group can never fit the cluster (nothing was scheduled).
     """
     preflight.check_before_start(cfg)
     run_name = run_name_for(cfg)
     run_identity.check_or_record(cfg.run.storage_path, run_name, run_identity.identity(cfg.to_flat()),
                                  yaml_text=to_yaml(cfg), what="training run")
+    cfg = _ensure_ray(cfg, address)
     run_id = None
     if cfg.tracking.enabled:
         try:
@@ -398,9 +402,8 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
         except Exception as exc:  # noqa: BLE001 - an unreachable server must not stop training
             log.warning("MLflow is unreachable (%s); rank 0 keeps metrics offline in %s", exc,
                         cfg.tracking.offline_dir)
-    _ensure_ray(cfg, address)
-    log.info("training run %r: %d worker(s), storage %s, MLflow run %s", run_name, cfg.run.num_workers,
-             cfg.run.storage_path, run_id)
+    log.info("training run %r: %d %s worker(s), storage %s, MLflow run %s", run_name, cfg.run.num_workers,
+             "GPU" if cfg.run.use_gpu else "CPU", cfg.run.storage_path, run_id)
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run_id=run_id)
     try:
         result = trainer.fit()

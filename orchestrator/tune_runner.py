@@ -10,9 +10,8 @@ become KILLED, and RUNNING again when ``--resume`` picks them up.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +25,7 @@ from orchestrator.config import ExperimentConfig, TrackingConfig, replace, to_ya
 from orchestrator.search_space import GridPoint, param_space, validate_points
 from orchestrator.tune_trial import METRIC, TIME_ATTR, TrialStatusCallback, run_trial, trial_name
 
-__all__ = ["ExperimentOutcome", "TrialStatusCallback", "init_ray", "run_experiment"]
+__all__ = ["ExperimentOutcome", "TrialStatusCallback", "fitting_concurrency", "init_ray", "run_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,43 +45,46 @@ class ExperimentOutcome:
     files: list[Path] = field(default_factory=list)
 
 
-def init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
-    """Join ``address`` or start a local Ray sized for the grid (no-op when Ray is already up).
+def init_ray(cfg: ExperimentConfig, address: str | None = None) -> ExperimentConfig:
+    """Join ``address`` or start a local Ray sized for the grid, then fit ``run.use_gpu`` and
+    ``run.num_workers`` to the cluster (see ``ray_cluster.fit_resources``).
 
     Locally the logical CPU count is raised to what one round of concurrent trials needs (a driver CPU
-    plus the workers' CPUs per trial): on a 2-core laptop the processes then share the cores instead
-    of waiting forever for CPUs that do not exist. The dashboard stays on: Train V2 inside Tune needs
-    its state API to release the workers of a stopped trial.
+    plus the workers' CPUs per trial). The dashboard stays on: Train V2 inside Tune needs its state API to
+    release the workers of a stopped trial.
+
+    Raises:
+        ResourceError: one trial can never fit the cluster (before any trial is scheduled).
     """
-    per_trial = 1 + cfg.run.num_workers * max(1, int(cfg.run.cpus_per_worker))
-    concurrent = max(1, int(cfg.tune.max_concurrent_trials or 1))
     ray_cluster.init_ray(
         address=address,
-        num_cpus=max(os.cpu_count() or 1, per_trial * concurrent),
+        num_cpus=ray_cluster.local_num_cpus(cfg, cfg.tune.max_concurrent_trials, trial_driver_cpus=1),
         include_dashboard=True,
         object_store_memory=512 * 2**20,
         log_to_driver=False,
     )
+    return ray_cluster.fit_resources(cfg, ray.cluster_resources(), trial_driver_cpus=1)
 
 
-def _fitting_concurrency(cfg: ExperimentConfig) -> int:
-    """``tune.max_concurrent_trials``, lowered to what the cluster's CPUs can hold.
+def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> int:
+    """``tune.max_concurrent_trials``, lowered to what the cluster's CPUs and GPUs can hold at once.
 
-    A trial driver reserves one CPU and its Train workers reserve theirs only later: if more drivers
-    start than there are CPUs for their workers, every trial waits for workers forever.
+    A trial driver reserves one CPU and its Train workers reserve theirs (and their GPU shares) only later:
+    if more drivers start than there are resources for their workers, every trial waits forever. With
+    ``run.gpus_per_worker`` below 1, several small trials share one GPU.
     """
-    per_trial = 1 + cfg.run.num_workers * max(1, int(cfg.run.cpus_per_worker))
-    available = int(ray.cluster_resources().get("CPU", 0))
-    fits = max(1, available // per_trial)
+    r = cfg.run
+    per_trial_cpus = 1 + r.num_workers * max(1, int(r.cpus_per_worker))
+    fits = max(1, int(cluster.get("CPU", 0) // per_trial_cpus))
+    if r.use_gpu:
+        fits = min(fits, max(1, int(cluster.get("GPU", 0) // (r.num_workers * r.gpus_per_worker))))
     wanted = int(cfg.tune.max_concurrent_trials)
     if wanted > fits:
         logger.warning(
-            "tune.max_concurrent_trials=%d needs %d CPUs but the cluster has %d; running %d trial(s) "
-            "at a time (raise the CPUs or lower run.num_workers to run more)",
-            wanted,
-            wanted * per_trial,
-            available,
-            fits,
+            "tune.max_concurrent_trials=%d does not fit the cluster (%g CPUs, %g GPUs; one trial needs %d CPUs"
+            "%s); running %d trial(s) at a time",
+            wanted, cluster.get("CPU", 0), cluster.get("GPU", 0), per_trial_cpus,
+            f" and {r.num_workers * r.gpus_per_worker:g} GPUs" if r.use_gpu else "", fits,
         )
     return min(wanted, fits)
 
@@ -296,11 +298,11 @@ def run_experiment(
         "grid": [{"row": p.row, "setting": p.setting, **p.overrides} for p in points],
     }
     run_identity.check_or_record(str(storage), name, settings, yaml_text=to_yaml(cfg), what="experiment")
+    cfg = init_ray(cfg, address)  # resources fitted (or refused) before anything is created
     tracking_cfg = cfg.tracking
     parent = (
         _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None
     )
-    init_ray(cfg, address)
     # The typed config travels whole to every trial (also after a restore, where the identity check above
     # guaranteed that it equals the experiment's own in everything that shapes a result).
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), {"cpu": 1})
@@ -309,7 +311,7 @@ def run_experiment(
         logger.info("resuming experiment %s from %s", name, storage / name)
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
     else:
-        concurrent = _fitting_concurrency(cfg)
+        concurrent = fitting_concurrency(cfg, ray.cluster_resources())
         constants = {
             "experiment": name,
             "parent_run_id": parent,

@@ -88,7 +88,7 @@ def test_all_problems_reported_together_with_suggestions() -> None:
         (["model.kernel_size=[51,49,47,13]"], "model.kernel_size"),
         (["model.kernel_size=[50,49,47,13,5]"], "odd"),
         (["data.source=imagenet"], "data.path"),
-        (["train.precision=fp16"], "bf16"),
+        (["train.precision=fp16", "run.use_gpu=false"], "bf16"),
         (["sparse.prune_rate=0.001"], "sparse.prune_rate_min"),
         (["train.min_lr=1"], "train.min_lr"),
         (["sparse.init=ERK"], "did you mean 'erk'"),

@@ -1,0 +1,72 @@
+"""What one trial asks for against what a cluster has: GPUs by default where they exist, workers fitted to
+them, and a clear error in place of an endless PENDING (fake clusters with 0, 1 and 4 GPUs)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray")
+
+from orchestrator.config import load_config  # noqa: E402
+from orchestrator.ray_cluster import ResourceError, fit_resources  # noqa: E402
+from orchestrator.tune_runner import fitting_concurrency  # noqa: E402
+
+CPU_BOX = {"CPU": 2.0}
+ONE_GPU = {"CPU": 16.0, "GPU": 1.0}
+FOUR_GPUS = {"CPU": 64.0, "GPU": 4.0}
+
+
+def _fit(cluster: dict, **overrides):
+    return fit_resources(load_config(None, {"train.global_batch_size": 48, **overrides}), cluster).run
+
+
+@pytest.mark.parametrize(
+    "cluster,use_gpu,workers",
+    [(CPU_BOX, False, 2), (ONE_GPU, True, 1), (FOUR_GPUS, True, 4)],
+    ids=["0-gpus", "1-gpu", "4-gpus"],
+)
+def test_auto_uses_the_gpus_there_are_one_worker_each(cluster: dict, use_gpu: bool, workers: int) -> None:
+    run = _fit(cluster)
+    assert (run.use_gpu, run.num_workers) == (use_gpu, workers)
+
+
+def test_explicit_settings_are_kept_when_they_fit() -> None:
+    run = _fit(FOUR_GPUS, **{"run.use_gpu": False, "run.num_workers": 3})
+    assert (run.use_gpu, run.num_workers) == (False, 3)
+    assert _fit(FOUR_GPUS, **{"run.num_workers": 2}).num_workers == 2
+
+
+@pytest.mark.parametrize(
+    "cluster,overrides,message",
+    [
+        (CPU_BOX, {"run.use_gpu": True}, r"run.use_gpu=true but the cluster has no GPUs .*run.use_gpu=auto"),
+        (ONE_GPU, {"run.num_workers": 2}, r"2 worker\(s\) x 1 GPU = 2 GPUs, the cluster has 1: set run.num_workers=1"),
+        (ONE_GPU, {"run.gpus_per_worker": 2}, r"lower run.gpus_per_worker to at most 1"),
+        (CPU_BOX, {"run.num_workers": 3, "run.use_gpu": False}, r"asks for 3 CPUs .* the cluster has 2"),
+    ],
+    ids=["gpu-on-cpu-box", "two-gpus-on-one", "two-gpus-per-worker", "too-many-cpus"],
+)
+def test_what_can_never_fit_is_refused_with_the_setting_to_change(cluster: dict, overrides: dict,
+                                                                  message: str) -> None:
+    with pytest.raises(ResourceError, match=message):
+        _fit(cluster, **overrides)
+
+
+def test_small_trials_share_a_big_gpu() -> None:
+    cfg = fit_resources(load_config(None, {"run.gpus_per_worker": 0.25, "tune.max_concurrent_trials": 8,
+                                           "train.global_batch_size": 48}), ONE_GPU, trial_driver_cpus=1)
+    assert (cfg.run.use_gpu, cfg.run.num_workers) == (True, 1)
+    assert fitting_concurrency(cfg, ONE_GPU) == 4  # four quarter-GPU trials at once on one GPU
+
+
+def test_concurrency_fits_the_cpus_too() -> None:
+    cfg = fit_resources(load_config(None, {"tune.max_concurrent_trials": 4}), {"CPU": 7.0}, trial_driver_cpus=1)
+    assert fitting_concurrency(cfg, {"CPU": 7.0}) == 2  # each trial: 1 driver + 2 workers
+
+
+def test_a_setting_that_needs_a_gpu_is_checked_again_once_auto_resolves_to_cpu() -> None:
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16.*bf16"):
+        _fit(CPU_BOX, **{"train.precision": "fp16"})
+    assert _fit(ONE_GPU, **{"train.precision": "fp16"}).use_gpu is True
