@@ -7,7 +7,7 @@
   single-node mode Ray documents for laptops, so nothing answers on another interface.
 * **Cluster** (``--address``): joins it. Token authentication follows Ray's own variables
   (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``) as the cluster's nodes were started
-  with; ``RAY_AUTH_MODE=disabled`` is an explicit opt-out that is logged as a warning.
+  with; setting ``RAY_AUTH_MODE`` to ``disabled`` is an explicit opt-out that is logged as a warning.
 * Workers get the project on their ``PYTHONPATH`` *in addition to* the caller's (an HPC module system
   provides its stack there), never instead of it.
 """
@@ -41,8 +41,9 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def _warn_if_auth_disabled(where: str) -> None:
     if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
-        log.warning("Ray token authentication is OFF for %s (RAY_AUTH_MODE=disabled): any process that can "
-                    "reach its ports can run code in it. Unset RAY_AUTH_MODE to turn it back on.", where)
+        log.warning("Ray token authentication is OFF for %s (the environment sets RAY_AUTH_MODE to 'disabled'): "
+                    "any process that can reach its ports can run code in it. Unset RAY_AUTH_MODE to turn it back "
+                    "on.", where)
 
 
 def _bind_loopback_only() -> None:
