@@ -41,9 +41,8 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def _warn_if_auth_disabled(where: str) -> None:
     if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
-        log.warning("Ray token authentication is OFF for %s (the environment sets RAY_AUTH_MODE to 'disabled'): "
-                    "any process that can reach its ports can run code in it. Unset RAY_AUTH_MODE to turn it back "
-                    "on.", where)
+        log.warning("Ray token authentication is OFF for %s (opted out through RAY_AUTH_MODE): any process that "
+                    "can reach its ports can run code in it. Unset RAY_AUTH_MODE to turn it back on.", where)
 
 
 def _bind_loopback_only() -> None:
