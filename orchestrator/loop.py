@@ -52,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _STATE_FORMAT = "slak-orchestrator-trainer"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: RNG states as tensors and plain data only (loads with weights_only=True)
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -122,8 +122,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    if isinstance(n, tuple):  # a version-1 checkpoint: NumPy's own state tuple
+        np.random.set_state(n)
+    else:
+        np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -15,16 +15,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import ray
 
-from orchestrator.config import CPU_DEFAULT_WORKERS, ExperimentConfig, replace
+from orchestrator.config import CPU_DEFAULT_WORKERS, ConfigError, ExperimentConfig, replace
 
-__all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "fit_resources", "init_ray", "local_num_cpus",
-           "worker_env"]
+__all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "fit_resources", "how_many", "init_ray",
+           "local_num_cpus", "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,11 @@ def local_num_cpus(cfg: ExperimentConfig, trials_at_once: int = 1, trial_driver_
     return max(os.cpu_count() or 1, per_trial * max(1, trials_at_once))
 
 
+def how_many(available: float, each: float) -> int:
+    """How many ``each``-sized shares fit in ``available`` (0.2 GPU five times in 1: float ``//`` says 4)."""
+    return math.floor(available / each + 1e-9)
+
+
 def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_driver_cpus: int = 0
                   ) -> ExperimentConfig:
     """Resolve ``run.use_gpu="auto"`` and an unset ``run.num_workers`` against ``cluster`` (Ray's
@@ -141,11 +147,11 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
     if r.num_workers is not None:
         workers = r.num_workers
     elif use_gpu:
-        workers = max(1, int(gpus // r.gpus_per_worker)) if r.gpus_per_worker >= 1 else 1
+        workers = max(1, how_many(gpus, r.gpus_per_worker)) if r.gpus_per_worker >= 1 else 1
     else:
         workers = CPU_DEFAULT_WORKERS
     if use_gpu and workers * r.gpus_per_worker > gpus + 1e-9:
-        fits = max(1, int(gpus // r.gpus_per_worker)) if r.gpus_per_worker <= gpus else 0
+        fits = how_many(gpus, r.gpus_per_worker)
         fix = (f"set run.num_workers={fits} (or leave it unset to fit the GPUs)" if fits
                else f"lower run.gpus_per_worker to at most {gpus:g}")
         asked = workers * r.gpus_per_worker
@@ -159,7 +165,13 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
             f"one trial asks for {need_cpus} CPUs ({workers} worker(s) x run.cpus_per_worker="
             f"{r.cpus_per_worker}{driver}), the cluster has {cpus:g}: lower run.num_workers or "
             "run.cpus_per_worker, or add nodes")
-    resolved = replace(cfg, {"run.use_gpu": use_gpu, "run.num_workers": workers})
+    try:
+        resolved = replace(cfg, {"run.use_gpu": use_gpu, "run.num_workers": workers})
+    except ConfigError as exc:  # e.g. a batch that does not divide over the fitted worker count
+        raise ResourceError(
+            f"with {workers} {'GPU' if use_gpu else 'CPU'} worker(s) (fitted to this cluster) the config is "
+            f"invalid: {'; '.join(exc.problems)}; set run.num_workers (and run.use_gpu) explicitly, or fix "
+            "the settings named") from None
     each = f"{r.gpus_per_worker:g} GPU each" if use_gpu else f"{r.cpus_per_worker} CPU each"
     log.info("resources: %d %s worker(s) per trial (%s); the cluster has %g CPUs, %g GPUs", workers,
              "GPU" if use_gpu else "CPU", each, cpus, gpus)

@@ -61,6 +61,15 @@ log = logging.getLogger(__name__)
 
 FAULT_ENV = "SLAK_FAULT_INJECT"
 _STATE_FILE, _MANIFEST = "state.pt", "manifest.json"
+#: Manifests of checkpoints that hold tensors and plain data only carry this; older ones held NumPy's RNG
+#: state as arrays, which load with NumPy's array globals allowed and nothing else.
+_LAYOUT = "tensors-and-plain-data"
+
+
+def _numpy_array_globals() -> list:
+    import numpy as np
+
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 class InjectedFault(RuntimeError):
@@ -73,7 +82,8 @@ def run_name_for(cfg: ExperimentConfig) -> str:
     finds and continues its own run."""
     if cfg.run.name:
         return cfg.run.name
-    shaping = run_identity.identity(cfg.to_flat())
+    shaping = {k: v for k, v in run_identity.identity(cfg.to_flat()).items()
+               if k not in run_identity.CHANGEABLE_ON_CONTINUE}
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{cfg.model.variant}-{digest}"
 
@@ -96,7 +106,7 @@ def save_checkpoint_dir(state: dict[str, Any], directory: str | Path, extra: dic
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / _STATE_FILE)
-    manifest = {"file": _STATE_FILE, "sha256": _sha256(directory / _STATE_FILE),
+    manifest = {"file": _STATE_FILE, "sha256": _sha256(directory / _STATE_FILE), "layout": _LAYOUT,
                 "epoch": state.get("epoch"), "step": state.get("step"), **(extra or {})}
     tmp_manifest = directory / f".{_MANIFEST}.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=1))
@@ -122,7 +132,11 @@ def load_checkpoint_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str
         raise ValueError(f"checkpoint {state_path} does not match its manifest (truncated or modified); delete "
                          f"{directory} or pick an earlier checkpoint")
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if manifest.get("layout") == _LAYOUT:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        else:  # written before the layout was recorded: NumPy RNG arrays may be in it, nothing else is allowed
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                state = torch.load(state_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(
             f"checkpoint {state_path} holds objects other than tensors and plain Python data, which this project "
@@ -336,7 +350,7 @@ def build_trainer(cfg: ExperimentConfig, *, run_name: str, mlflow_run_id: str | 
         "run_name": run_name,
         "fault_inject": os.environ.get(FAULT_ENV) or None,
     }
-    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})}
+    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if cfg.run.use_gpu else {})}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -389,10 +403,10 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
         ResourceError: one worker group can never fit the cluster (nothing was scheduled).
     """
     preflight.check_before_start(cfg)
+    cfg = _ensure_ray(cfg, address)  # resources fitted (or refused) before anything is recorded
     run_name = run_name_for(cfg)
     run_identity.check_or_record(cfg.run.storage_path, run_name, run_identity.identity(cfg.to_flat()),
                                  yaml_text=to_yaml(cfg), what="training run")
-    cfg = _ensure_ray(cfg, address)
     run_id = None
     if cfg.tracking.enabled:
         try:

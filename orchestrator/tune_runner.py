@@ -75,9 +75,9 @@ def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> 
     """
     r = cfg.run
     per_trial_cpus = 1 + r.num_workers * max(1, int(r.cpus_per_worker))
-    fits = max(1, int(cluster.get("CPU", 0) // per_trial_cpus))
+    fits = max(1, ray_cluster.how_many(cluster.get("CPU", 0), per_trial_cpus))
     if r.use_gpu:
-        fits = min(fits, max(1, int(cluster.get("GPU", 0) // (r.num_workers * r.gpus_per_worker))))
+        fits = min(fits, max(1, ray_cluster.how_many(cluster.get("GPU", 0), r.num_workers * r.gpus_per_worker)))
     wanted = int(cfg.tune.max_concurrent_trials)
     if wanted > fits:
         logger.warning(
@@ -292,13 +292,13 @@ def run_experiment(
                 f"run.name={name!r} already exists under run.storage_path={storage}; pass --resume "
                 "to continue it, or choose another run.name"
             )
+    cfg = init_ray(cfg, address)  # resources fitted (or refused) before anything is recorded or created
     settings = {
         **run_identity.identity(cfg.to_flat()),
         "tune.seeds": cfg.tune.seeds,
         "grid": [{"row": p.row, "setting": p.setting, **p.overrides} for p in points],
     }
     run_identity.check_or_record(str(storage), name, settings, yaml_text=to_yaml(cfg), what="experiment")
-    cfg = init_ray(cfg, address)  # resources fitted (or refused) before anything is created
     tracking_cfg = cfg.tracking
     parent = (
         _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None

@@ -216,6 +216,29 @@ def test_planted_pickle_payload_is_refused_and_does_not_run(tmp_path: Path) -> N
     assert not marker.exists(), "the planted payload ran"
 
 
+def test_a_checkpoint_of_the_previous_layout_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before the RNG states became tensors hold NumPy's state tuple: they load with NumPy's
+    array globals allowed (and nothing else), and the loop restores the state from the tuple."""
+    import json
+
+    import numpy as np
+
+    from orchestrator.loop import set_rng_state
+
+    np.random.seed(5)
+    old_numpy = np.random.get_state()
+    ray_train.save_checkpoint_dir({"epoch": 1, "step": 3, "numpy": old_numpy}, tmp_path / "ck")
+    manifest_path = tmp_path / "ck" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["layout"]  # as the previous version wrote it
+    manifest_path.write_text(json.dumps(manifest))
+    state, _ = ray_train.load_checkpoint_dir(tmp_path / "ck")
+    np.random.seed(0)
+    set_rng_state({"python": __import__("random").getstate(), "numpy": state["numpy"],
+                   "torch": torch.get_rng_state()})
+    assert np.random.get_state()[2] == old_numpy[2] and (np.random.get_state()[1] == old_numpy[1]).all()
+
+
 def test_skipped_images_are_counted_over_all_ranks(ray_cluster, tmp_path: Path) -> None:
     """An ImageNet-layout folder with 4 unreadable training files, data.on_bad_image=skip, 2 workers: the job
     trains, and ``data/skipped_images`` (summed over ranks) reaches Ray and MLflow. Every training file is

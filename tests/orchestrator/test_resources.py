@@ -65,8 +65,26 @@ def test_concurrency_fits_the_cpus_too() -> None:
 
 
 def test_a_setting_that_needs_a_gpu_is_checked_again_once_auto_resolves_to_cpu() -> None:
-    from orchestrator.config import ConfigError
-
-    with pytest.raises(ConfigError, match="fp16.*bf16"):
+    with pytest.raises(ResourceError, match=r"2 CPU worker\(s\) .*fp16.*bf16"):
         _fit(CPU_BOX, **{"train.precision": "fp16"})
     assert _fit(ONE_GPU, **{"train.precision": "fp16"}).use_gpu is True
+
+
+def test_a_batch_that_does_not_divide_over_the_fitted_workers_is_a_resource_error() -> None:
+    with pytest.raises(ResourceError, match=r"3 GPU worker\(s\).*train.global_batch_size=32"):
+        fit_resources(load_config(None, {"train.global_batch_size": 32}), {"CPU": 48.0, "GPU": 3.0})
+
+
+def test_fractional_shares_are_counted_exactly() -> None:
+    cfg = fit_resources(load_config(None, {"run.gpus_per_worker": 0.2, "tune.max_concurrent_trials": 5,
+                                           "train.global_batch_size": 48}), ONE_GPU, trial_driver_cpus=1)
+    assert fitting_concurrency(cfg, ONE_GPU) == 5  # float floor division would say 4
+
+
+def test_the_trainer_asks_ray_for_the_fitted_gpu_share() -> None:
+    from orchestrator.ray_train import build_trainer
+
+    cfg = fit_resources(load_config(None, {"run.gpus_per_worker": 0.25, "train.global_batch_size": 48}), ONE_GPU)
+    scaling = build_trainer(cfg, run_name="share").scaling_config
+    assert scaling.use_gpu and scaling.num_workers == 1
+    assert scaling.resources_per_worker == {"CPU": 1, "GPU": 0.25}

@@ -55,3 +55,5 @@ def test_smoke_runs_with_different_settings_get_different_names() -> None:
     assert not base.run.name, "a preset must not fix run.name: unrelated runs would collide"
     assert run_name_for(base) != run_name_for(load_config(str(SMOKE), {"sparse.sparsity": 0.7}))
     assert run_name_for(base) == run_name_for(load_config(str(SMOKE), {"run.num_workers": 1}))
+    # settings that may change on a continuation do not rename the run either (it would restart from scratch)
+    assert run_name_for(base) == run_name_for(load_config(str(SMOKE), {"data.workers": 4}))
