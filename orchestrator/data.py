@@ -154,8 +154,7 @@ def preflight_image_folder(data_cfg: Any, *, decode: int = 8) -> list[str]:
                 firsts[c] = first
         empty = [c for c in classes if c not in firsts]
         if empty:
-            problems.append(f"{root / split}: class folders without images: {_preview(empty)}; add images or "
-                            "remove the folders from both splits")
+            problems.append(_empty_classes(root / split, empty))
         samples = list(firsts.values())[:: max(1, len(firsts) // max(1, decode // 2))][: max(1, decode // 2)]
         for path in samples:
             try:
@@ -170,6 +169,11 @@ def preflight_image_folder(data_cfg: Any, *, decode: int = 8) -> list[str]:
     if problems:
         raise DataError("\n".join(problems))
     return warnings
+
+
+def _empty_classes(split_dir: Path, empty: list[str]) -> str:
+    return (f"{split_dir}: class folders without images: {_preview(empty)}; add images or remove the folders "
+            "from both splits")
 
 
 def _preview(names: list[str], n: int = 10) -> str:
@@ -199,10 +203,7 @@ class CheckedImageDataset(Dataset):
         counts = Counter(t for _, t in self.inner.reader.samples)
         empty = sorted(c for c, i in class_to_idx.items() if counts[i] == 0)
         if empty:
-            raise DataError(
-                f"{split_dir}: class folders without images: {_preview(empty)}; add images or remove "
-                "the folders from both splits"
-            )
+            raise DataError(_empty_classes(split_dir, empty))
         self.transform = transform
         self.on_bad_image = on_bad_image
         self._bad = multiprocessing.Array("b", len(self.inner))  # 1 byte per file: 1.3 MB for ImageNet

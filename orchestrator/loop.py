@@ -42,6 +42,7 @@ from slak_model.sparsity import DynamicSparsity, MaskedModelEma, SparsityConfig,
 
 __all__ = [
     "Trainer",
+    "build_meta_model",
     "build_model",
     "cosine_schedule",
     "param_groups",
@@ -71,6 +72,13 @@ def build_model(cfg: ExperimentConfig, num_classes: int | None = None) -> nn.Mod
     if m.width_factor is not None:
         overrides["width_factor"] = m.width_factor
     return slak_model.create_model(m.variant, **overrides)
+
+
+def build_meta_model(cfg: ExperimentConfig) -> nn.Module:
+    """The configured model on the ``meta`` device: runs the model's own architecture checks (e.g. a short
+    edge longer than a stage kernel) and gives its params/FLOPs, without allocating weights."""
+    with torch.device("meta"):
+        return build_model(cfg)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from orchestrator import data
 from orchestrator.config import ExperimentConfig
-from orchestrator.loop import build_model
+from orchestrator.loop import build_meta_model
 
 __all__ = ["PreflightError", "check_before_start", "check_data", "check_model"]
 
@@ -29,8 +27,7 @@ class PreflightError(ValueError):
 def check_model(cfg: ExperimentConfig) -> list[str]:
     """Problems building the configured model (on the meta device)."""
     try:
-        with torch.device("meta"):
-            build_model(cfg)
+        build_meta_model(cfg)
     except (ValueError, TypeError) as exc:
         text = " ".join(line.strip().removeprefix("- ") for line in str(exc).splitlines() if line.strip())
         return [f"model ({cfg.model.variant}): {text}"]

@@ -22,12 +22,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import yaml
 from ray import tune
 
 from orchestrator.config import ConfigError, ExperimentConfig, replace, validate
-from orchestrator.loop import build_model
+from orchestrator.loop import build_meta_model
 from slak_model import published
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "GridError",
     "GridPoint",
     "adaptation_grid",
-    "build_meta_model",
     "build_grid",
     "kernel_size_grid",
     "param_space",
@@ -319,13 +317,6 @@ def _split_top_level(text: str) -> list[str]:
             current.append(char)
     parts.append("".join(current))
     return [p for p in (s.strip() for s in parts) if p]
-
-
-def build_meta_model(cfg: ExperimentConfig) -> Any:
-    """The point's model on the ``meta`` device: runs the model's own architecture checks (e.g. a
-    short edge longer than a stage kernel) and gives its params/FLOPs, without allocating weights."""
-    with torch.device("meta"):
-        return build_model(cfg)
 
 
 def validate_points(

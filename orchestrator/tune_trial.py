@@ -26,7 +26,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, TrackingConfig, replace
-from orchestrator.search_space import GridPoint, build_meta_model
+from orchestrator.loop import build_meta_model
+from orchestrator.search_space import GridPoint
 
 __all__ = ["TIME_ATTR", "METRIC", "TrialStatusCallback", "experiment_config_for_trial", "run_trial",
            "trial_identity", "trial_name"]
