@@ -18,8 +18,9 @@ __all__ = ["LAPTOP_DEFAULTS", "add_common_arguments", "grid_parser", "overrides_
 #: The embedded laptop default (no ``--config``): the paper's recipe, shrunk to learn something on
 #: 1,024 procedural 32 px images in ~10 epochs on 2 cores. Heavy regularisation (RandAugment, mixup,
 #: cutmix, random erasing) and a 0.9999 EMA would keep a run this short at chance level, and topology
-#: updates every 100 steps would never fire in 320 steps. ``--config`` presets replace all of this;
-#: ``key=value`` overrides still win over it.
+#: updates every 100 steps would never fire in 320 steps. Its models are tiny (a few MB on a GPU), so on
+#: a GPU machine five trials share each GPU, each training in its own Tune actor; on CPUs that setting is
+#: unused. ``--config`` presets replace all of this; ``key=value`` overrides still win over it.
 LAPTOP_DEFAULTS: dict[str, Any] = {
     "train.epochs": 10,
     "data.train_size": 1024,
@@ -31,6 +32,7 @@ LAPTOP_DEFAULTS: dict[str, Any] = {
     "train.warmup_epochs": 1.0,
     "train.ema_decay": 0.99,
     "sparse.update_frequency": 8,
+    "run.gpus_per_worker": 0.2,
 }
 
 

@@ -197,9 +197,10 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Ray Tune grids (``orchestrator.tune_runner``)."""
+    """Ray Tune grids (``orchestrator.tune_runner``). ``max_concurrent_trials`` None = as many trials at once
+    as the cluster's CPUs and GPUs hold (a local Ray has the machine's CPUs)."""
 
-    max_concurrent_trials: int = 1
+    max_concurrent_trials: int | None = None
     asha: bool = False
     grace_period: int = 1
     seeds: int = 1
@@ -527,7 +528,7 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     rng("tracking.log_every_steps", 1, None)
     rng("tracking.masks_every_updates", 0, None, why="0 = masks only at the end")
 
-    rng("tune.max_concurrent_trials", 1, None)
+    rng("tune.max_concurrent_trials", 1, None, optional=True, why="unset = as many as fit")
     rng("tune.grace_period", 1, None)
     rng("tune.seeds", 1, None)
     rng("tune.trial_max_failures", -1, None)

@@ -23,7 +23,16 @@ from ray.tune.schedulers import ASHAScheduler
 from orchestrator import collate, preflight, ray_cluster, run_identity, tracking
 from orchestrator.config import ExperimentConfig, TrackingConfig, replace, to_yaml
 from orchestrator.search_space import GridPoint, param_space, validate_points
-from orchestrator.tune_trial import METRIC, TIME_ATTR, TrialStatusCallback, run_trial, trial_name
+from orchestrator.tune_trial import (
+    METRIC,
+    TIME_ATTR,
+    TrialStatusCallback,
+    in_process,
+    run_trial,
+    trial_cpus,
+    trial_name,
+    trial_resources,
+)
 
 __all__ = ["ExperimentOutcome", "TrialStatusCallback", "fitting_concurrency", "init_ray", "run_experiment"]
 
@@ -58,7 +67,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> ExperimentCon
     """
     ray_cluster.init_ray(
         address=address,
-        num_cpus=ray_cluster.local_num_cpus(cfg, cfg.tune.max_concurrent_trials, trial_driver_cpus=1),
+        num_cpus=ray_cluster.local_num_cpus(cfg, cfg.tune.max_concurrent_trials or 1, trial_driver_cpus=1),
         include_dashboard=True,
         object_store_memory=512 * 2**20,
         log_to_driver=False,
@@ -67,17 +76,20 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> ExperimentCon
 
 
 def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> int:
-    """``tune.max_concurrent_trials``, lowered to what the cluster's CPUs and GPUs can hold at once.
+    """``tune.max_concurrent_trials`` (unset: as many as fit), lowered to what the cluster's CPUs and GPUs can
+    hold at once.
 
-    A trial driver reserves one CPU and its Train workers reserve theirs (and their GPU shares) only later:
-    if more drivers start than there are resources for their workers, every trial waits forever. With
-    ``run.gpus_per_worker`` below 1, several small trials share one GPU.
+    A trial of several workers reserves one CPU for its driver at once and its Train workers' CPUs (and GPU
+    shares) only later: if more drivers start than there are resources for their workers, every trial waits
+    forever. With ``run.gpus_per_worker`` below 1, several small trials share one GPU.
     """
     r = cfg.run
-    per_trial_cpus = 1 + r.num_workers * max(1, int(r.cpus_per_worker))
+    per_trial_cpus = trial_cpus(cfg)
     fits = max(1, ray_cluster.how_many(cluster.get("CPU", 0), per_trial_cpus))
     if r.use_gpu:
         fits = min(fits, max(1, ray_cluster.how_many(cluster.get("GPU", 0), r.num_workers * r.gpus_per_worker)))
+    if cfg.tune.max_concurrent_trials is None:
+        return fits
     wanted = int(cfg.tune.max_concurrent_trials)
     if wanted > fits:
         logger.warning(
@@ -305,7 +317,9 @@ def run_experiment(
     )
     # The typed config travels whole to every trial (also after a restore, where the identity check above
     # guaranteed that it equals the experiment's own in everything that shapes a result).
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), {"cpu": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), trial_resources(cfg))
+    # one worker: the trial trains in its own actor, which Tune then reuses (and retries from its checkpoints)
+    single = in_process(cfg)
     expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
     if resume:
         logger.info("resuming experiment %s from %s", name, storage / name)
@@ -322,13 +336,17 @@ def run_experiment(
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrent,
                 scheduler=_scheduler(cfg),
+                reuse_actors=single,
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
-                failure_config=tune.FailureConfig(max_failures=cfg.tune.trial_max_failures),
+                failure_config=tune.FailureConfig(
+                    max_failures=cfg.tune.trial_max_failures + (cfg.run.max_failures if single else 0)
+                ),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep) if single else None,
                 # Status table only: our callback already logs one line per trial report, and verbose=2
                 # would print every trial's whole flat config when it starts.
                 verbose=1,

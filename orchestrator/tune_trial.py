@@ -1,11 +1,22 @@
 """The trial side of a Tune grid: one trial is a plain function (the *trial driver*) that owns its MLflow
-child run and fits one Ray Train DDP job; a driver-side callback gives each child run its final status.
+child run and trains one grid point.
 
-Shape (Train V2 inside Tune): Ray Train's ``TuneReportCallback`` forwards rank 0's per-epoch metrics to
-Tune, so ASHA can stop a trial on ``val/top1`` with ``epochs_done`` as its clock (Tune's own iteration
-counter restarts after a restore, the epoch count does not). The inner Train run is named after the Tune
-trial id, so a Tune retry or ``Tuner.restore`` finds the inner run's snapshot in the shared
-``run.storage_path`` and resumes from its last checkpoint instead of starting over.
+How a trial trains depends on its worker count:
+
+* **One worker** (every trial on one GPU or a GPU share, and ``run.num_workers=1`` on CPUs): the trial
+  trains inside its own Tune actor, which reserves the worker's CPUs and GPU share itself. Tune reuses
+  that actor for the next trial (``reuse_actors``), so imports, CUDA initialisation and the compiled
+  kernels are paid once per concurrent slot, not once per trial, and no worker group is started or torn
+  down. Checkpoints are Tune's trial checkpoints; a failed trial restarts from its latest one, up to
+  ``run.max_failures + tune.trial_max_failures`` times.
+* **Several workers**: the trial fits one Ray Train DDP job (Train V2 inside Tune). Ray Train's
+  ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune; the inner Train run is named after
+  the Tune trial id, so a Tune retry or ``Tuner.restore`` finds its snapshot in ``run.storage_path`` and
+  resumes from its last checkpoint.
+
+Either way the same :class:`orchestrator.worker.TrainingWorker` trains, ASHA can stop a trial on
+``val/top1`` with ``epochs_done`` as its clock (Tune's own iteration counter restarts after a restore, the
+epoch count does not).
 
 MLflow: each trial driver owns one nested *child* run, created on first start and found again by its
 ``ray_trial_id`` tag on retry or restore (never a second run per trial or per rank; rank 0 logs into it
@@ -17,25 +28,77 @@ to record the failure), and FINISHED with tag ``slak.stopped_early=asha`` when A
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator import tracking
+from orchestrator import tracking, worker
 from orchestrator.config import ExperimentConfig, TrackingConfig, replace
 from orchestrator.loop import build_meta_model
 from orchestrator.search_space import GridPoint
 
-__all__ = ["TIME_ATTR", "METRIC", "TrialStatusCallback", "experiment_config_for_trial", "run_trial",
-           "trial_identity", "trial_name"]
+__all__ = [
+    "METRIC",
+    "TIME_ATTR",
+    "TrialStatusCallback",
+    "experiment_config_for_trial",
+    "in_process",
+    "run_trial",
+    "trial_cpus",
+    "trial_identity",
+    "trial_name",
+    "trial_resources",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Tune's clock (epochs done, which survives a restore) and the metric ASHA ranks trials by.
 TIME_ATTR, METRIC = "epochs_done", "val/top1"
+
+def in_process(cfg: ExperimentConfig) -> bool:
+    """Whether a trial of ``cfg`` (resources fitted) trains inside its own Tune actor (one worker)."""
+    return cfg.run.num_workers == 1
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one trial's Tune actor reserves: the worker itself when it trains in process, else one CPU for
+    the driver (the Train workers reserve theirs when their group starts)."""
+    if not in_process(cfg):
+        return {"cpu": 1}
+    return {"cpu": cfg.run.cpus_per_worker, **({"gpu": cfg.run.gpus_per_worker} if cfg.run.use_gpu else {})}
+
+
+def trial_cpus(cfg: ExperimentConfig) -> int:
+    """CPUs one running trial holds in all (its actor, plus its Train workers when it has several)."""
+    if in_process(cfg):
+        return max(1, int(cfg.run.cpus_per_worker))
+    return 1 + cfg.run.num_workers * max(1, int(cfg.run.cpus_per_worker))
+
+
+class _TrialSession:
+    """A single-worker trial trained in its Tune actor, as :class:`orchestrator.worker.TrainingWorker` sees
+    it: rank 0 of 1, Tune's checkpoints, the GPU share Ray gave the actor (``CUDA_VISIBLE_DEVICES``)."""
+
+    rank, world_size = 0, 1
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def latest_checkpoint(self) -> tune.Checkpoint | None:
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
 
 def experiment_config_for_trial(base: ExperimentConfig, config: Mapping[str, Any]) -> ExperimentConfig:
     """The typed config of one trial: the experiment's base config with the trial's point and seed applied."""
@@ -103,15 +166,39 @@ def _complexity_metrics(cfg: ExperimentConfig) -> dict[str, float]:
     }
 
 
+_trials_in_this_process = 0
+
+
+def _first_trial_in_process() -> bool:
+    """True once per process: a reused actor pays its start and imports only for its first trial."""
+    global _trials_in_this_process
+    _trials_in_this_process += 1
+    return _trials_in_this_process == 1
+
+
+def _seconds_since_process_start() -> float | None:
+    """Seconds since this actor's process started (worker start, imports, Tune's set-up); None where
+    ``/proc`` cannot say (not Linux)."""
+    try:
+        started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return max(0.0, time.time() - (boot + started_ticks / os.sysconf("SC_CLK_TCK")))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def run_trial(config: dict[str, Any], base: ExperimentConfig) -> None:
-    """One Tune trial: own (or find again) the MLflow child run, then fit one Ray Train DDP job.
+    """One Tune trial: own (or find again) the MLflow child run, then train the point (in this actor with
+    one worker, as a Ray Train DDP job with several).
 
     ``config`` is Tune's (the grid point, the seed index, the experiment's name and parent run); the typed
     ``base`` config arrives whole through ``tune.with_parameters``: Tune's param space would take a
     dataclass apart (into a tuple), and the base is not a search dimension anyway.
     """
-    from orchestrator import ray_train  # imported here: the trial actor is the only place it runs
-
+    entered = time.perf_counter()
+    since_start = _seconds_since_process_start() if _first_trial_in_process() else None
+    startup = {"process": since_start} if since_start is not None else {}
     trial_id = tune.get_context().get_trial_id()
     cfg = experiment_config_for_trial(base, config)
     tracking_cfg = base.tracking
@@ -128,9 +215,19 @@ def run_trial(config: dict[str, Any], base: ExperimentConfig) -> None:
                 tracker.log_metrics(_complexity_metrics(cfg), step=0)
             except Exception as exc:  # noqa: BLE001 - a counting problem must not cost the training run
                 logger.warning("could not count params/FLOPs for trial %s: %s", trial_id, exc)
+    run_name = f"{config['experiment']}_train_{trial_id}"
+    if in_process(cfg):
+        startup["trial_driver"] = time.perf_counter() - entered
+        worker_config = {"experiment": cfg, "run_name": run_name, "mlflow_run_id": run_id,
+                         "mlflow_parent_run_id": config.get("parent_run_id"),
+                         "fault_inject": os.environ.get(worker.FAULT_ENV) or None, "startup": startup}
+        worker.run_worker(worker_config, _TrialSession())
+        return
+    from orchestrator import ray_train  # only trials of several workers start a Ray Train job
+
     trainer = ray_train.build_trainer(
         cfg,
-        run_name=f"{config['experiment']}_train_{trial_id}",
+        run_name=run_name,
         mlflow_run_id=run_id,
         mlflow_parent_run_id=config.get("parent_run_id"),
         callbacks=[TuneReportCallback()],

@@ -174,7 +174,7 @@ def _histories(client: MlflowClient, run) -> dict[str, list[tuple[int, float]]]:
 def test_smoke_training_job_logs_to_the_server(server: MlflowServer, ray_cluster, tmp_path: Path) -> None:
     """experiments/train.py (2 Ray workers, sparsity on) with --tracking-uri http://127.0.0.1:PORT: the run,
     its dotted params, per-step metrics and the bit-packed masks are on the server, masks equal the checkpoint's."""
-    from orchestrator import ray_train
+    from orchestrator import checkpoints
 
     assert load_train_cli().main(_train_args(server, tmp_path, f"smoke-{server.port}")) == 0
     client = MlflowClient(server.uri)
@@ -192,7 +192,7 @@ def test_smoke_training_job_logs_to_the_server(server: MlflowServer, ray_cluster
     assert "config/resolved.yaml" in files and "checkpoint/state.pt" in files, files
     masks = load_masks(client.download_artifacts(run.info.run_id, final_masks, str(tmp_path)))
     ckpt_dir = sorted((tmp_path / "ray" / f"smoke-{server.port}").glob("epoch_*"))[-1]
-    state, _ = ray_train.load_checkpoint_dir(ckpt_dir)
+    state, _ = checkpoints.load_checkpoint_dir(ckpt_dir)
     assert masks.keys() == state["sparsity"]["masks"].keys()
     assert all(torch.equal(masks[k], v) for k, v in state["sparsity"]["masks"].items())
     assert not (tmp_path / "offline").exists(), "nothing should have gone offline"

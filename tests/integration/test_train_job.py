@@ -20,7 +20,7 @@ mlflow_tracking = pytest.importorskip("mlflow.tracking")
 
 from job_helpers import all_artifacts, load_train_cli  # noqa: E402
 
-from orchestrator import ray_train  # noqa: E402
+from orchestrator import checkpoints, ray_train  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def _cfg(root: Path, name: str, **extra):
 
 def _final_state(result) -> dict:
     with result.checkpoint.as_directory() as d:
-        state, _ = ray_train.load_checkpoint_dir(d)
+        state, _ = checkpoints.load_checkpoint_dir(d)
     return state
 
 
@@ -183,15 +183,15 @@ def test_a_job_that_fails_for_good_ends_with_its_cause_and_how_to_resume(ray_clu
 
 
 def test_interrupted_checkpoint_write_is_refused(tmp_path: Path) -> None:
-    path = ray_train.save_checkpoint_dir({"epoch": 1, "step": 3, "w": torch.arange(1000)}, tmp_path / "ck")
-    state, manifest = ray_train.load_checkpoint_dir(tmp_path / "ck")
+    path = checkpoints.save_checkpoint_dir({"epoch": 1, "step": 3, "w": torch.arange(1000)}, tmp_path / "ck")
+    state, manifest = checkpoints.load_checkpoint_dir(tmp_path / "ck")
     assert state["step"] == 3 and manifest["step"] == 3
     path.write_bytes(path.read_bytes()[:100])  # the process died while writing
     with pytest.raises(ValueError, match="does not match its manifest"):
-        ray_train.load_checkpoint_dir(tmp_path / "ck")
+        checkpoints.load_checkpoint_dir(tmp_path / "ck")
     (tmp_path / "ck" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="not completely written"):
-        ray_train.load_checkpoint_dir(tmp_path / "ck")
+        checkpoints.load_checkpoint_dir(tmp_path / "ck")
 
 
 class _Payload:
@@ -209,10 +209,10 @@ class _Payload:
 def test_planted_pickle_payload_is_refused_and_does_not_run(tmp_path: Path) -> None:
     """The manifest proves integrity, not authorship: a payload sealed with a valid manifest must still not run."""
     marker = tmp_path / "payload-ran"
-    ray_train.save_checkpoint_dir({"epoch": 1, "step": 3, "evil": _Payload(marker)}, tmp_path / "ck")
+    checkpoints.save_checkpoint_dir({"epoch": 1, "step": 3, "evil": _Payload(marker)}, tmp_path / "ck")
     assert not marker.exists()
     with pytest.raises(ValueError, match="refusing to unpickle"):
-        ray_train.load_checkpoint_dir(tmp_path / "ck")
+        checkpoints.load_checkpoint_dir(tmp_path / "ck")
     assert not marker.exists(), "the planted payload ran"
 
 
@@ -227,12 +227,12 @@ def test_a_checkpoint_of_the_previous_layout_still_resumes(tmp_path: Path) -> No
 
     np.random.seed(5)
     old_numpy = np.random.get_state()
-    ray_train.save_checkpoint_dir({"epoch": 1, "step": 3, "numpy": old_numpy}, tmp_path / "ck")
+    checkpoints.save_checkpoint_dir({"epoch": 1, "step": 3, "numpy": old_numpy}, tmp_path / "ck")
     manifest_path = tmp_path / "ck" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     del manifest["layout"]  # as the previous version wrote it
     manifest_path.write_text(json.dumps(manifest))
-    state, _ = ray_train.load_checkpoint_dir(tmp_path / "ck")
+    state, _ = checkpoints.load_checkpoint_dir(tmp_path / "ck")
     np.random.seed(0)
     set_rng_state({"python": __import__("random").getstate(), "numpy": state["numpy"],
                    "torch": torch.get_rng_state()})

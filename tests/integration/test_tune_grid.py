@@ -1,4 +1,5 @@
-"""A real 2-trial Table-8 grid: Ray Tune trials that are 2-worker Ray Train jobs, MLflow, collation, resume.
+"""A real 2-trial Table-8 grid: Ray Tune trials that are 2-worker Ray Train jobs or single-worker trials
+trained in their own (reused) Tune actors, MLflow, collation, resume.
 
 The first run is interrupted (SIGUSR1, Tune's graceful stop) as soon as its first trial finished; the
 second call resumes it. Checked: one parent run with two nested trial runs, params under the dotted
@@ -44,13 +45,14 @@ def _children(uri: str, experiment: str, name: str):
 
 
 @pytest.mark.slow
-def test_two_trial_grid_interrupt_and_resume(ray_cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [2, 1], ids=["ray-train-ddp", "in-trial-actor"])
+def test_two_trial_grid_interrupt_and_resume(ray_cluster, tmp_path: Path, workers: int) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(
         None,
         {
             "run.name": "t8-itest",
-            "run.num_workers": 2,
+            "run.num_workers": workers,
             "run.storage_path": str(tmp_path / "ray"),
             "tracking.uri": uri,
             "tracking.experiment": "itest",
@@ -155,7 +157,8 @@ def test_status_callback_sets_final_states_without_duplicates(tmp_path: Path) ->
 def test_grid_logs_to_a_tracking_server_over_http(ray_cluster, tmp_path: Path) -> None:
     """The same grid against a real ``mlflow server`` (sqlite behind it) at http://127.0.0.1:PORT: the
     trial drivers own their runs over http, so there is one parent, one child per trial, all FINISHED,
-    every epoch's metrics on the server and nothing journaled offline."""
+    every epoch's metrics on the server and nothing journaled offline. Single-worker trials train in their
+    Tune actor, which the second trial reuses: only the first pays the process start."""
     from servers import ServerUnavailable, managed_mlflow_server
 
     try:
@@ -166,7 +169,7 @@ def test_grid_logs_to_a_tracking_server_over_http(ray_cluster, tmp_path: Path) -
     try:
         cfg = load_config(None, {
             **cli.LAPTOP_DEFAULTS, "train.epochs": 2, "data.train_size": 256, "data.val_size": 64,
-            "run.name": "http-itest", "run.num_workers": 2, "run.storage_path": str(tmp_path / "ray"),
+            "run.name": "http-itest", "run.num_workers": 1, "run.storage_path": str(tmp_path / "ray"),
             "tracking.uri": server.uri, "tracking.experiment": "http", "tracking.offline_dir": str(tmp_path / "off"),
             "tune.max_concurrent_trials": 1, "tune.seeds": 1,
         })
@@ -178,6 +181,9 @@ def test_grid_logs_to_a_tracking_server_over_http(ray_cluster, tmp_path: Path) -
         assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].item()}
         hist = tracking.metric_history(server.uri, list(children["run_id"]), ["val/top1"])
         assert len(hist) == 4, hist
+        startup = children.filter(like="metrics.startup/").notna()
+        assert startup["metrics.startup/worker_s"].all() and startup["metrics.startup/trial_driver_s"].all()
+        assert startup["metrics.startup/process_s"].sum() == 1, "the second trial reuses the first one's actor"
         assert not (tmp_path / "off").exists(), "the server was up: nothing should have gone offline"
     finally:
         server_cm.__exit__(None, None, None)

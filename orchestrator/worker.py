@@ -1,0 +1,292 @@
+"""One training process of a job: its data shard, the :class:`~orchestrator.loop.Trainer`, rank 0's
+MLflow tracker, per-epoch reports with checkpoints, and the final artifacts.
+
+What runs the process is a :class:`WorkerSession`, so the same code serves both ways a job runs:
+
+* a rank of a Ray Train DDP worker group (``orchestrator.ray_train``), and
+* a single-worker Tune trial trained inside the trial's own actor (``orchestrator.tune_trial``): Tune
+  reuses that actor for the next trial, so imports, CUDA initialisation, the compiled kernels and the
+  generated datasets are paid once per actor instead of once per trial.
+
+Every rank reports the same number of times (a report is a barrier under Ray Train); rank 0 writes the
+checkpoint and every rank's RNG streams go into it. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from orchestrator import tracking
+from orchestrator.checkpoints import MANIFEST, load_checkpoint_dir, save_checkpoint_dir
+from orchestrator.config import to_yaml
+from orchestrator.loop import Trainer
+
+__all__ = ["FAULT_ENV", "InjectedFault", "ReportedCheckpoint", "TrainingWorker", "WorkerSession", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "SLAK_FAULT_INJECT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fault-injection switch (never in normal runs)."""
+
+
+class ReportedCheckpoint(Protocol):
+    """A checkpoint handed back by the runner on a restart (Ray's ``Checkpoint``)."""
+
+    def as_directory(self) -> AbstractContextManager[str]: ...
+
+
+class WorkerSession(Protocol):
+    """What a training process needs from whatever runs it (Ray Train or a Tune trial)."""
+
+    rank: int
+    world_size: int
+
+    def device(self, use_gpu: bool) -> torch.device:
+        """This process's device."""
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model's distributed form (DDP), or the model itself in a single process."""
+
+    def latest_checkpoint(self) -> ReportedCheckpoint | None:
+        """The checkpoint to resume from after a restart, or None on a first start."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
+        """Report ``metrics`` and, from rank 0, the checkpoint folder ``checkpoint_dir`` (persisted before
+        returning, so the folder may be deleted afterwards)."""
+
+
+class TrainingWorker:
+    """State of one training process across the epochs of one attempt.
+
+    ``config``: ``{"experiment": ExperimentConfig, "run_name": str, "mlflow_run_id": str | None,
+    "mlflow_parent_run_id": str | None, "fault_inject": "rank:step" | None}``, optionally ``"startup":
+    {phase: seconds}`` spent before the worker (by a trial driver), which joins the worker's own phases.
+
+    Where the time goes is measured, not guessed: ``startup/<phase>_s`` (data, model, sparsity init or
+    resume, tracking, and what the caller passed) and ``perf/epoch_s`` (one epoch's training and
+    evaluation, wall clock) are reported with every epoch's metrics, to Tune and MLflow alike.
+    """
+
+    def __init__(self, config: dict[str, Any], session: WorkerSession) -> None:
+        from orchestrator import data  # a worker-side import: drivers never need the datasets
+
+        started = time.perf_counter()
+        self.session = session
+        self.cfg = cfg = config["experiment"]
+        self.rank, self.world_size = session.rank, session.world_size
+        self.run_name = config["run_name"]
+        self.run_dir = Path(cfg.run.storage_path) / self.run_name
+        self.fault = config.get("fault_inject")
+        device = session.device(cfg.run.use_gpu)
+        phases: dict[str, float] = dict(config.get("startup") or {})
+
+        t = time.perf_counter()
+        self.bundle = bundle = data.build_datasets(cfg.data, seed=cfg.train.seed)
+        self.train_loader, self.val_loader = data.build_loaders(
+            bundle, cfg, rank=self.rank, world_size=self.world_size, micro_batch_size=cfg.micro_batch_size,
+            seed=cfg.train.seed)
+        mixup = data.build_mixup(cfg.data, bundle.num_classes)
+        steps = len(self.train_loader) // cfg.accumulation_steps
+        phases["data"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.trainer = Trainer(cfg, steps_per_epoch=steps, num_classes=bundle.num_classes, device=device,
+                               wrap_model=session.wrap_model, mixup=mixup)
+        phases["model"] = time.perf_counter() - t
+        self.last_metrics: dict[str, float] = {}
+        self.mlflow_run_id: str | None = config.get("mlflow_run_id")
+
+        t = time.perf_counter()
+        checkpoint = session.latest_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state, manifest = load_checkpoint_dir(d)
+            self.trainer.load_state_dict(state)
+            self.last_metrics = dict(state.get("metrics") or {})
+            self.mlflow_run_id = self.mlflow_run_id or state.get("mlflow_run_id")
+            log.info("rank %d resumed from %s (epoch %d, step %d)", self.rank, manifest.get("name", d),
+                     self.trainer.epoch, self.trainer.step)
+            phases["resume"] = time.perf_counter() - t
+        else:
+            self.trainer.initialize_sparsity(next(iter(self.train_loader)))
+            phases["sparsity_init"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.tracker = tracking.create_tracker(
+            cfg.tracking, run_id=self.mlflow_run_id, run_name=self.run_name,
+            parent_run_id=config.get("mlflow_parent_run_id"), rank=self.rank,
+            tags={"slak.role": "train", "slak.run_name": self.run_name}, environment=True)
+        if self.rank == 0 and checkpoint is None:
+            self.tracker.log_params(cfg.to_flat())
+            self.tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
+        self.mlflow_run_id = getattr(self.tracker, "run_id", None)
+        phases["tracking"] = time.perf_counter() - t
+        phases["worker"] = time.perf_counter() - started
+        self.startup = {f"startup/{k}_s": float(v) for k, v in phases.items()}
+        if self.rank == 0:
+            log.info("worker ready in %.2f s (%s)", phases["worker"], ", ".join(
+                f"{k} {v:.2f} s" for k, v in phases.items() if k != "worker"))
+        self._startup_reported = False
+        self._masks_logged_at = self._updates()
+
+    def _updates(self) -> int:
+        engine = self.trainer.engine
+        return engine.updates if engine is not None and self.trainer.sparsity_ready else 0
+
+    # ------------------------------------------------------------------ per step
+    def on_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        cfg, step = self.cfg, trainer.step
+        if self.rank == 0 and step % cfg.tracking.log_every_steps == 0:
+            self.tracker.log_metrics({"train/loss": metrics["train/loss"], "train/lr": metrics["train/lr"]}, step)
+        if self.rank == 0 and step % cfg.train.log_every_steps == 0:
+            log.info("epoch %d step %d/%d (global %d): train/loss %.4f lr %.3g", trainer.epoch,
+                     trainer.step_in_epoch, trainer.steps_per_epoch, step, metrics["train/loss"], metrics["train/lr"])
+        self._maybe_log_masks()
+        every = cfg.train.checkpoint_every_steps
+        if every and step % every == 0 and trainer.step_in_epoch < trainer.steps_per_epoch:
+            report = {**self.last_metrics, **metrics, "epochs_done": float(trainer.epoch)}
+            self._report(report, f"step_{step:08d}")
+        self._maybe_fail(step)
+
+    def _maybe_log_masks(self) -> None:
+        every = self.cfg.tracking.masks_every_updates
+        updates = self._updates()
+        if self.rank == 0 and every and updates - self._masks_logged_at >= every:
+            self.tracker.log_masks(self.trainer.engine.masks, self.trainer.step)
+            self._masks_logged_at = updates
+
+    def _maybe_fail(self, step: int) -> None:
+        if not self.fault:
+            return
+        rank, at = (int(x) for x in str(self.fault).split(":"))
+        if rank != self.rank or step != at:
+            return
+        marker = self.run_dir / f".fault_injected_rank{rank}_step{at}"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{FAULT_ENV} fired at {time.time()}\n")
+        raise InjectedFault(f"{FAULT_ENV}: rank {rank} fails at optimizer step {at} (fires once)")
+
+    # ------------------------------------------------------------------ reports and checkpoints
+    def _report(self, metrics: dict[str, float], name: str) -> None:
+        """Checkpoint (rank 0 writes, every rank's RNG gathered) and report; every rank calls it."""
+        rngs = [self.trainer.local_rng()]
+        if self.world_size > 1:
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, self.trainer.local_rng())
+        with tempfile.TemporaryDirectory(prefix="slak-ckpt-") as tmp:
+            folder = None
+            if self.rank == 0:
+                state = self.trainer.state_dict(rng_states=rngs)
+                state["metrics"] = dict(self.last_metrics)
+                state["mlflow_run_id"] = self.mlflow_run_id
+                save_checkpoint_dir(state, tmp, extra={"name": name, "run": self.run_name})
+                folder = tmp
+            self.session.report(metrics, folder, name)
+
+    def run(self) -> None:
+        trainer, cfg = self.trainer, self.cfg
+        if trainer.done:  # re-run of a finished job: report its final state once, train nothing
+            self.session.report(dict(self.last_metrics), None, "final")
+            if self.rank == 0:
+                self.tracker.end("FINISHED")  # opening the tracker marked the run RUNNING again
+            return
+        while not trainer.done:
+            started = time.perf_counter()
+            epoch = trainer.epoch
+            sampler = getattr(self.train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            metrics = trainer.train_one_epoch(self._progress(self.train_loader, epoch), self.on_step)
+            last_epoch = epoch + 1 == cfg.train.epochs
+            if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch:
+                metrics.update(trainer.evaluate_all(self.val_loader, self.train_loader
+                                                    if cfg.train.bn_recalibration_batches else None))
+            metrics.update(trainer.sparsity_metrics())
+            if cfg.data.on_bad_image == "skip":
+                metrics["data/skipped_images"] = self._skipped_images()
+            trainer.end_epoch()
+            metrics.update({"epoch": float(epoch), "epochs_done": float(trainer.epoch), "step": float(trainer.step),
+                            "perf/epoch_s": time.perf_counter() - started})
+            if not self._startup_reported:  # this attempt's start-up, with its first epoch
+                metrics.update(self.startup)
+                self._startup_reported = True
+            fresh = {k: float(v) for k, v in metrics.items()}
+            # Ray/Tune always see val/* and ema/* (the latest evaluation), also on epochs without one;
+            # MLflow only gets what was measured this epoch.
+            self.last_metrics = {**self.last_metrics, **fresh}
+            if self.rank == 0:
+                self.tracker.log_metrics(fresh, trainer.step)
+                log.info("epoch %d/%d: %s", trainer.epoch, cfg.train.epochs, ", ".join(
+                    f"{k} {v:.4g}" for k, v in self.last_metrics.items()
+                    if k in ("train/loss", "val/top1", "val/top5", "ema/top1", "sparsity/density", "perf/img_per_s")))
+            self._report(self.last_metrics, f"epoch_{trainer.epoch:04d}")
+        self._finish()
+
+    def _skipped_images(self) -> float:
+        """Distinct unreadable files skipped by any rank (or its loader workers) since the workers started.
+
+        Every rank holds one flag per file of the whole dataset; a MAX all-reduce is their logical OR, so a
+        file that two ranks read (padded shards) counts once."""
+        from orchestrator import data
+
+        flags = torch.from_numpy(data.bad_file_flags(self.bundle).astype("uint8")).to(self.trainer.device)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        total = float(flags.sum().item())
+        if total and self.rank == 0:
+            log.warning("%d unreadable image(s) skipped so far (data.on_bad_image=skip)", int(total))
+        return total
+
+    def _progress(self, loader: Any, epoch: int) -> Any:
+        """A tqdm bar on an interactive rank 0; otherwise the loader (the log lines above)."""
+        if self.rank != 0 or not sys.stdout.isatty():
+            return loader
+        from tqdm import tqdm
+
+        return tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False)
+
+    def _finish(self) -> None:
+        if self.rank != 0:
+            return
+        engine = self.trainer.engine
+        if engine is not None and self.trainer.sparsity_ready:
+            self.tracker.log_masks(engine.masks, self.trainer.step)
+            self.tracker.log_density_table(engine.layer_densities(), self.trainer.step)
+        with tempfile.TemporaryDirectory(prefix="slak-final-") as tmp:
+            state = self.trainer.state_dict()
+            state["metrics"] = dict(self.last_metrics)
+            path = save_checkpoint_dir(state, tmp, extra={"name": "final", "run": self.run_name})
+            self.tracker.log_artifact(path, "checkpoint")
+            self.tracker.log_artifact(Path(tmp) / MANIFEST, "checkpoint")
+        self.tracker.end("FINISHED")
+
+
+def run_worker(config: dict[str, Any], session: WorkerSession,
+               on_ready: Callable[[TrainingWorker], None] | None = None) -> None:
+    """Build the worker and train to the end; rank 0 marks the MLflow run FAILED if training raises (a
+    retry marks it RUNNING again)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = TrainingWorker(config, session)
+    if on_ready is not None:
+        on_ready(worker)
+    try:
+        worker.run()
+    except BaseException:
+        if worker.rank == 0:
+            worker.tracker.end("FAILED")
+        raise
