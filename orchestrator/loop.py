@@ -22,7 +22,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,19 +41,55 @@ from orchestrator.config import ExperimentConfig
 from slak_model.sparsity import DynamicSparsity, MaskedModelEma, SparsityConfig, TorchDistributedCollective
 
 __all__ = [
+    "StepMetrics",
     "Trainer",
     "build_meta_model",
     "build_model",
     "cosine_schedule",
     "param_groups",
     "rng_state",
-    "set_rng_state",
     "seed_everything",
+    "set_rng_state",
 ]
 
 log = logging.getLogger(__name__)
 _STATE_FORMAT = "slak-orchestrator-trainer"
 _STATE_VERSION = 2  # 2: RNG states as tensors and plain data only (loads with weights_only=True)
+
+
+class StepMetrics(Mapping[str, float]):
+    """One optimizer step's metrics (``train/loss``, ``train/lr``, ``step``).
+
+    The loss stays on the device until it is read: a loop that logs every N steps then waits for the GPU
+    every N steps, not after every step, so the host queues the next step's work while this one runs.
+    Reading a non-finite loss raises (the epoch's sum is checked too, so a divergence never goes unseen).
+    """
+
+    _KEYS = ("train/loss", "train/lr", "step")
+
+    def __init__(self, loss: torch.Tensor, lr: float, step: int) -> None:
+        self._loss, self._value, self.lr, self.step = loss, None, lr, step
+
+    def __getitem__(self, key: str) -> float:
+        if key == "train/loss":
+            if self._value is None:
+                self._value = float(self._loss)
+                if not math.isfinite(self._value):
+                    raise FloatingPointError(
+                        f"train/loss is {self._value} at optimizer step {self.step} (lr {self.lr:g}); lower "
+                        "train.lr, set train.clip_grad, or use train.precision=fp32")
+            return self._value
+        if key == "train/lr":
+            return self.lr
+        if key == "step":
+            return float(self.step)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -247,7 +283,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _zero_sums(self) -> dict[str, float]:
-        return {"loss": 0.0, "micro": 0.0, "images": 0.0, "seconds": 0.0}
+        """Running sums of the current epoch on this rank; the loss sum lives on the device (float64) so
+        that a step never waits for the GPU just to add its loss."""
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        return {"micro": 0.0, "images": 0.0, "seconds": 0.0}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -278,18 +317,20 @@ class Trainer:
         self.sparsity_ready = True
 
     # ------------------------------------------------------------------ training
-    def train_one_epoch(self, loader: Iterable, on_step: Callable[[Trainer, dict[str, float]], None] | None = None
+    def train_one_epoch(self, loader: Iterable, on_step: Callable[[Trainer, StepMetrics], None] | None = None
                         ) -> dict[str, float]:
         """Train until the end of the current epoch (continuing mid-epoch after a step checkpoint).
 
         Args:
             loader: This worker's training batches for this epoch (sampler epoch already set).
-            on_step: Called after every optimizer step with the trainer and the step's metrics
-                (``train/loss`` of that step, ``train/lr``, ``step``); the place for step
-                checkpoints, logging and fault injection.
+            on_step: Called after every optimizer step with the trainer and the step's
+                :class:`StepMetrics` (``train/loss`` of that step, ``train/lr``, ``step``); the place for
+                step checkpoints, logging and fault injection. Read ``train/loss`` only when it is needed:
+                reading it waits for the step to finish on the device.
 
         Returns:
-            Epoch metrics: ``train/loss`` (mean over micro-batches), ``train/lr``, ``perf/img_per_s``.
+            Epoch metrics: ``train/loss`` (mean over micro-batches), ``train/lr``, ``perf/img_per_s`` (every
+            worker's images over the wall clock of this worker's steps, loading and ``on_step`` included).
         """
         if self.engine is not None and not self.sparsity_ready:
             raise RuntimeError("call initialize_sparsity(batch) (or load_state_dict) before training")
@@ -309,19 +350,25 @@ class Trainer:
         if resume_rng is not None:
             set_rng_state(resume_rng)
         while self.step_in_epoch < self.steps_per_epoch:
+            t0 = time.perf_counter()  # the wall clock of a step as users get it: data, step and hooks
             metrics = self._optimizer_step(it)
             if on_step is not None:
                 on_step(self, metrics)
+            self._sums["seconds"] += time.perf_counter() - t0
         s = self._sums
-        totals = torch.tensor([s["loss"], s["micro"], s["images"]], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([s["micro"], s["images"]], dtype=torch.float64, device=self.device)
+        totals = torch.cat([self._loss_sum.reshape(1), counts])
         if self.world_size > 1:  # the metric describes the whole job, not rank 0's shard
             dist.all_reduce(totals)
         loss, micro, images = totals.tolist()
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss} in epoch {self.epoch + 1} (up to optimizer step {self.step}); lower train.lr, "
+                "set train.clip_grad, or use train.precision=fp32")
         return {"train/loss": loss / max(micro, 1), "train/lr": self.lr_values[self.step - 1].item(),
                 "perf/img_per_s": images / max(s["seconds"], 1e-9)}
 
-    def _optimizer_step(self, it: Iterator) -> dict[str, float]:
-        t0 = time.perf_counter()
+    def _optimizer_step(self, it: Iterator) -> StepMetrics:
         lr = float(self.lr_values[self.step])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -353,16 +400,11 @@ class Trainer:
         self.step_in_epoch += 1
         if self.ema is not None:
             self.ema.update(self.module, self.engine.masks if self.engine is not None else None, step=self.step)
-        mean_loss = (step_loss / self.accumulation).item()
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"train/loss is {mean_loss} at optimizer step {self.step} (lr {lr:g}); lower train.lr, set "
-                "train.clip_grad, or use train.precision=fp32")
-        self._sums["loss"] += mean_loss * self.accumulation
+        mean_loss = step_loss / self.accumulation
+        self._loss_sum += mean_loss.double() * self.accumulation
         self._sums["micro"] += self.accumulation
         self._sums["images"] += images
-        self._sums["seconds"] += time.perf_counter() - t0
-        return {"train/loss": mean_loss, "train/lr": lr, "step": float(self.step)}
+        return StepMetrics(mean_loss, lr, self.step)
 
     def end_epoch(self) -> None:
         """Mark the current epoch complete (after its evaluation and before its checkpoint)."""
@@ -436,7 +478,7 @@ class Trainer:
     def local_rng(self) -> dict[str, Any]:
         """What differs between ranks: RNG streams now and at the start of the epoch, and the running
         epoch sums of this rank's shard (gather these across ranks for a checkpoint)."""
-        return {"now": rng_state(), "epoch": self._epoch_rng, "sums": dict(self._sums)}
+        return {"now": rng_state(), "epoch": self._epoch_rng, "sums": {**self._sums, "loss": float(self._loss_sum)}}
 
     def state_dict(self, rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything needed to continue bitwise: weights, EMA, optimizer, scaler, schedule position,
@@ -483,5 +525,7 @@ class Trainer:
                         len(rngs), self.world_size)
         mine = rngs[self.rank % len(rngs)]
         self._epoch_rng = mine["epoch"]
-        self._sums = dict(mine["sums"])
+        sums = dict(mine["sums"])
+        self._loss_sum = torch.tensor(float(sums.pop("loss")), dtype=torch.float64, device=self.device)
+        self._sums = sums
         set_rng_state(mine["now"])

@@ -244,6 +244,7 @@ class TrialStatusCallback(tune.Callback):
         self.total_epochs = base.train.epochs
         self.total_trials = total_trials
         self._started: dict[str, float] = {}
+        self._costs: dict[str, dict[str, float]] = {}
 
     def _finish(self, trial: Any, status: str, tags: Mapping[str, str]) -> None:
         if not self.tracking.enabled:
@@ -267,6 +268,10 @@ class TrialStatusCallback(tune.Callback):
         )
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        costs = self._costs.setdefault(trial.trial_id, {"epochs": 0.0})
+        costs["epochs"] += float(result.get("perf/epoch_s", 0.0))
+        costs.update({k.removeprefix("startup/").removesuffix("_s"): float(v) for k, v in result.items()
+                      if k.startswith("startup/")})
         done = sum(t.status == "TERMINATED" for t in trials)
         elapsed = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
         logger.info(
@@ -282,7 +287,23 @@ class TrialStatusCallback(tune.Callback):
             elapsed,
         )
 
+    def _log_costs(self, trial: Any) -> None:
+        """Where one trial's wall time went: its start-up phases, its epochs, and the rest (reports,
+        checkpoints, teardown), as the trial's own reports measured them."""
+        started, costs = self._started.get(trial.trial_id), self._costs.get(trial.trial_id)
+        if started is None or not costs:
+            return
+        wall = time.monotonic() - started
+        phases = {k: v for k, v in costs.items() if k != "epochs"}
+        startup = phases.pop("worker", 0.0) + sum(phases.pop(k, 0.0) for k in ("process", "trial_driver"))
+        other = max(0.0, wall - startup - costs["epochs"])
+        logger.info("trial %s took %.1f s: start-up %.1f s (%s), epochs %.1f s, reports/checkpoints/other "
+                    "%.1f s", trial.trial_id, wall, startup,
+                    ", ".join(f"{k} {costs[k]:.1f}" for k in ("process", "trial_driver") if k in costs)
+                    + "".join(f", {k} {v:.1f}" for k, v in phases.items()), costs["epochs"], other)
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._log_costs(trial)
         epochs = int((trial.last_result or {}).get(TIME_ATTR, 0) or 0)
         target = experiment_config_for_trial(self.base, trial.config).train.epochs
         tags = {"slak.stopped_early": "asha", "slak.epochs_done": str(epochs)} if 0 < epochs < target else {}

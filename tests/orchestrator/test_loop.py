@@ -197,3 +197,26 @@ def test_accumulated_micro_batches_equal_one_large_batch() -> None:
     for name, a in updates[0].items():
         b = updates[1][name]
         assert torch.equal(a, b) or rel_error(a, b) <= tol, f"{name}: update differs by {rel_error(a, b):.3g} > {tol:.3g}"
+
+
+def test_a_diverged_loss_is_reported_when_read_and_at_the_epoch_end() -> None:
+    """The step loss stays on the device until read; a NaN is still caught, naming the step or the epoch."""
+    loader = _loader()
+    seen: list[float] = []
+
+    def nan_after_first_step(t: Trainer, m) -> None:
+        if t.step == 1:
+            seen.append(m["train/loss"])  # read: finite
+            with torch.no_grad():
+                next(t.module.parameters()).fill_(float("nan"))
+
+    tr = _trainer(_cfg(**{"sparse.enabled": False}), loader, mixup=False)
+    with pytest.raises(FloatingPointError, match=r"train/loss is nan in epoch 1"):
+        tr.train_one_epoch(loader, nan_after_first_step)  # never read again: the epoch sum catches it
+    assert np.isfinite(seen[0])
+
+    tr = _trainer(_cfg(**{"sparse.enabled": False}), loader, mixup=False)
+    with torch.no_grad():
+        next(tr.module.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"train/loss is nan at optimizer step 1"):
+        tr.train_one_epoch(loader, lambda t, m: m["train/loss"])
