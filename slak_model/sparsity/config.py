@@ -127,7 +127,9 @@ class SparsityConfig:
             problems.append(f"prune_rate={self.prune_rate!r}: must lie in (0, 1] (reference recipes: 0.3 or 0.5)")
         p0 = self.prune_rate if finite(self.prune_rate) else 1.0
         if not (finite(self.prune_rate_min) and 0.0 <= self.prune_rate_min <= p0):
-            problems.append(f"prune_rate_min={self.prune_rate_min!r}: must lie in [0, prune_rate={p0}] (reference: 0.005)")
+            problems.append(
+                f"prune_rate_min={self.prune_rate_min!r}: must lie in [0, prune_rate={p0}] (reference: 0.005)"
+            )
         if not (isinstance(self.update_frequency, int) and not isinstance(self.update_frequency, bool)
                 and self.update_frequency > 0):
             problems.append(
