@@ -14,28 +14,32 @@ only looks at the top-level names ``timm`` and ``torchvision``: before either is
 guard, and once timm's own ``__init__`` has run it imports :mod:`slak_model.variants`, whose decorators
 register the variants. The finder then removes itself. If timm is already imported, the variants are
 registered at once instead.
+
+The module imports only what the interpreter has loaded anyway (``logging`` and the guard are imported
+when the finder fires), so that it adds nothing measurable to ``import slak_model``.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
 import importlib.util
-import logging
 import sys
-import threading
-from collections.abc import Sequence
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import _compat
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
 __all__ = ["install"]
 
-_LOG = logging.getLogger(__name__)
 _VARIANTS = "slak_model.variants"
-_LOCK = threading.Lock()
+
+
+def _install_guard() -> None:
+    from . import _compat
+
+    _compat.install()
 
 
 def _register_variants() -> None:
@@ -48,21 +52,25 @@ def _register_variants() -> None:
         return
     try:
         importlib.import_module(_VARIANTS)
-    except Exception:  # noqa: BLE001 - a broken model stack must not make ``import timm`` itself fail
-        _LOG.warning("the SLaK variants could not be registered with timm; slak_model.create_model() "
-                     "shows why", exc_info=True)
+    except Exception:  # a broken model stack must not make ``import timm`` itself fail
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "the SLaK variants could not be registered with timm; slak_model.create_model() shows why",
+            exc_info=True,
+        )
 
 
-class _RegisterAfterExec(importlib.abc.Loader):
+class _RegisterAfterExec:
     """Runs timm's own loader, then registers the variants and hands the module its real loader back."""
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+    def __init__(self, loader: Any) -> None:
         self._loader = loader
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
@@ -73,7 +81,7 @@ class _RegisterAfterExec(importlib.abc.Loader):
         _register_variants()
 
 
-class _TimmImportHook(importlib.abc.MetaPathFinder):
+class _TimmImportHook:
     """Sees only the first import of ``timm`` / ``torchvision``; every other name goes to the next finder."""
 
     _NAMES = frozenset({"timm", "torchvision"})
@@ -83,12 +91,12 @@ class _TimmImportHook(importlib.abc.MetaPathFinder):
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
+    ) -> ModuleSpec | None:
         if fullname not in self._NAMES or self._busy:
             return None
         self._busy = True  # the guard and the lookup below ask the finders for these names again
         try:
-            _compat.install()
+            _install_guard()
             if fullname != "timm":
                 return None  # the guard was all torchvision needed; the normal finders load it
             spec = importlib.util.find_spec(fullname)
@@ -102,17 +110,14 @@ class _TimmImportHook(importlib.abc.MetaPathFinder):
 
 
 def _remove(hook: _TimmImportHook) -> None:
-    with _LOCK:
-        if hook in sys.meta_path:
-            sys.meta_path.remove(hook)
+    if hook in sys.meta_path:
+        sys.meta_path.remove(hook)
 
 
 def install() -> None:
     """Register the variants now if timm is imported, else when it is (running the guard before it)."""
     if "timm" in sys.modules:
-        _compat.install()
         _register_variants()
         return
-    with _LOCK:
-        if not any(isinstance(finder, _TimmImportHook) for finder in sys.meta_path):
-            sys.meta_path.insert(0, _TimmImportHook())
+    if not any(isinstance(finder, _TimmImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TimmImportHook())
