@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from slak_model.config import KERNEL_MODES
 from slak_model.sparsity.config import SparsityConfig
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 
 #: Registered model variants (timm names registered by ``slak_model``).
 MODEL_VARIANTS: tuple[str, ...] = ("slak_test", "slak_tiny", "slak_small", "slak_base")
-KERNEL_MODES: tuple[str, ...] = ("decomposed", "replknet", "naive")
 DATA_SOURCES: tuple[str, ...] = ("shapes", "synthetic", "imagenet")
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "random")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
