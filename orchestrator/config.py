@@ -9,6 +9,11 @@ grid-point overrides and run identities are made of.
 
 Validation happens once, before Ray starts, and reports every problem together (name, value, what is
 allowed, the fix); a typo in a key suggests the nearest valid name.
+
+The library's typed settings are the source of the schema: the ``sparse`` section *is* a
+:class:`slak_model.sparsity.SparsityConfig` (a field added there is ``sparse.<field>`` everywhere at once,
+checked by the library's own rules), and the ``model`` section holds :class:`slak_model.SLaKConfig`
+fields under their own names. Both import without torch, so a bad config fails in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from typing import Any, Literal
 
 import yaml
 
+from slak_model.config import KERNEL_MODES
+from slak_model.sparsity.config import SparsityConfig
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -35,6 +43,8 @@ __all__ = [
     "TrainConfig",
     "TuneConfig",
     "MODEL_VARIANTS",
+    "MODEL_ALIASES",
+    "expand_aliases",
     "load_config",
     "parse_overrides",
     "replace",
@@ -44,11 +54,6 @@ __all__ = [
 
 #: Registered model variants (timm names registered by ``slak_model``).
 MODEL_VARIANTS: tuple[str, ...] = ("slak_test", "slak_tiny", "slak_small", "slak_base")
-KERNEL_MODES: tuple[str, ...] = ("decomposed", "replknet", "naive")
-SPARSE_INITS: tuple[str, ...] = ("snip", "erk", "uniform")
-GROWTHS: tuple[str, ...] = ("random", "gradient", "momentum")
-PRUNES: tuple[str, ...] = ("magnitude",)
-TARGETS: tuple[str, ...] = ("all", "large_kernels")
 DATA_SOURCES: tuple[str, ...] = ("shapes", "synthetic", "imagenet")
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "random")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
@@ -76,15 +81,24 @@ def _default_tracking_uri() -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network (``slak_model.create_model(variant, **overrides)``).
+    """The network: ``slak_model.create_model(variant, **overrides)``.
 
-    ``kernel_size`` is the reference's five numbers ``[M1, M2, M3, M4, N]`` (None = the variant's own);
-    ``width_factor`` None = the variant's own (1.3 for T/S/B); ``num_classes`` None takes the dataset's.
+    Every field but ``variant`` is the :class:`slak_model.SLaKConfig` field of the same name; None means
+    the variant's own value (``width_factor`` 1.3 and kernels 51-49-47-13 with N = 5 for T/S/B), and
+    ``num_classes`` None takes the dataset's. ``stage_kernels`` are the four long edges M1..M4, ``short_edge``
+    the N of the decomposed ``M x N`` strips, ``small_kernel`` the side of the parallel square kernel (a
+    stage gets it only when it is smaller than the stage's M; ``kernel_mode=naive`` has none).
+
+    The reference's five numbers ``kernel_size: [M1, M2, M3, M4, N]`` are accepted as input (YAML, CLI,
+    grid points; see :data:`MODEL_ALIASES`) and set ``stage_kernels``, ``short_edge`` and ``small_kernel``
+    (= N), as ``SLaKConfig`` does; the flat form and MLflow show the three fields.
     """
 
     variant: str = "slak_test"
     width_factor: float | None = None
-    kernel_size: list[int] | None = None
+    stage_kernels: list[int] | None = None
+    short_edge: int | None = None
+    small_kernel: int | None = None
     kernel_mode: str = "decomposed"
     use_bn: bool = True
     drop_path_rate: float = 0.0
@@ -92,22 +106,39 @@ class ModelConfig:
     num_classes: int | None = None
 
 
-@dataclass(frozen=True)
-class SparseConfig:
-    """Dynamic sparsity (``slak_model.sparsity.SparsityConfig``); ``seed`` None follows ``train.seed``."""
+#: Input-only names: the reference's ``model.kernel_size`` shorthand and the typed fields it sets.
+MODEL_ALIASES: dict[str, tuple[str, ...]] = {
+    "model.kernel_size": ("model.stage_kernels", "model.short_edge", "model.small_kernel"),
+}
 
-    enabled: bool = True
-    sparsity: float = 0.4
-    init: str = "snip"
-    growth: str = "random"
-    prune: str = "magnitude"
-    prune_rate: float = 0.3
-    prune_rate_min: float = 0.005
-    update_frequency: int = 100
-    stop_fraction: float = 1.0
-    targets: str = "all"
-    dense_threshold: float = 0.99
+
+@dataclass(frozen=True)
+class SparseConfig(SparsityConfig):
+    """Dynamic sparsity: the library's :class:`~slak_model.sparsity.SparsityConfig`, field for field.
+
+    Being that class (not a copy of its fields), a setting added to the library is ``sparse.<field>`` in
+    YAML, CLI overrides, Tune points and MLflow params with no edit here, and is checked by the library's
+    own rules. Two differences: ``enabled`` (False trains dense), and ``seed`` None, which follows
+    ``train.seed`` (:attr:`ExperimentConfig.sparse_seed`). Building one does not validate it, so that
+    :func:`validate` reports its problems together with the rest of the experiment's; values are taken
+    as given (the library's ``ERK`` spelling is not rewritten but suggested as ``erk``). The engine gets
+    :meth:`engine_config`, a plain ``SparsityConfig`` with the seed resolved.
+    """
+
     seed: int | None = None
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        """No checks here: :func:`validate` runs :meth:`problems` with the whole experiment config."""
+
+    def _seed_problem(self) -> str | None:
+        return None if self.seed is None else super()._seed_problem()
+
+    def engine_config(self, seed: int) -> SparsityConfig:
+        """The settings the engine takes (``enabled`` dropped, ``seed`` resolved); validated on creation."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SparsityConfig)}
+        values["seed"] = seed
+        return SparsityConfig(**values)
 
 
 @dataclass(frozen=True)
@@ -248,7 +279,8 @@ class ExperimentConfig:
         Raises:
             ConfigError: unknown names (with the nearest valid one), wrong types or bad values.
         """
-        return _build(dict(flat))
+        problems: list[str] = []
+        return _build(_expand_aliases(flat, problems), problems)
 
     @property
     def workers(self) -> int:
@@ -362,15 +394,68 @@ def _all_names() -> list[str]:
 
 def _unknown_problem(name: str) -> str:
     leaf = name.rsplit(".", 1)[-1]
-    close = [n for n in _all_names() if n.endswith("." + leaf)][:1]  # right field, wrong section
+    known = [*_all_names(), *MODEL_ALIASES]
+    close = [n for n in known if n.endswith("." + leaf)][:1]  # right field, wrong section
     if not close:
-        close = difflib.get_close_matches(name, _all_names(), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid sections: {list(_SECTIONS)}"
     return f"{name}: unknown setting{hint}"
 
 
-def _build(flat: dict[str, Any]) -> ExperimentConfig:
+def _expand_aliases(layer: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """One layer of input (a YAML file, the CLI overrides, one set of updates) with the reference's
+    ``model.kernel_size`` shorthand replaced by the typed fields it sets.
+
+    Layers are expanded one at a time, so a later layer's shorthand or field overrides an earlier
+    layer's; within one layer, the shorthand together with one of its fields is a problem (which one
+    was meant is unknown).
+    """
+    out = {str(k): v for k, v in layer.items()}
+    for alias, targets in MODEL_ALIASES.items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        both = [t for t in targets if t in out]
+        if both:
+            problems.append(
+                f"{alias}={value!r} and {', '.join(f'{t}={out[t]!r}' for t in both)} are both given: "
+                f"{alias} is the reference's shorthand [M1, M2, M3, M4, N] that sets {', '.join(targets)}; "
+                f"give either the shorthand or the fields")
+            continue
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if value is None:
+            out.update(dict.fromkeys(targets))
+        elif isinstance(value, (list, tuple)) and len(value) == 5:
+            stage_kernels, short_edge = list(value[:4]), value[4]
+            out.update(zip(targets, (stage_kernels, short_edge, short_edge), strict=True))
+        else:
+            problems.append(
+                f"{alias}={value!r}: the reference's shorthand needs exactly 5 numbers [M1, M2, M3, M4, N] "
+                "(four stage kernels, then the short edge, which is also the small kernel), e.g. "
+                f"[51, 49, 47, 13, 5]; or set {', '.join(targets)} one by one")
+    return out
+
+
+def expand_aliases(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer`` with the input-only names of :data:`MODEL_ALIASES` replaced by the fields they set.
+
+    Raises:
+        ConfigError: a shorthand given together with one of its fields, or not 5 numbers.
+    """
     problems: list[str] = []
+    out = _expand_aliases(layer, problems)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _build(flat: Mapping[str, Any], problems: list[str] | None = None) -> ExperimentConfig:
+    """The validated config of alias-free dotted names; ``problems`` already found are reported with it."""
+    problems = list(problems or [])
     per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for name, value in flat.items():
         section, _, leaf = str(name).partition(".")
@@ -398,6 +483,10 @@ def _example(cls: type, leaf: str) -> Any:
 
 
 # ---------------------------------------------------------------------- validation
+def _odd_positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % 2 == 1
+
+
 def _problems(cfg: ExperimentConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one line each: name, value, what is allowed, the fix."""
     out: list[str] = []
@@ -430,28 +519,22 @@ def _problems(cfg: ExperimentConfig) -> list[str]:
     m, s, d, t, r, k = cfg.model, cfg.sparse, cfg.data, cfg.train, cfg.run, cfg.tracking
     choice("model.variant", MODEL_VARIANTS)
     rng("model.width_factor", 0, None, lo_open=True, optional=True, why="stage widths are int(dim * width_factor); paper: 1.3")
-    if m.kernel_size is not None:
-        ks = m.kernel_size
-        if len(ks) != 5 or any(k_ <= 0 or k_ % 2 == 0 for k_ in ks):
-            out.append(f"model.kernel_size={ks!r}: must be 5 odd positive integers [M1, M2, M3, M4, N] "
-                       "(four stage kernels then the short edge), e.g. [51, 49, 47, 13, 5], or null for the "
-                       "variant's default")
+    ks = m.stage_kernels
+    if ks is not None and (len(ks) != 4 or not all(_odd_positive(k_) for k_ in ks)):
+        out.append(f"model.stage_kernels={m.stage_kernels!r}: must be 4 odd positive integers [M1, M2, M3, M4] "
+                   "(the long edge of each stage's large kernel; odd keeps 'same' padding centred), e.g. "
+                   "[51, 49, 47, 13], or null for the variant's own")
+    for name in ("model.short_edge", "model.small_kernel"):
+        value = getattr(m, name.split(".")[1])
+        if value is not None and not _odd_positive(value):
+            out.append(f"{name}={value!r}: must be an odd positive integer (paper: 5), or null for the "
+                       "variant's own")
     choice("model.kernel_mode", KERNEL_MODES)
     rng("model.drop_path_rate", 0, 1, hi_open=True, why="paper: T 0.1, S 0.4, B 0.5")
     rng("model.layer_scale_init", 0, None, why="0 disables layer scale; paper 1e-6")
     rng("model.num_classes", 1, None, optional=True, why="null = the dataset's class count")
 
-    rng("sparse.sparsity", 0, 1, hi_open=True, why="0.4 = 40% of weights zero")
-    choice("sparse.init", SPARSE_INITS)
-    choice("sparse.growth", GROWTHS)
-    choice("sparse.prune", PRUNES)
-    rng("sparse.prune_rate", 0, 1, lo_open=True, why="paper: 0.3 (S/B) or 0.5 (T)")
-    rng("sparse.prune_rate_min", 0, s.prune_rate if math.isfinite(s.prune_rate) else 1,
-        why="the cosine floor must not exceed sparse.prune_rate")
-    rng("sparse.update_frequency", 1, None, why="optimizer steps between topology updates")
-    rng("sparse.stop_fraction", 0, 1, lo_open=True)
-    choice("sparse.targets", TARGETS)
-    rng("sparse.dense_threshold", 0, 1, lo_open=True)
+    out += [f"sparse.{problem}" for problem in s.problems()]  # the library's own checks, under dotted names
 
     choice("data.source", DATA_SOURCES)
     if d.source == "imagenet" and not d.path:
@@ -561,7 +644,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``["train.lr=1e-3", "model.kernel_size=[51,49,47,13,5]"]`` -> dict (values parsed as YAML).
+    """``["train.lr=1e-3", "model.stage_kernels=[51,49,47,13]"]`` -> dict (values parsed as YAML).
 
     Raises:
         ConfigError: items without ``=``.
@@ -594,6 +677,7 @@ def load_config(path: str | Path | None = None,
         ConfigError: a missing/unreadable preset, unknown keys, wrong types or invalid values.
     """
     flat: dict[str, Any] = {}
+    problems: list[str] = []
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -604,16 +688,18 @@ def load_config(path: str | Path | None = None,
             raise ConfigError([f"--config {str(p)!r}: not valid YAML ({exc})"]) from exc
         if not isinstance(tree, Mapping):
             raise ConfigError([f"--config {str(p)!r}: must hold a mapping of sections, got {type(tree).__name__}"])
-        flat.update(_flatten(tree))
-    flat.update(parse_overrides(overrides))
-    return _build(flat)
+        flat.update(_expand_aliases(_flatten(tree), problems))
+    flat.update(_expand_aliases(parse_overrides(overrides), problems))
+    return _build(flat, problems)
 
 
 def replace(cfg: ExperimentConfig, updates: Mapping[str, Any]) -> ExperimentConfig:
-    """A copy of ``cfg`` with dotted-name updates applied, validated."""
+    """A copy of ``cfg`` with dotted-name updates applied, validated; ``updates`` may use the
+    ``model.kernel_size`` shorthand (a Tune experiment stored before the typed fields holds such points)."""
+    problems: list[str] = []
     flat = cfg.to_flat()
-    flat.update(updates)
-    return _build(flat)
+    flat.update(_expand_aliases(updates, problems))
+    return _build(flat, problems)
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -38,7 +39,7 @@ from timm.optim import param_groups_weight_decay
 # isort: on
 
 from orchestrator.config import ExperimentConfig
-from slak_model.sparsity import DynamicSparsity, MaskedModelEma, SparsityConfig, TorchDistributedCollective
+from slak_model.sparsity import DynamicSparsity, MaskedModelEma, TorchDistributedCollective
 
 __all__ = [
     "StepMetrics",
@@ -94,19 +95,18 @@ class StepMetrics(Mapping[str, float]):
 
 # ---------------------------------------------------------------------- building blocks
 def build_model(cfg: ExperimentConfig, num_classes: int | None = None) -> nn.Module:
-    """The configured SLaK variant; ``num_classes`` (from the data) unless ``model.num_classes`` is set."""
+    """The configured SLaK variant; ``num_classes`` (from the data) unless ``model.num_classes`` is set.
+
+    Every ``model.*`` field but ``variant`` is the ``SLaKConfig`` field of the same name; a None value
+    leaves the variant's own (the library would read ``small_kernel=None`` as "no small branch").
+    """
     m = cfg.model
     overrides: dict[str, Any] = {
-        "kernel_mode": m.kernel_mode,
-        "use_bn": m.use_bn,
-        "drop_path_rate": m.drop_path_rate,
-        "layer_scale_init": m.layer_scale_init,
-        "num_classes": m.num_classes or num_classes or cfg.data.num_classes,
+        f.name: getattr(m, f.name)
+        for f in dataclasses.fields(m)
+        if f.name != "variant" and getattr(m, f.name) is not None
     }
-    if m.kernel_size is not None:
-        overrides["kernel_size"] = list(m.kernel_size)
-    if m.width_factor is not None:
-        overrides["width_factor"] = m.width_factor
+    overrides["num_classes"] = m.num_classes or num_classes or cfg.data.num_classes
     return slak_model.create_model(m.variant, **overrides)
 
 
@@ -268,11 +268,7 @@ class Trainer:
         self.engine: DynamicSparsity | None = None
         self.sparsity_ready = False
         if cfg.sparse.enabled:
-            s = cfg.sparse
-            scfg = SparsityConfig(sparsity=s.sparsity, init=s.init, prune=s.prune, growth=s.growth,
-                                  prune_rate=s.prune_rate, prune_rate_min=s.prune_rate_min,
-                                  update_frequency=s.update_frequency, stop_fraction=s.stop_fraction,
-                                  targets=s.targets, dense_threshold=s.dense_threshold, seed=cfg.sparse_seed)
+            scfg = cfg.sparse.engine_config(seed=cfg.sparse_seed)
             collective = TorchDistributedCollective() if self.world_size > 1 else None
             self.engine = DynamicSparsity(self.module, scfg, total_steps=self.total_steps, collective=collective)
         self.step = 0            # optimizer steps done

@@ -9,6 +9,10 @@ that ``--config`` accepts); every later start compares and refuses a difference,
 Settings that do not change what is computed (how often to log, evaluate or checkpoint, loader processes)
 may change on a continuation; the change is recorded. The ``run.``, ``tracking.`` and ``tune.`` sections
 describe where and how a run executes, not what it computes, and are not part of its identity.
+
+A recorded identity may use an input-only name the flat config no longer has (``model.kernel_size``, the
+reference's shorthand for ``model.stage_kernels``, ``model.short_edge`` and ``model.small_kernel``): it is
+read in today's names before comparing, so such a run still continues under the same settings.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pyarrow import fs as pafs
+
+from orchestrator.config import ConfigError, expand_aliases
 
 __all__ = ["CHANGEABLE_ON_CONTINUE", "IDENTITY_FILE", "RunConfigMismatchError", "check_or_record", "identity"]
 
@@ -66,6 +72,18 @@ def _write(filesystem: pafs.FileSystem, path: str, text: str) -> None:
         f.write(text.encode())
 
 
+def _in_current_names(stored: dict[str, Any]) -> dict[str, Any]:
+    """A recorded identity with input-only names (also inside a Tune experiment's ``grid``) expanded."""
+    try:
+        out = expand_aliases(stored)
+    except ConfigError as err:  # left as recorded: the comparison then lists the difference
+        log.debug("recorded settings kept as they are: %s", err)
+        out = dict(stored)
+    if isinstance(out.get("grid"), list):
+        out["grid"] = [_in_current_names(p) if isinstance(p, dict) else p for p in out["grid"]]
+    return _json_ready(out)
+
+
 def _json_ready(value: Any) -> Any:
     """How a value reads back from JSON (tuples become lists), so stored and new values compare equal."""
     return json.loads(json.dumps(value, default=str))
@@ -104,6 +122,7 @@ def check_or_record(
         _write(filesystem, path, json.dumps(new, indent=1, sort_keys=True))
         _write(filesystem, f"{folder}/{CONFIG_FILE}", yaml_text)
         return []
+    stored = _in_current_names(stored)
     differing = sorted(k for k in set(stored) | set(new) if stored.get(k, _MISSING) != new.get(k, _MISSING))
     blocking = [k for k in differing if k not in CHANGEABLE_ON_CONTINUE]
     if blocking:

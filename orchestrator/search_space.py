@@ -10,9 +10,11 @@ meant for 224 px inputs, where stage 1 sees a 56x56 map. On the embedded default
 images a 51x51 kernel would be many times larger than every feature map, so :func:`scale_kernel_sizes`
 shrinks each stage's large kernel by ``image_size / 224`` (rounded to the nearest odd number), so that
 the kernel keeps the paper's size *relative to its feature map*. It never goes below the short edge N
-(the 5th number; a decomposed ``k x N`` strip needs ``k >= N``) nor below 3, and N itself is kept as
+(``model.short_edge``; a decomposed ``k x N`` strip needs ``k >= N``) nor below 3, and N itself is kept as
 the paper states it, because Table 9 studies exactly that number. At 224 px and above nothing changes.
 At 64 px: 7 -> 5, 31-29-27-13 -> 9-9-7-5, 51-49-47-13 -> 15-15-13-5, 61-59-57-13 -> 17-17-17-5 (N=5).
+Kernel points set the typed fields ``model.stage_kernels``, ``model.short_edge`` and ``model.small_kernel``
+(= N, the paper's small kernel).
 """
 
 from __future__ import annotations
@@ -133,21 +135,26 @@ def scale_kernel_sizes(stage_kernels: Sequence[int], short_edge: int, image_size
 
     Args:
         stage_kernels: the four large kernels as the paper gives them for 224 px inputs.
-        short_edge: N, the short edge of the decomposed strips (kept unscaled).
+        short_edge: N, the short edge of the decomposed strips (not scaled; the kernels stay >= N).
         image_size: the training resolution of the run.
 
     Returns:
-        The five numbers of ``model.kernel_size``: four scaled stage kernels, then N.
+        ``model.stage_kernels``: the four scaled stage kernels.
     """
     ratio = min(1.0, image_size / REFERENCE_IMAGE_SIZE)
     if ratio >= 1.0:
-        return [int(k) for k in stage_kernels] + [int(short_edge)]
+        return [int(k) for k in stage_kernels]
     floor = max(3, short_edge if short_edge % 2 == 1 else short_edge + 1)
-    return [max(floor, _odd_round(k * ratio)) for k in stage_kernels] + [int(short_edge)]
+    return [max(floor, _odd_round(k * ratio)) for k in stage_kernels]
 
 
-def _kernel(base: ExperimentConfig, size: int, short_edge: int = SLAK_SHORT_EDGE) -> list[int]:
-    return scale_kernel_sizes(PAPER_KERNELS[size], short_edge, base.data.image_size)
+def _kernel(base: ExperimentConfig, size: int, short_edge: int = SLAK_SHORT_EDGE) -> dict[str, Any]:
+    """The kernel overrides of a point: the paper's ``size`` kernels scaled to the run, N as given."""
+    return {
+        "model.stage_kernels": scale_kernel_sizes(PAPER_KERNELS[size], short_edge, base.data.image_size),
+        "model.short_edge": int(short_edge),
+        "model.small_kernel": int(short_edge),
+    }
 
 
 def _kernel_row(size: int) -> str:
@@ -170,7 +177,7 @@ def sparsity_width_grid(
             "sparse.sparsity": float(sparsity),
             "model.width_factor": float(width),
             "model.kernel_mode": "decomposed",
-            "model.kernel_size": _kernel(base, SLAK_KERNEL),
+            **_kernel(base, SLAK_KERNEL),
         }
         points.append(GridPoint("table8", published.table8_row(sparsity, width), "slak", overrides))
     return points
@@ -193,7 +200,7 @@ def kernel_size_grid(
             for mode in ("naive", "replknet"):
                 if mode == "replknet" and size == 7:
                     continue
-                overrides = {**dense, "model.kernel_mode": mode, "model.kernel_size": _kernel(base, size)}
+                overrides = {**dense, "model.kernel_mode": mode, **_kernel(base, size)}
                 points.append(GridPoint(table, _kernel_row(size), mode, overrides))
     elif table == "table2":
         settings = {
@@ -214,7 +221,7 @@ def kernel_size_grid(
                 overrides = {
                     **extra,
                     "model.kernel_mode": "decomposed",
-                    "model.kernel_size": _kernel(base, size),
+                    **_kernel(base, size),
                 }
                 points.append(GridPoint(table, _kernel_row(size), setting, overrides))
     elif table == "table9":
@@ -224,7 +231,7 @@ def kernel_size_grid(
                 "sparse.sparsity": SLAK_SPARSITY,
                 "model.width_factor": SLAK_WIDTH,
                 "model.kernel_mode": "decomposed",
-                "model.kernel_size": _kernel(base, SLAK_KERNEL, short_edge=int(n)),
+                **_kernel(base, SLAK_KERNEL, short_edge=int(n)),
             }
             points.append(GridPoint(table, f"N={n}", "slak", overrides))
     else:
@@ -244,7 +251,7 @@ def adaptation_grid(
         "sparse.sparsity": SLAK_SPARSITY,
         "model.width_factor": SLAK_WIDTH,
         "model.kernel_mode": "decomposed",
-        "model.kernel_size": _kernel(base, SLAK_KERNEL),
+        **_kernel(base, SLAK_KERNEL),
     }
     if sweep == "p":
         grid = values if values is not None else ADAPTATION_P_VALUES
@@ -287,7 +294,7 @@ def build_grid(base: ExperimentConfig, table: str, **kwargs: Any) -> list[GridPo
 def parse_point(text: str, table: str, setting: str = "extra") -> GridPoint:
     """Parse an extra CLI point ``"sparse.sparsity=0.9,model.width_factor=3.0"`` into a GridPoint.
 
-    Values go through YAML, so ``0.9`` is a float, ``[9,9,7,5,5]`` a list and ``true`` a bool. The
+    Values go through YAML, so ``0.9`` is a float, ``[9,9,7,5]`` a list and ``true`` a bool. The
     point becomes a row of its own under ``setting`` (use the table's setting, e.g. ``"slak"`` for
     Table 8, to show it in the same column group as the paper's points).
     """

@@ -2,18 +2,45 @@
 
 Importing the package registers ``slak_tiny``, ``slak_small``, ``slak_base`` and ``slak_test`` with
 timm, so ``timm.create_model("slak_tiny")`` works after ``import slak_model``.
+
+The import itself is cheap: it loads only the typed settings (:class:`SLaKConfig` here,
+:class:`slak_model.sparsity.SparsityConfig`), which need neither torch nor timm, so that a launcher can
+validate a config in a fraction of a second. The model names below are imported on first use, and the
+variants are registered with timm when timm is imported (see :mod:`slak_model._timm_hook`, which also
+runs the torchvision guard of :mod:`slak_model._compat` before that import).
 """
 
-from . import _compat
+from __future__ import annotations
 
-_compat.install()
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import CheckpointMismatchError, checkpoint_filter_fn, load_official_checkpoint  # noqa: E402
-from .config import KERNEL_MODES, SLaKConfig  # noqa: E402
-from .counting import Complexity, StageComplexity, count_complexity  # noqa: E402
-from .layers import LargeKernelConv  # noqa: E402
-from .model import SLaK  # noqa: E402
-from .variants import VARIANTS, create_model, variant_config  # noqa: E402
+from . import _timm_hook
+from .config import KERNEL_MODES, SLaKConfig
+
+_timm_hook.install()
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointMismatchError, checkpoint_filter_fn, load_official_checkpoint
+    from .counting import Complexity, StageComplexity, count_complexity
+    from .layers import LargeKernelConv
+    from .model import SLaK
+    from .variants import VARIANTS, create_model, variant_config
+
+#: Public name -> the submodule that defines it (imported on first access; these need torch and timm).
+_LAZY: dict[str, str] = {
+    "CheckpointMismatchError": "checkpoint",
+    "checkpoint_filter_fn": "checkpoint",
+    "load_official_checkpoint": "checkpoint",
+    "Complexity": "counting",
+    "StageComplexity": "counting",
+    "count_complexity": "counting",
+    "LargeKernelConv": "layers",
+    "SLaK": "model",
+    "VARIANTS": "variants",
+    "create_model": "variants",
+    "variant_config": "variants",
+}
 
 __all__ = [
     "KERNEL_MODES",
@@ -30,3 +57,16 @@ __all__ = [
     "load_official_checkpoint",
     "variant_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -12,8 +12,9 @@ a no-op there), and only if that fails (3) declares the two operator *schemas* t
 registrations refer to. torchvision then imports with its C++ ops reported as unavailable; every pure
 Python part (transforms, datasets, models) works, which is all SLaK needs.
 
-It must run before ``import timm`` / ``import torchvision`` anywhere: ``slak_model`` and
-``orchestrator`` call :func:`install` from their ``__init__``, and the test ``conftest.py`` does too.
+It must run before ``import timm`` / ``import torchvision`` anywhere: ``import slak_model`` arranges
+that it runs just before the first import of either (:mod:`slak_model._timm_hook`), and the test
+``conftest.py`` calls it too.
 It is deliberately not a ``.pth`` hook, which would import torch into every Python process (Ray's
 daemons included).
 """

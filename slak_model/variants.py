@@ -14,14 +14,19 @@ The released checkpoints have no public URL timm could fetch; load them with
 from __future__ import annotations
 
 from difflib import get_close_matches
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .checkpoint import checkpoint_filter_fn
 from .config import SLaKConfig
-from .model import SLaK
+
+if TYPE_CHECKING:
+    from .model import SLaK
+
+# The model stack (``.model``, ``.checkpoint``) is imported inside the functions below: this module is
+# what registers the variants when timm is first imported (``slak_model._timm_hook``), and that import may
+# happen from inside ``slak_model.layers`` or ``slak_model.model`` while they are still half loaded.
 
 __all__ = ["VARIANTS", "create_model", "variant_config"]
 
@@ -86,6 +91,8 @@ def create_model(name: str, **overrides: Any) -> SLaK:
     The config is validated before any tensor is allocated. Construct under ``torch.device("meta")``
     to count parameters of large variants without allocating them.
     """
+    from .model import SLaK
+
     return SLaK(variant_config(name, **overrides))
 
 
@@ -117,6 +124,9 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SLaK:
+    from .checkpoint import checkpoint_filter_fn
+    from .model import SLaK
+
     # Validate the architecture first (ValueError before any tensor); timm then adds its own defaults
     # (num_classes, in_chans from the pretrained cfg, only when absent) and handles features_only.
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NONE_IS_A_VALUE | _TIMM_KWARGS}

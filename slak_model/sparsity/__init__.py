@@ -8,18 +8,58 @@ Pure PyTorch (plus timm for the EMA helper); no Ray, no MLflow. Typical use::
     engine.initialize(batch=(x, y), loss_fn=torch.nn.functional.cross_entropy)
     ...  # after every optimizer.step():
     engine.on_optimizer_step(optimizer)
+
+Only the settings (:class:`SparsityConfig` and its allowed values) are imported with the package: they
+need no torch, so a config can be validated without it. The engine's names are imported on first use.
 """
 
-from .collective import Collective, LocalCollective, TorchDistributedCollective
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import GROWTH_MODES, INIT_MODES, PRUNE_MODES, TARGETS, SparsityConfig
-from .density import erk_densities, snip_densities, uniform_densities
-from .ema import MaskedModelEma
-from .engine import DynamicSparsity, layer_group
-from .grow import grow_, growth_scores, momentum_of
-from .masks import FlatMasks, draw_exact_masks, load_masks, mask_summary, save_masks, select_targets
-from .prune import magnitude_prune_, prune_count
-from .schedule import AdaptationSchedule, cosine_prune_rate
-from .select import SELECT_METHODS, get_select_method, set_select_method, top_k_indices
+
+if TYPE_CHECKING:
+    from .collective import Collective, LocalCollective, TorchDistributedCollective
+    from .density import erk_densities, snip_densities, uniform_densities
+    from .ema import MaskedModelEma
+    from .engine import DynamicSparsity, layer_group
+    from .grow import grow_, growth_scores, momentum_of
+    from .masks import FlatMasks, draw_exact_masks, load_masks, mask_summary, save_masks, select_targets
+    from .prune import magnitude_prune_, prune_count
+    from .schedule import AdaptationSchedule, cosine_prune_rate
+    from .select import SELECT_METHODS, get_select_method, set_select_method, top_k_indices
+
+#: Public name -> the submodule that defines it (imported on first access; these need torch).
+_LAZY: dict[str, str] = {
+    "Collective": "collective",
+    "LocalCollective": "collective",
+    "TorchDistributedCollective": "collective",
+    "erk_densities": "density",
+    "snip_densities": "density",
+    "uniform_densities": "density",
+    "MaskedModelEma": "ema",
+    "DynamicSparsity": "engine",
+    "layer_group": "engine",
+    "grow_": "grow",
+    "growth_scores": "grow",
+    "momentum_of": "grow",
+    "FlatMasks": "masks",
+    "draw_exact_masks": "masks",
+    "load_masks": "masks",
+    "mask_summary": "masks",
+    "save_masks": "masks",
+    "select_targets": "masks",
+    "magnitude_prune_": "prune",
+    "prune_count": "prune",
+    "AdaptationSchedule": "schedule",
+    "cosine_prune_rate": "schedule",
+    "SELECT_METHODS": "select",
+    "get_select_method": "select",
+    "set_select_method": "select",
+    "top_k_indices": "select",
+}
 
 __all__ = [
     "GROWTH_MODES",
@@ -54,3 +94,16 @@ __all__ = [
     "top_k_indices",
     "uniform_densities",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -36,7 +36,7 @@ def _choice_problem(field: str, value: Any, allowed: tuple[str, ...]) -> str | N
         close = difflib.get_close_matches(value.lower(), allowed, n=1)
         if close:
             hint = f"; did you mean {close[0]!r}?"
-    return f"{field}={value!r} is not one of {list(allowed)}{hint}"
+    return f"{field}={value!r}: must be one of {list(allowed)}{hint}"
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,26 @@ class SparsityConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._normalise()
+        problems = self.problems()
+        if problems:
+            raise ValueError(
+                "invalid SparsityConfig:\n  - " + "\n  - ".join(problems)
+                + "\nFix the listed fields (e.g. SparsityConfig(sparsity=0.4, init='snip', growth='random'))."
+            )
+
+    def _normalise(self) -> None:
+        """Accept the reference's spellings (``ERK``) by storing the canonical lower-case name."""
         if isinstance(self.init, str):
             object.__setattr__(self, "init", self.init.lower())
+
+    def problems(self) -> list[str]:
+        """Every invalid field, one line each starting with ``field=value``; empty when all are valid.
+
+        It does not raise, so that a caller holding these settings inside a larger config (the
+        orchestrator's ``sparse.*`` section) can report them together with its own problems, each line
+        under its own dotted name.
+        """
         problems = [
             p
             for p in (
@@ -91,11 +109,10 @@ class SparsityConfig:
             if p is not None
         ]
         problems += self._numeric_problems()
-        if problems:
-            raise ValueError(
-                "invalid SparsityConfig:\n  - " + "\n  - ".join(problems)
-                + "\nFix the listed fields (e.g. SparsityConfig(sparsity=0.4, init='snip', growth='random'))."
-            )
+        seed = self._seed_problem()
+        if seed is not None:
+            problems.append(seed)
+        return problems
 
     def _numeric_problems(self) -> list[str]:
         """Range checks of the numeric fields, one message per bad field."""
@@ -105,24 +122,30 @@ class SparsityConfig:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         if not (finite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
-            problems.append(f"sparsity={self.sparsity!r} must lie in [0, 1) (0.4 = 40% of weights zero)")
+            problems.append(f"sparsity={self.sparsity!r}: must lie in [0, 1) (0.4 = 40% of weights zero)")
         if not (finite(self.prune_rate) and 0.0 < self.prune_rate <= 1.0):
-            problems.append(f"prune_rate={self.prune_rate!r} must lie in (0, 1] (reference recipes: 0.3 or 0.5)")
+            problems.append(f"prune_rate={self.prune_rate!r}: must lie in (0, 1] (reference recipes: 0.3 or 0.5)")
         p0 = self.prune_rate if finite(self.prune_rate) else 1.0
         if not (finite(self.prune_rate_min) and 0.0 <= self.prune_rate_min <= p0):
-            problems.append(f"prune_rate_min={self.prune_rate_min!r} must lie in [0, prune_rate={p0}] (reference: 0.005)")
+            problems.append(
+                f"prune_rate_min={self.prune_rate_min!r}: must lie in [0, prune_rate={p0}] (reference: 0.005)"
+            )
         if not (isinstance(self.update_frequency, int) and not isinstance(self.update_frequency, bool)
                 and self.update_frequency > 0):
             problems.append(
-                f"update_frequency={self.update_frequency!r} must be a positive integer number of optimizer steps"
+                f"update_frequency={self.update_frequency!r}: must be a positive integer number of optimizer steps"
             )
         if not (finite(self.stop_fraction) and 0.0 < self.stop_fraction <= 1.0):
-            problems.append(f"stop_fraction={self.stop_fraction!r} must lie in (0, 1] (1.0 = never stop updating)")
+            problems.append(f"stop_fraction={self.stop_fraction!r}: must lie in (0, 1] (1.0 = never stop updating)")
         if not (finite(self.dense_threshold) and 0.0 < self.dense_threshold <= 1.0):
-            problems.append(f"dense_threshold={self.dense_threshold!r} must lie in (0, 1] (reference: 0.99)")
-        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
-            problems.append(f"seed={self.seed!r} must be an integer")
+            problems.append(f"dense_threshold={self.dense_threshold!r}: must lie in (0, 1] (reference: 0.99)")
         return problems
+
+    def _seed_problem(self) -> str | None:
+        """The seed check, separate so that a subclass may give ``seed`` another meaning (e.g. None)."""
+        if isinstance(self.seed, int) and not isinstance(self.seed, bool):
+            return None
+        return f"seed={self.seed!r}: must be an integer"
 
     @property
     def density(self) -> float:

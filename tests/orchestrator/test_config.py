@@ -11,7 +11,8 @@ from orchestrator.config import ConfigError, ExperimentConfig, load_config, pars
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.yaml"))
 
 FIXED_NAMES = [
-    "model.variant", "model.width_factor", "model.kernel_size", "sparse.sparsity", "sparse.prune_rate",
+    "model.variant", "model.width_factor", "model.stage_kernels", "model.short_edge", "model.small_kernel",
+    "sparse.sparsity", "sparse.prune_rate",
     "sparse.update_frequency", "data.path", "data.image_size", "train.epochs", "train.global_batch_size",
     "train.lr", "run.num_workers", "run.use_gpu", "run.storage_path", "tracking.uri", "tracking.experiment",
 ]
@@ -26,7 +27,8 @@ def test_flat_round_trip_is_exact_and_json_friendly() -> None:
     cfg = load_config(None, ["model.kernel_size=[31,29,27,13,5]", "train.opt_betas=[0.8,0.99]", "train.lr=1e-3"])
     flat = cfg.to_flat()
     assert ExperimentConfig.from_flat(flat) == cfg
-    assert flat["model.kernel_size"] == [31, 29, 27, 13, 5] and flat["train.lr"] == 1e-3
+    assert flat["model.stage_kernels"] == [31, 29, 27, 13] and flat["train.lr"] == 1e-3
+    assert (flat["model.short_edge"], flat["model.small_kernel"]) == (5, 5) and "model.kernel_size" not in flat
     assert all(not isinstance(v, tuple) for v in flat.values())
 
 
@@ -40,7 +42,8 @@ def test_presets_load_and_yaml_round_trips(preset: Path, tmp_path: Path) -> None
 
 def test_paper_recipe_tiny() -> None:
     cfg = load_config(PRESETS[0].parent / "paper_slak_tiny_300ep.yaml")
-    assert cfg.model.kernel_size == [51, 49, 47, 13, 5] and cfg.model.width_factor == 1.3
+    assert cfg.model.stage_kernels == [51, 49, 47, 13] and cfg.model.width_factor == 1.3
+    assert cfg.model.short_edge == 5 and cfg.model.small_kernel == 5
     assert (cfg.sparse.prune_rate, cfg.sparse.update_frequency, cfg.model.drop_path_rate) == (0.5, 2000, 0.1)
     assert cfg.train.global_batch_size == 4096 and cfg.accumulation_steps == 8  # 4 GPUs x 128 x 8
 
@@ -50,7 +53,7 @@ def test_paper_recipe_tiny() -> None:
     [
         (["train.epochs=5"], {"train.epochs": 5}),
         (["run.use_gpu=true", "data.path=/d"], {"run.use_gpu": True, "data.path": "/d"}),
-        (["model.kernel_size=[51, 49, 47, 13, 5]"], {"model.kernel_size": [51, 49, 47, 13, 5]}),
+        (["model.stage_kernels=[51, 49, 47, 13]"], {"model.stage_kernels": [51, 49, 47, 13]}),
         (["train.clip_grad=null"], {"train.clip_grad": None}),
         ({"sparse.sparsity": 0.2}, {"sparse.sparsity": 0.2}),
     ],

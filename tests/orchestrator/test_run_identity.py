@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,34 @@ def test_smoke_runs_with_different_settings_get_different_names() -> None:
     assert run_name_for(base) == run_name_for(load_config(str(SMOKE), {"run.num_workers": 1}))
     # settings that may change on a continuation do not rename the run either (it would restart from scratch)
     assert run_name_for(base) == run_name_for(load_config(str(SMOKE), {"data.workers": 4}))
+
+
+def _record_legacy(storage: Path, settings: dict) -> None:
+    """An identity as recorded before ``model.kernel_size`` was split into its three typed fields."""
+    legacy = {k: v for k, v in settings.items()
+              if k not in ("model.stage_kernels", "model.short_edge", "model.small_kernel")}
+    folder = storage / "run-a"
+    folder.mkdir(parents=True)
+    (folder / IDENTITY_FILE).write_text(json.dumps(legacy | {"model.kernel_size": [13, 11, 9, 7, 3]}))
+
+
+def test_a_run_recorded_with_the_kernel_size_shorthand_continues(tmp_path: Path) -> None:
+    kernels = {"model.stage_kernels": [13, 11, 9, 7], "model.short_edge": 3, "model.small_kernel": 3}
+    cfg = load_config(str(SMOKE), kernels)
+    _record_legacy(tmp_path, identity(cfg.to_flat()))
+    assert check_or_record(str(tmp_path), "run-a", identity(cfg.to_flat()), yaml_text="") == []
+    other = load_config(str(SMOKE), {**kernels, "model.short_edge": 5, "model.small_kernel": 5})
+    with pytest.raises(RunConfigMismatchError) as err:
+        check_or_record(str(tmp_path), "run-a", identity(other.to_flat()), yaml_text="")
+    text = str(err.value)
+    assert "model.short_edge: 3 when it started, 5 now" in text and "model.kernel_size" not in text
+
+
+def test_an_experiment_grid_recorded_with_the_shorthand_continues(tmp_path: Path) -> None:
+    point = {"row": "N=3", "setting": "slak"}
+    legacy = {"train.seed": 0, "grid": [{**point, "model.kernel_size": [15, 15, 13, 5, 3]}]}
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / IDENTITY_FILE).write_text(json.dumps(legacy))
+    current = {"train.seed": 0, "grid": [{**point, "model.stage_kernels": [15, 15, 13, 5], "model.short_edge": 3,
+                                          "model.small_kernel": 3}]}
+    assert check_or_record(str(tmp_path), "exp", current, yaml_text="", what="experiment") == []

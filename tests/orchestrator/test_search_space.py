@@ -32,8 +32,8 @@ def test_extra_points_get_their_own_rows(base) -> None:
 
 
 def test_parse_point_keeps_list_values_and_rejects_garbage() -> None:
-    point = ss.parse_point("model.kernel_size=[9,9,7,5,5],sparse.enabled=false", "table2")
-    assert point.overrides == {"model.kernel_size": [9, 9, 7, 5, 5], "sparse.enabled": False}
+    point = ss.parse_point("model.stage_kernels=[9,9,7,5],sparse.enabled=false", "table2")
+    assert point.overrides == {"model.stage_kernels": [9, 9, 7, 5], "sparse.enabled": False}
     with pytest.raises(ValueError, match="dotted.name=value"):
         ss.parse_point("sparse.sparsity", "table8")
 
@@ -41,14 +41,14 @@ def test_parse_point_keeps_list_values_and_rejects_garbage() -> None:
 @pytest.mark.parametrize(
     "size,short_edge,image_size,expected",
     [
-        pytest.param(51, 5, 224, [51, 49, 47, 13, 5], id="224px-unchanged"),
-        pytest.param(51, 5, 384, [51, 49, 47, 13, 5], id="384px-never-enlarged"),
-        pytest.param(51, 5, 64, [15, 15, 13, 5, 5], id="64px-51"),
-        pytest.param(31, 5, 64, [9, 9, 7, 5, 5], id="64px-31"),
-        pytest.param(61, 5, 64, [17, 17, 17, 5, 5], id="64px-61"),
-        pytest.param(7, 5, 64, [5, 5, 5, 5, 5], id="64px-7-floored-at-N"),
-        pytest.param(51, 3, 32, [7, 7, 7, 3, 3], id="32px-N3"),
-        pytest.param(51, 7, 32, [7, 7, 7, 7, 7], id="32px-N7"),
+        pytest.param(51, 5, 224, [51, 49, 47, 13], id="224px-unchanged"),
+        pytest.param(51, 5, 384, [51, 49, 47, 13], id="384px-never-enlarged"),
+        pytest.param(51, 5, 64, [15, 15, 13, 5], id="64px-51"),
+        pytest.param(31, 5, 64, [9, 9, 7, 5], id="64px-31"),
+        pytest.param(61, 5, 64, [17, 17, 17, 5], id="64px-61"),
+        pytest.param(7, 5, 64, [5, 5, 5, 5], id="64px-7-floored-at-N"),
+        pytest.param(51, 3, 32, [7, 7, 7, 3], id="32px-N3"),
+        pytest.param(51, 7, 32, [7, 7, 7, 7], id="32px-N7"),
     ],
 )
 def test_kernel_scaling(size: int, short_edge: int, image_size: int, expected: list[int]) -> None:
@@ -95,12 +95,29 @@ def test_table2_sparse_groups_use_the_recipe(base) -> None:
     assert cells[("51-49-47-13", "decomposed")]["sparse.enabled"] is False
 
 
+@pytest.mark.parametrize("table", ["table1", "table2", "table8", "table9", "adapt_p", "adapt_f"])
+def test_kernel_axes_set_the_typed_fields(base, table: str) -> None:
+    for point in ss.build_grid(base, table):
+        assert "model.kernel_size" not in point.overrides
+        assert len(point.overrides["model.stage_kernels"]) == 4
+        assert point.overrides["model.small_kernel"] == point.overrides["model.short_edge"]
+    table9 = {p.row: p.overrides["model.short_edge"] for p in ss.build_grid(base, "table9")}
+    assert table9 == {"N=3": 3, "N=5": 5, "N=7": 7}
+
+
+def test_points_recorded_with_the_kernel_size_shorthand_still_build(base) -> None:
+    """Tune restores a stored param space as it was written, the reference's shorthand included."""
+    legacy = GridPoint("table9", "N=5", "slak", {"model.kernel_size": [15, 15, 13, 5, 5]})
+    (cfg,) = ss.validate_points(base, [legacy])
+    assert (cfg.model.stage_kernels, cfg.model.short_edge, cfg.model.small_kernel) == ([15, 15, 13, 5], 5, 5)
+
+
 def test_every_bad_point_is_listed_in_one_error(base) -> None:
     good = ss.sparsity_width_grid(base)[0]
     bad = [
         GridPoint("table8", "s1", "extra", {"sparse.sparsity": 1.0}),
         GridPoint("table8", "w0", "extra", {"model.width_factor": 0.0}),
-        GridPoint("table8", "even", "extra", {"model.kernel_size": [8, 7, 7, 7, 5]}),
+        GridPoint("table8", "even", "extra", {"model.stage_kernels": [8, 7, 7, 7]}),
     ]
     with pytest.raises(GridError) as info:
         ss.validate_points(base, [good, *bad, good])
@@ -113,7 +130,7 @@ def test_every_bad_point_is_listed_in_one_error(base) -> None:
         "point #2 (w0",
         "model.width_factor",
         "point #3 (even",
-        "model.kernel_size",
+        "model.stage_kernels=[8, 7, 7, 7]: must be 4 odd",
         "point #4",
         "duplicates point #0",
     ):
@@ -132,7 +149,7 @@ def test_unknown_table_names_the_choices(base) -> None:
 
 
 def test_points_round_trip_through_plain_dicts() -> None:
-    point = GridPoint("table9", "N=5", "slak", {"model.kernel_size": [15, 15, 13, 5, 5]})
+    point = GridPoint("table9", "N=5", "slak", {"model.stage_kernels": [15, 15, 13, 5], "model.short_edge": 5})
     assert GridPoint.from_dict(point.to_dict()) == point
     assert point.label == "N_5__slak"
 
@@ -140,7 +157,8 @@ def test_points_round_trip_through_plain_dicts() -> None:
 def test_model_architecture_problems_are_caught_before_ray(base) -> None:
     # a valid experiment config, but the short edge N=9 is longer than the stage-4 kernel 7
     bad = GridPoint(
-        "table9", "N=9", "slak", {"model.kernel_size": [15, 15, 13, 7, 9], "model.kernel_mode": "decomposed"}
+        "table9", "N=9", "slak", {"model.stage_kernels": [15, 15, 13, 7], "model.short_edge": 9,
+                                  "model.kernel_mode": "decomposed"}
     )
     with pytest.raises(GridError, match="short_edge"):
         ss.validate_points(base, [bad])
