@@ -93,8 +93,8 @@ def loop_rate(cfg: ExperimentConfig, device: torch.device, steps: int, repeats: 
               device_batches: bool = False, with_hooks: bool = True) -> float:
     """img/s of ``Trainer.train_one_epoch`` over the workers' loaders (one worker), median of ``repeats``."""
     bundle = data.build_datasets(cfg.data, seed=cfg.train.seed)
-    train_loader, _ = data.build_loaders(bundle, cfg, rank=0, world_size=1,
-                                         micro_batch_size=cfg.micro_batch_size, seed=cfg.train.seed)
+    train_loader, _ = data.build_loaders(bundle, cfg, rank=0, world_size=1, micro_batch_size=cfg.micro_batch_size,
+                                         seed=cfg.train.seed, device=device)
     available = len(train_loader) // cfg.accumulation_steps
     if available < steps:
         raise SystemExit(f"data.train_size={cfg.data.train_size} gives {available} optimizer steps per epoch, "

@@ -172,7 +172,8 @@ def _write_jpegs(root: Path, n: int, classes: int = 8, seed: int = 0) -> None:
 
 
 def bench_pipeline(n: int, workers: int, image_size: int = 224, batch: int = 32) -> dict[str, Any]:
-    """Decoded + augmented img/s of the timm train transform (RandAugment, erasing) per loader worker."""
+    """Decoded + augmented img/s of the timm train transform (RandAugment; uint8 out, as the training loaders
+    get it: normalisation and erasing run in their prefetcher on the device) per loader worker."""
     with tempfile.TemporaryDirectory(prefix="slak-jpegs-") as tmp:
         _write_jpegs(Path(tmp), n)
         cfg = DataConfig(source="imagenet", path=tmp, image_size=image_size)
@@ -192,7 +193,7 @@ def bench_pipeline(n: int, workers: int, image_size: int = 224, batch: int = 32)
         wall = time.perf_counter() - t0
     rate = seen / wall
     return {
-        "model": "timm train transform (JPEG decode + RandAugment + erasing)",
+        "model": "timm train transform (JPEG decode + RandAugment, uint8 out)",
         "mode": "pipeline",
         "precision": "-",
         "batch": batch,

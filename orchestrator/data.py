@@ -11,6 +11,12 @@ Three sources behind one call, :func:`build_datasets`:
   (:mod:`orchestrator.datasets_procedural`); for demos, CI and the kernel-size ablation on CPU.
 * ``synthetic``: noise with fixed labels, for throughput runs.
 
+Image sources (``imagenet``, ``synthetic``) hand the loader **uint8** images; timm's ``PrefetchLoader``
+then normalises them (and applies random erasing) where the model runs, as timm's own training script
+does: a batch crosses processes, pinned memory and the bus at a quarter of its float32 size, and on a
+GPU its copy runs on a side stream ahead of the step that uses it. ``shapes`` renders normalised float
+images directly (32 px; nothing to gain).
+
 Loss for the training loop: with :func:`build_mixup` returning a ``Mixup`` the targets are soft,
 use ``timm.loss.SoftTargetCrossEntropy``; when it returns None use
 ``timm.loss.LabelSmoothingCrossEntropy(data.smoothing)`` (or plain cross-entropy if smoothing is 0).
@@ -34,7 +40,8 @@ from PIL import Image, ImageOps
 
 # isort: off
 import slak_model  # noqa: F401  (installs the torchvision guard before the first timm import)
-from timm.data import ImageDataset, Mixup, auto_augment, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, Mixup, auto_augment, create_transform
+from timm.data.loader import PrefetchLoader
 # isort: on
 from timm.data.readers.img_extensions import get_img_extensions
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -72,12 +79,14 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DataBundle:
-    """The two splits of one source and the class names, which fix ``num_classes`` for the model."""
+    """The two splits of one source and the class names, which fix ``num_classes`` for the model;
+    ``uint8_images``: samples are uint8 images that the loader's prefetcher normalises."""
 
     train: Dataset
     val: Dataset
     num_classes: int
     class_names: list[str]
+    uint8_images: bool = False
 
 
 # ---------------------------------------------------------------------- folder layout
@@ -271,7 +280,8 @@ def _patch_randaugment() -> None:
 
 
 def build_transforms(data_cfg: Any) -> tuple[Any, Any]:
-    """timm's train and eval transforms for the ImageNet recipe (spec 4.5)."""
+    """timm's train and eval transforms for the ImageNet recipe (spec 4.5), ending in uint8 tensors:
+    normalisation and random erasing (``data.reprob``) run in the loader's prefetcher (:func:`build_loaders`)."""
     _patch_randaugment()
     train = create_transform(
         input_size=data_cfg.image_size,
@@ -280,15 +290,14 @@ def build_transforms(data_cfg: Any) -> tuple[Any, Any]:
         color_jitter=_COLOR_JITTER,
         auto_augment=data_cfg.auto_augment or None,
         interpolation=data_cfg.interpolation,
-        re_prob=data_cfg.reprob,
-        re_mode="pixel",
-        re_count=1,
+        use_prefetcher=True,
     )
     val = create_transform(
         input_size=data_cfg.image_size,
         is_training=False,
         interpolation=data_cfg.interpolation,
         crop_pct=data_cfg.crop_pct,
+        use_prefetcher=True,
     )
     return train, val
 
@@ -310,7 +319,7 @@ def build_datasets(data_cfg: Any, *, seed: int) -> DataBundle:
         cls = ShapesDataset if source == "shapes" else SyntheticDataset
         train = cls(data_cfg.train_size, data_cfg.image_size, data_cfg.num_classes, seed=seed, split="train")
         val = cls(data_cfg.val_size, data_cfg.image_size, data_cfg.num_classes, seed=seed, split="val")
-        return DataBundle(train, val, data_cfg.num_classes, list(train.classes))
+        return DataBundle(train, val, data_cfg.num_classes, list(train.classes), uint8_images=source == "synthetic")
     if source != "imagenet":
         raise ValueError(f"data.source={source!r}: allowed {list(SOURCES)}")
     if not data_cfg.path:
@@ -328,7 +337,7 @@ def build_datasets(data_cfg: Any, *, seed: int) -> DataBundle:
         len(train),
         len(val),
     )
-    return DataBundle(train, val, len(classes), classes)
+    return DataBundle(train, val, len(classes), classes, uint8_images=True)
 
 
 class ShardSampler(Sampler[int]):
@@ -349,13 +358,16 @@ class ShardSampler(Sampler[int]):
 
 
 def build_loaders(
-    bundle: DataBundle, cfg: Any, *, rank: int, world_size: int, micro_batch_size: int, seed: int
-) -> tuple[DataLoader, DataLoader]:
+    bundle: DataBundle, cfg: Any, *, rank: int, world_size: int, micro_batch_size: int, seed: int,
+    device: torch.device | str | None = None,
+) -> tuple[DataLoader | PrefetchLoader, DataLoader | PrefetchLoader]:
     """This worker's train and val loaders.
 
     Train: ``DistributedSampler`` (shuffled with ``seed``, re-shuffled by ``sampler.set_epoch``,
     tail dropped so no sample repeats) and ``drop_last`` batches. Val: disjoint shards
-    (:class:`ShardSampler`), batch 1.5x the micro batch as in the reference.
+    (:class:`ShardSampler`), batch 1.5x the micro batch as in the reference. Sources of uint8 images are
+    wrapped in timm's ``PrefetchLoader`` for ``device`` (default: the CPU), which yields normalised
+    float32 batches already on it, with random erasing (``data.reprob``) on the training side.
 
     Raises:
         ValueError: the shard gives no full training batch, a worker would get no validation
@@ -398,7 +410,12 @@ def build_loaders(
         drop_last=False,
         **common,
     )
-    return train, val
+    if not bundle.uint8_images:
+        return train, val
+    device = torch.device(device or "cpu")
+    normalise = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "device": device}
+    return (PrefetchLoader(train, re_prob=d.reprob, re_mode="pixel", re_count=1, **normalise),
+            PrefetchLoader(val, **normalise))
 
 
 def build_mixup(data_cfg: Any, num_classes: int) -> Mixup | None:

@@ -114,10 +114,11 @@ class ShapesDataset(Dataset):
 
 
 class SyntheticDataset(Dataset):
-    """Gaussian-noise images with fixed labels (``index % num_classes``): no signal, all throughput.
+    """Uniform-noise uint8 images with fixed labels (``index % num_classes``): no signal, all throughput.
 
-    Each sample is drawn from its own generator seeded by ``(seed, split, index)``, so it costs no
-    decoding and is identical wherever it is read.
+    uint8 like a decoded photo, so a throughput run moves the same bytes through the loader as ImageNet
+    does (the loader's prefetcher normalises them). Each sample is drawn from its own generator seeded by
+    ``(seed, split, index)``, so it costs no decoding and is identical wherever it is read.
     """
 
     def __init__(
@@ -146,5 +147,5 @@ class SyntheticDataset(Dataset):
             raise IndexError(f"index {index} out of range for a {self.split} split of {self.size}")
         key = ((self.seed * 1_000_003 + self._split_id) * 1_000_000_007 + index) % (2**63 - 1)
         g = torch.Generator().manual_seed(key)
-        x = torch.randn(3, self.image_size, self.image_size, generator=g)
+        x = torch.randint(0, 256, (3, self.image_size, self.image_size), generator=g, dtype=torch.uint8)
         return x, index % self.num_classes

@@ -97,7 +97,7 @@ class TrainingWorker:
         self.bundle = bundle = data.build_datasets(cfg.data, seed=cfg.train.seed)
         self.train_loader, self.val_loader = data.build_loaders(
             bundle, cfg, rank=self.rank, world_size=self.world_size, micro_batch_size=cfg.micro_batch_size,
-            seed=cfg.train.seed)
+            seed=cfg.train.seed, device=device)
         mixup = data.build_mixup(cfg.data, bundle.num_classes)
         steps = len(self.train_loader) // cfg.accumulation_steps
         phases["data"] = time.perf_counter() - t

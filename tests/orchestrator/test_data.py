@@ -51,16 +51,23 @@ def test_imagenet_layout_loads_with_recipe_transforms(tmp_path: Path) -> None:
     assert bundle.class_names == ["cat", "dog", "eel"] and bundle.num_classes == 3
     assert len(bundle.train) == 12 and len(bundle.val) == 6
     x, y = bundle.train[5]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == 1  # normalised in the loader
     names = [type(t).__name__ for t in bundle.train.transform.transforms]
     assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
-    assert "RandomErasing" in names and any("RandAugment" in n for n in names)
+    assert any("RandAugment" in n for n in names) and "Normalize" not in names
     val_names = [type(t).__name__ for t in bundle.val.transform.transforms]
     assert val_names[:2] == ["Resize", "CenterCrop"]
     assert bundle.val.transform.transforms[0].size == int(32 / 0.875)
     train, val = data.build_loaders(bundle, cfg, rank=0, world_size=1, micro_batch_size=4, seed=0)
+    assert train.random_erasing is not None and val.random_erasing is None  # data.reprob, training only
     xb, _ = next(iter(train))
-    assert xb.shape == (4, 3, 32, 32) and len(train) == 3 and sum(len(b[1]) for b in val) == 6
+    assert xb.shape == (4, 3, 32, 32) and xb.dtype == torch.float32 and len(train) == 3
+    assert sum(len(b[1]) for b in val) == 6
+    vb, _ = next(iter(val))  # the eval batch: exactly timm's Normalize of the uint8 crop
+    crops = torch.stack([bundle.val[i][0] for i in range(6)])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (data.IMAGENET_DEFAULT_MEAN, data.IMAGENET_DEFAULT_STD))
+    expected = (crops[: len(vb)].float() / 255 - mean) / std
+    assert torch.allclose(vb, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -220,3 +221,44 @@ def test_a_diverged_loss_is_reported_when_read_and_at_the_epoch_end() -> None:
         next(tr.module.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"train/loss is nan at optimizer step 1"):
         tr.train_one_epoch(loader, lambda t, m: m["train/loss"])
+
+
+def test_resume_through_the_prefetching_loader_is_bitwise_identical() -> None:
+    """uint8 sources go through timm's PrefetchLoader, which draws random erasing one batch ahead; a
+    mid-epoch resume must still replay the same batches, erasures and updates."""
+    cfg = _cfg(**{"data.source": "synthetic", "data.num_classes": 4, "data.train_size": 96, "data.val_size": 32,
+                  "data.reprob": 0.5})
+    bundle = data.build_datasets(cfg.data, seed=0)
+
+    def fresh_loader():  # a new sampler (epoch 0) per run, as a new worker process has
+        return data.build_loaders(bundle, cfg, rank=0, world_size=1, micro_batch_size=MICRO, seed=0)[0]
+
+    loader = fresh_loader()
+    assert loader.random_erasing is not None
+    ref = _trainer(cfg, loader)
+    ref.initialize_sparsity(next(iter(loader)))
+    ref_history = _run(ref, loader)
+
+    loader = fresh_loader()
+    first = _trainer(cfg, loader)
+    first.initialize_sparsity(next(iter(loader)))
+    saved: dict = {}
+
+    def on_step(t: Trainer, m) -> None:
+        if t.step == 9:
+            saved["state"] = copy.deepcopy(t.state_dict())
+        if t.step == 10:
+            raise KeyboardInterrupt
+
+    history = []
+    with pytest.raises(KeyboardInterrupt):
+        while not first.done:
+            history.append(_epoch(first, loader, on_step))
+    torch.manual_seed(99)
+    loader = fresh_loader()
+    second = _trainer(cfg, loader)
+    second.load_state_dict(saved["state"])
+    history += _run(second, loader)
+    assert history == ref_history
+    for (name, a), b in zip(ref.module.state_dict().items(), second.module.state_dict().values()):
+        assert torch.equal(a, b), name
