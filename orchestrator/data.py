@@ -28,6 +28,7 @@ import logging
 import math
 import multiprocessing
 import os
+import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ __all__ = [
     "CheckedImageDataset",
     "DataBundle",
     "DataError",
+    "EpochIndexSampler",
+    "PerSampleSeeded",
     "ShardSampler",
     "build_datasets",
     "build_loaders",
@@ -340,6 +343,53 @@ def build_datasets(data_cfg: Any, *, seed: int) -> DataBundle:
     return DataBundle(train, val, len(classes), classes, uint8_images=True)
 
 
+class EpochIndexSampler(DistributedSampler):
+    """``DistributedSampler`` that hands the dataset ``(epoch, index)`` instead of ``index``, so that a
+    :class:`PerSampleSeeded` dataset can seed each sample's augmentation from them."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+class PerSampleSeeded(Dataset):
+    """Seeds Python's, NumPy's and torch's RNGs from ``(seed, epoch, index)`` before each sample's random
+    transform.
+
+    Why: the augmentation of a sample then depends on nothing else: not on which loader worker reads it,
+    how many workers there are, or how long they have lived. Loader workers can stay alive across epochs
+    (no start-up each epoch) and a resumed run still sees exactly the images it would have seen. In the
+    training process itself (``data.workers=0``) the global RNG states are restored afterwards, so the
+    training loop's own streams are untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1, np.uint64)[0])
+        if torch.utils.data.get_worker_info() is not None:
+            _seed_all(sample_seed)
+            return self.dataset[index]
+        saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        try:
+            _seed_all(sample_seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.random.set_rng_state(saved[2])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed % 2**63)  # CPU only: the CUDA streams are not touched
+
+
 class ShardSampler(Sampler[int]):
     """Rank ``r`` of ``w`` reads indices ``r, r + w, ...`` once: eval without padding duplicates.
 
@@ -393,16 +443,19 @@ def build_loaders(
             f"data.val_size={len(bundle.val)}: fewer validation samples than workers ({world_size}); every "
             "worker needs at least one"
         )
-    train_sampler = DistributedSampler(
-        bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    train_set: Dataset = bundle.train
+    sampler_cls = DistributedSampler
+    if isinstance(bundle.train, CheckedImageDataset):  # random augmentation: seeded per sample and epoch
+        train_set, sampler_cls = PerSampleSeeded(bundle.train, seed), EpochIndexSampler
+    train_sampler = sampler_cls(
+        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
     common: dict[str, Any] = {
         "num_workers": d.workers,
+        "persistent_workers": d.workers > 0,  # started once, not at every epoch (samples are seeded)
         "pin_memory": cfg.run.use_gpu is True,  # resolved by the driver; "auto" never reaches a loader
     }
-    train = DataLoader(
-        bundle.train, batch_size=micro_batch_size, sampler=train_sampler, drop_last=True, **common
-    )
+    train = DataLoader(train_set, batch_size=micro_batch_size, sampler=train_sampler, drop_last=True, **common)
     val = DataLoader(
         bundle.val,
         batch_size=max(1, math.floor(1.5 * micro_batch_size)),

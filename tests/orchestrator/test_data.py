@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +323,30 @@ def test_throughput_script_smoke(tmp_path: Path) -> None:
     pipe = next(r for r in rows if r["mode"] == "pipeline")
     assert pipe["images"] == 8 and pipe["img_s_per_worker"] > 0
     assert "| slak_test | torch | fp32 | train | 4 |" in proc.stdout
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path: Path) -> None:
+    """Loader workers live across epochs, so each sample's random transform is seeded from (seed, epoch,
+    index): the same epoch gives the same batches with 0 or 2 workers and on a second pass (what a resumed
+    run replays), a new epoch gives new crops, and the training process's own RNG is left as it was."""
+    root = _tree(tmp_path)
+
+    def epoch_batches(workers: int, epoch: int) -> list[torch.Tensor]:
+        cfg = _imagenet_cfg(root, **{"data.workers": workers, "data.reprob": 0.0})
+        bundle = data.build_datasets(cfg.data, seed=0)
+        train, _ = data.build_loaders(bundle, cfg, rank=0, world_size=1, micro_batch_size=4, seed=0)
+        assert train.loader.persistent_workers == (workers > 0)
+        train.sampler.set_epoch(epoch)
+        return [x for x, _ in train]
+
+    in_process = epoch_batches(0, epoch=1)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, epoch_batches(2, epoch=1)))
+    assert all(torch.equal(a, b) for a, b in zip(in_process, epoch_batches(0, epoch=1)))
+    assert not all(torch.equal(a, b) for a, b in zip(in_process, epoch_batches(0, epoch=2)))
+
+    seeded = data.PerSampleSeeded(data.build_datasets(_imagenet_cfg(root).data, seed=0).train, seed=0)
+    random.seed(1)
+    torch.manual_seed(1)
+    python_state, torch_state = random.getstate(), torch.random.get_rng_state()
+    assert torch.equal(seeded[(1, 3)][0], seeded[(1, 3)][0])
+    assert random.getstate() == python_state and torch.equal(torch.random.get_rng_state(), torch_state)
