@@ -270,8 +270,8 @@ class TrialStatusCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         costs = self._costs.setdefault(trial.trial_id, {"epochs": 0.0})
         costs["epochs"] += float(result.get("perf/epoch_s", 0.0))
-        costs.update({k.removeprefix("startup/").removesuffix("_s"): float(v) for k, v in result.items()
-                      if k.startswith("startup/")})
+        costs.update({k.removeprefix("perf/startup/").removesuffix("_s"): float(v) for k, v in result.items()
+                      if k.startswith("perf/startup/")})
         done = sum(t.status == "TERMINATED" for t in trials)
         elapsed = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
         logger.info(

@@ -75,7 +75,7 @@ class TrainingWorker:
     "mlflow_parent_run_id": str | None, "fault_inject": "rank:step" | None}``, optionally ``"startup":
     {phase: seconds}`` spent before the worker (by a trial driver), which joins the worker's own phases.
 
-    Where the time goes is measured, not guessed: ``startup/<phase>_s`` (data, model, sparsity init or
+    Where the time goes is measured, not guessed: ``perf/startup/<phase>_s`` (data, model, sparsity init or
     resume, tracking, and what the caller passed) and ``perf/epoch_s`` (one epoch's training and
     evaluation, wall clock) are reported with every epoch's metrics, to Tune and MLflow alike.
     """
@@ -135,7 +135,7 @@ class TrainingWorker:
         self.mlflow_run_id = getattr(self.tracker, "run_id", None)
         phases["tracking"] = time.perf_counter() - t
         phases["worker"] = time.perf_counter() - started
-        self.startup = {f"startup/{k}_s": float(v) for k, v in phases.items()}
+        self.startup = {f"perf/startup/{k}_s": float(v) for k, v in phases.items()}
         if self.rank == 0:
             log.info("worker ready in %.2f s (%s)", phases["worker"], ", ".join(
                 f"{k} {v:.2f} s" for k, v in phases.items() if k != "worker"))

@@ -181,9 +181,9 @@ def test_grid_logs_to_a_tracking_server_over_http(ray_cluster, tmp_path: Path) -
         assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].item()}
         hist = tracking.metric_history(server.uri, list(children["run_id"]), ["val/top1"])
         assert len(hist) == 4, hist
-        startup = children.filter(like="metrics.startup/").notna()
-        assert startup["metrics.startup/worker_s"].all() and startup["metrics.startup/trial_driver_s"].all()
-        assert startup["metrics.startup/process_s"].sum() == 1, "the second trial reuses the first one's actor"
+        startup = children.filter(like="metrics.perf/startup/").notna()
+        assert startup["metrics.perf/startup/worker_s"].all() and startup["metrics.perf/startup/trial_driver_s"].all()
+        assert startup["metrics.perf/startup/process_s"].sum() == 1, "the second trial reuses the first one's actor"
         assert not (tmp_path / "off").exists(), "the server was up: nothing should have gone offline"
     finally:
         server_cm.__exit__(None, None, None)
