@@ -24,7 +24,8 @@ import ray
 
 from orchestrator.config import CPU_DEFAULT_WORKERS, ConfigError, ExperimentConfig, replace
 
-__all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "fit_resources", "how_many", "init_ray",
+__all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "check_local_machine", "fit_resources", "how_many",
+           "init_ray",
            "local_num_cpus", "worker_env"]
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,23 @@ def how_many(available: float, each: float) -> int:
     return math.floor(available / each + 1e-9)
 
 
-def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_driver_cpus: int = 0
-                  ) -> ExperimentConfig:
+def check_local_machine(cfg: ExperimentConfig, *, num_cpus: int, trial_driver_cpus: int = 0) -> None:
+    """Before a local Ray starts, refuse what this machine can never hold.
+
+    Ray's start takes 10-20 s on a large machine; a request that cannot fit is answered without it, from the
+    CPUs the local Ray will get and the GPUs CUDA sees (``CUDA_VISIBLE_DEVICES`` applies, as for Ray).
+
+    Raises:
+        ResourceError: as :func:`fit_resources`.
+    """
+    import torch
+
+    fit_resources(cfg, {"CPU": float(num_cpus), "GPU": float(torch.cuda.device_count())},
+                  trial_driver_cpus=trial_driver_cpus, announce=False)
+
+
+def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_driver_cpus: int = 0,
+                  announce: bool = True) -> ExperimentConfig:
     """Resolve ``run.use_gpu="auto"`` and an unset ``run.num_workers`` against ``cluster`` (Ray's
     ``cluster_resources()``), and refuse what can never fit.
 
@@ -130,6 +146,7 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
         cfg: The validated config.
         cluster: Total resources of the cluster, e.g. ``{"CPU": 16.0, "GPU": 1.0}``.
         trial_driver_cpus: CPUs each trial reserves besides its workers (1 for a Tune trial driver).
+        announce: Log the fitted resources (one line).
 
     Returns:
         ``cfg`` with ``run.use_gpu`` True/False and ``run.num_workers`` a number (validated again).
@@ -173,6 +190,7 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
             f"invalid: {'; '.join(exc.problems)}; set run.num_workers (and run.use_gpu) explicitly, or fix "
             "the settings named") from None
     each = f"{r.gpus_per_worker:g} GPU each" if use_gpu else f"{r.cpus_per_worker} CPU each"
-    log.info("resources: %d %s worker(s) per trial (%s); the cluster has %g CPUs, %g GPUs", workers,
-             "GPU" if use_gpu else "CPU", each, cpus, gpus)
+    if announce:
+        log.info("resources: %d %s worker(s) per trial (%s); the cluster has %g CPUs, %g GPUs", workers,
+                 "GPU" if use_gpu else "CPU", each, cpus, gpus)
     return resolved

@@ -123,6 +123,8 @@ def _ensure_ray(cfg: ExperimentConfig, address: str | None) -> ExperimentConfig:
     extra = {FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else None
     # locally, one logical CPU per worker plus Train's controller, even on a 2-core box
     num_cpus = ray_cluster.local_num_cpus(cfg, trial_driver_cpus=1)
+    if address is None and not ray.is_initialized():
+        ray_cluster.check_local_machine(cfg, num_cpus=num_cpus)
     ray_cluster.init_ray(address=address, num_cpus=num_cpus, extra_env=extra)
     return ray_cluster.fit_resources(cfg, ray.cluster_resources())
 

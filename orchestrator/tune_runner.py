@@ -65,9 +65,12 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> ExperimentCon
     Raises:
         ResourceError: one trial can never fit the cluster (before any trial is scheduled).
     """
+    num_cpus = ray_cluster.local_num_cpus(cfg, cfg.tune.max_concurrent_trials or 1, trial_driver_cpus=1)
+    if address is None and not ray.is_initialized():
+        ray_cluster.check_local_machine(cfg, num_cpus=num_cpus, trial_driver_cpus=1)
     ray_cluster.init_ray(
         address=address,
-        num_cpus=ray_cluster.local_num_cpus(cfg, cfg.tune.max_concurrent_trials or 1, trial_driver_cpus=1),
+        num_cpus=num_cpus,
         include_dashboard=True,
         object_store_memory=512 * 2**20,
         log_to_driver=False,

@@ -88,3 +88,20 @@ def test_the_trainer_asks_ray_for_the_fitted_gpu_share() -> None:
     scaling = build_trainer(cfg, run_name="share").scaling_config
     assert scaling.use_gpu and scaling.num_workers == 1
     assert scaling.resources_per_worker == {"CPU": 1, "GPU": 0.25}
+
+
+def test_a_local_request_that_cannot_fit_is_refused_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Locally the answer comes from this machine's CPUs and CUDA's GPU count, not from a started Ray."""
+    import ray
+    import torch
+
+    from orchestrator import ray_cluster, ray_train
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    started = []
+    monkeypatch.setattr(ray_cluster, "init_ray", lambda **kw: started.append(kw))
+    cfg = load_config(None, {"run.use_gpu": True, "run.num_workers": 2})
+    with pytest.raises(ResourceError, match=r"2 worker\(s\) x 1 GPU = 2 GPUs, the cluster has 1"):
+        ray_train.run_training(cfg)
+    assert not started and not ray.is_initialized()
+    ray_cluster.check_local_machine(load_config(None, {"run.use_gpu": True, "run.num_workers": 1}), num_cpus=4)
