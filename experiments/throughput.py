@@ -251,10 +251,37 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _problems(args: argparse.Namespace, timm: Any) -> list[str]:
+    """Every bad argument at once, before any model is built or timed."""
+    out = []
+    for flag, name in (("--variant", args.variant), ("--baseline", args.baseline)):
+        if not (flag == "--baseline" and name == "none") and not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            out.append(f"{flag}={name!r}: not a timm model" + (f" (similar: {', '.join(close)})" if close else ""))
+    for flag, values, allowed in (("--precisions", args.precisions, _DTYPES),
+                                  ("--modes", args.modes, ("train", "infer", "deploy"))):
+        bad = sorted(set((values or "").split(",")) - set(allowed) - {""})
+        if bad:
+            out.append(f"{flag}: {', '.join(bad)} not in {', '.join(allowed)}")
+    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--infer-batch", args.infer_batch),
+                        ("--warmup", args.warmup), ("--image-size", args.image_size)):
+        if value is not None and value < (0 if flag == "--warmup" else 1):
+            out.append(f"{flag}={value}: must be at least {0 if flag == '--warmup' else 1}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        out.append(f"--device={args.device}: CUDA is not available here; use --device cpu or auto")
+    elif args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        out.append(f"--device={args.device!r}: use auto, cpu, cuda or cuda:N")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import timm  # after ``orchestrator`` (torchvision guard) and ``slak_model`` (variant registry)
 
     args = _parse(argv)
+    problems = _problems(args, timm)
+    if problems:
+        print("error: " + "\n  - ".join(["invalid arguments:", *problems]), file=sys.stderr)
+        return 2
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -266,9 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     size = (
         args.image_size or timm.create_model(args.variant, pretrained=False).pretrained_cfg["input_size"][-1]
     )
-    unknown = sorted(set(modes) - {"train", "infer", "deploy"})
-    if unknown:
-        raise SystemExit(f"--modes: {', '.join(unknown)} not in train, infer, deploy")
     infer_batch = args.infer_batch or 2 * args.batch
     batches = {"train": args.batch, "infer": infer_batch, "deploy": infer_batch}
     models: list[tuple[str, str, str]] = [

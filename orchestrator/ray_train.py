@@ -148,7 +148,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
     """Run (or continue) one training job and return Ray's ``Result``.
 
     The MLflow run is created (or found again, by run name) in the driver so every retry and every
-    re-run of the same command logs into the same run; its final status is set here too.
+    re-run of the same command logs into the same run; its final status is set here, and only here.
 
     Raises:
         PreflightError: the model or the data cannot work as configured (nothing was started).
@@ -174,15 +174,19 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run_id=run_id)
     try:
         result = trainer.fit()
-    except BaseException:
-        if run_id is not None:
-            _safe_status(cfg, run_id, "FAILED")
+    except BaseException as exc:
+        if run_id is not None:  # this driver owns the run: its workers never set a final status
+            _safe_status(cfg, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    if run_id is not None:
+        _safe_status(cfg, run_id, "FINISHED")
     return result
 
 
 def _safe_status(cfg: ExperimentConfig, run_id: str, status: str) -> None:
+    """Give the run its final status through a tracker, so an unreachable server keeps it in the offline
+    journal (synced with the run's other events) instead of losing it."""
     try:
-        tracking.set_run_status(cfg.tracking.uri, run_id, status)
-    except Exception as exc:  # noqa: BLE001
+        tracking.create_tracker(cfg.tracking, run_id=run_id).end(status)
+    except Exception as exc:  # noqa: BLE001 - the job's result stands; only its MLflow status is missing
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)

@@ -202,8 +202,7 @@ class TrainingWorker:
         trainer, cfg = self.trainer, self.cfg
         if trainer.done:  # re-run of a finished job: report its final state once, train nothing
             self.session.report(dict(self.last_metrics), None, "final")
-            if self.rank == 0:
-                self.tracker.end("FINISHED")  # opening the tracker marked the run RUNNING again
+            self.tracker.close()  # the run's owner marks it FINISHED again (opening it made it RUNNING)
             return
         while not trainer.done:
             started = time.perf_counter()
@@ -273,20 +272,18 @@ class TrainingWorker:
             path = save_checkpoint_dir(state, tmp, extra={"name": "final", "run": self.run_name})
             self.tracker.log_artifact(path, "checkpoint")
             self.tracker.log_artifact(Path(tmp) / MANIFEST, "checkpoint")
-        self.tracker.end("FINISHED")
+        self.tracker.close()
 
 
 def run_worker(config: dict[str, Any], session: WorkerSession,
                on_ready: Callable[[TrainingWorker], None] | None = None) -> None:
-    """Build the worker and train to the end; rank 0 marks the MLflow run FAILED if training raises (a
-    retry marks it RUNNING again)."""
+    """Build the worker and train to the end. The MLflow run's final status is its owner's to set (the
+    driver that created it), also when training raises: this process only flushes what it logged."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = TrainingWorker(config, session)
     if on_ready is not None:
         on_ready(worker)
     try:
         worker.run()
-    except BaseException:
-        if worker.rank == 0:
-            worker.tracker.end("FAILED")
-        raise
+    finally:
+        worker.tracker.close()

@@ -73,11 +73,18 @@ class Tracker(ABC):
         """Set run tags."""
 
     @abstractmethod
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str | None = "FINISHED") -> None:
         """Finish the run and replay what was kept offline; a second call does nothing.
 
-        Events logged after ``end`` are still recorded (never dropped), the status stays as set.
+        ``status`` None leaves the run's status to its owner (see :meth:`close`). Events logged after
+        ``end`` are still recorded (never dropped), the status stays as set.
         """
+
+    def close(self) -> None:
+        """Flush and replay what was kept offline, without a final status: what a training process calls.
+        The run's owner (the driver that created it: ``train.py``'s job driver or the Tune status callback)
+        sets FINISHED or FAILED, once, so retries never flip a run between RUNNING and FAILED."""
+        self.end(None)
 
     def __enter__(self) -> Tracker:
         return self
@@ -113,7 +120,7 @@ class NullTracker(Tracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         return None
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str | None = "FINISHED") -> None:
         return None
 
 
@@ -229,10 +236,10 @@ class MlflowTracker(Tracker):
         assert self._journal is not None
         self._journal.append(event)
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str | None = "FINISHED") -> None:
         if self._ended:
             return
-        if status not in _FINAL_STATUSES:
+        if status is not None and status not in _FINAL_STATUSES:
             raise ValueError(f"status={status!r} is not a final run status; use one of {_FINAL_STATUSES}")
         self._next_probe = 0.0  # probe once more: the server may be back
         journal = self._journal
@@ -243,7 +250,8 @@ class MlflowTracker(Tracker):
                             applied, self._meta["run_id"], rejected)
             except ConnectionError as exc:
                 self._go_offline(exc)
-        self._emit({"kind": "status", "status": status})
+        if status is not None:
+            self._emit({"kind": "status", "status": status})
         self._ended = True
         if journal is None:
             journal = self._journal

@@ -261,3 +261,40 @@ def test_tracker_accepts_the_typed_tracking_section_and_logs_the_flat_config(uri
     params = MlflowClient(uri).get_run(tr.run_id).data.params
     assert params["tracking.experiment"] == "typed-config"
     assert set(params) == set(cfg.to_flat()), "every dotted config name becomes one MLflow param"
+
+
+class _FailingSession:
+    """A one-process session whose first report fails, as a worker that dies after its first epoch."""
+
+    rank, world_size = 0, 1
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device("cpu")
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def latest_checkpoint(self) -> None:
+        return None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None, name: str) -> None:
+        raise RuntimeError("the worker dies here")
+
+
+def test_a_training_process_never_sets_its_runs_final_status(cfg: TrackingConfig, uri: str, tmp_path: Path) -> None:
+    """The run's owner (the driver that created it) gives the final status once; a training process that
+    fails only flushes what it logged, so a Ray Train retry does not flip the run FAILED -> RUNNING."""
+    from orchestrator import worker
+    from orchestrator.config import load_config
+
+    exp = load_config(None, {"run.num_workers": 1, "run.use_gpu": False, "train.epochs": 2, "data.train_size": 64,
+                             "data.val_size": 16, "train.global_batch_size": 16, "run.storage_path": str(tmp_path),
+                             "tracking.uri": uri, "tracking.experiment": cfg.experiment,
+                             "tracking.offline_dir": cfg.offline_dir})
+    run_id = tracking.find_or_create_run(exp.tracking, run_name="owned", tags={}, match_tag=("slak.run_name", "owned"))
+    with pytest.raises(RuntimeError, match="the worker dies here"):
+        worker.run_worker({"experiment": exp, "run_name": "owned", "mlflow_run_id": run_id}, _FailingSession())
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "RUNNING" and "val/top1" in run.data.metrics  # flushed, status left to the owner
+    tracking.create_tracker(exp.tracking, run_id=run_id).end("FAILED")  # what the owner does
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
