@@ -92,7 +92,7 @@ def run_grid(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    cfg = load_config(args.config, overrides_from_args(args, None if args.config else LAPTOP_DEFAULTS))
+    cfg = load_config(args.config, overrides_from_args(args), defaults=None if args.config else LAPTOP_DEFAULTS)
     # torch, Ray and MLflow are imported only once the config is known to be valid
     from orchestrator import search_space
     from orchestrator.tune_runner import run_experiment

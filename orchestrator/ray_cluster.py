@@ -22,7 +22,13 @@ from pathlib import Path
 
 import ray
 
-from orchestrator.config import CPU_DEFAULT_WORKERS, ConfigError, ExperimentConfig, replace
+from orchestrator.config import (
+    CPU_DEFAULT_WORKERS,
+    ConfigError,
+    ExperimentConfig,
+    replace,
+    warn_newly_ignored,
+)
 
 __all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "check_local_machine", "fit_resources", "how_many",
            "init_ray",
@@ -146,7 +152,8 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
         cfg: The validated config.
         cluster: Total resources of the cluster, e.g. ``{"CPU": 16.0, "GPU": 1.0}``.
         trial_driver_cpus: CPUs each trial reserves besides its workers (1 for a Tune trial driver).
-        announce: Log the fitted resources (one line).
+        announce: Log the fitted resources (one line), and warn about the user's GPU settings that a
+            ``run.use_gpu="auto"`` resolved to CPUs leaves without effect.
 
     Returns:
         ``cfg`` with ``run.use_gpu`` True/False and ``run.num_workers`` a number (validated again).
@@ -191,6 +198,8 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
             "the settings named") from None
     each = f"{r.gpus_per_worker:g} GPU each" if use_gpu else f"{r.cpus_per_worker} CPU each"
     if announce:
+        if r.use_gpu == "auto" and not use_gpu:
+            warn_newly_ignored(cfg, resolved, "run.use_gpu=auto found no GPU in this cluster")
         log.info("resources: %d %s worker(s) per trial (%s); the cluster has %g CPUs, %g GPUs", workers,
                  "GPU" if use_gpu else "CPU", each, cpus, gpus)
     return resolved
