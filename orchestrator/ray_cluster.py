@@ -1,8 +1,9 @@
 """The one place this project starts or joins Ray, and what is reachable while it runs.
 
 * **Local** (no ``--address``): a single-node Ray whose every server (GCS, raylet, workers, dashboard and
-  its agents) listens on the loopback interface only, with Ray's token authentication left on (Ray
-  generates a token in ``~/.ray/auth_token``). Ray binds to the node's IP, which it looks up from the
+  its agents) listens on the loopback interface only, with Ray's token authentication on (Ray
+  generates a token in ``~/.ray/auth_token``): ``RAY_AUTH_MODE=token`` is set when unset, the mode a new
+  local Ray takes by default, so Ray does not warn at every start that it chose it. Ray binds to the node's IP, which it looks up from the
   network; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes that IP the loopback address, which is the
   single-node mode Ray documents for laptops, so nothing answers on another interface.
 * **Cluster** (``--address``): joins it. Token authentication follows Ray's own variables
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 LOCAL_HOST = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -48,7 +50,7 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _warn_if_auth_disabled(where: str) -> None:
-    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+    if os.environ.get(_AUTH_MODE_ENV, "").strip().lower() == "disabled":
         log.warning("Ray token authentication is OFF for %s (opted out through RAY_AUTH_MODE): any process that "
                     "can reach its ports can run code in it. Unset RAY_AUTH_MODE to turn it back on.", where)
 
@@ -92,6 +94,9 @@ def init_ray(
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return
     _warn_if_auth_disabled("this local Ray")
+    # Token authentication is what a new local Ray turns on by default; saying so explicitly keeps it on and
+    # spares every run Ray's warning that it was turned on by default (Ray warns only when the mode is unset).
+    os.environ.setdefault(_AUTH_MODE_ENV, "token")
     _bind_loopback_only()
     ray.init(
         address="local",
