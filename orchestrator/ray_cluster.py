@@ -3,7 +3,7 @@
 * **Local** (no ``--address``): a single-node Ray whose every server (GCS, raylet, workers, dashboard and
   its agents) listens on the loopback interface only, with Ray's token authentication on (Ray
   generates a token in ``~/.ray/auth_token``): ``RAY_AUTH_MODE=token`` is set when unset, the mode a new
-  local Ray takes by default, so Ray does not warn at every start that it chose it. Ray binds to the node's IP, which it looks up from the
+  local Ray takes by default, so that Ray does not warn at every start that it chose it. Ray binds to the node's IP, which it looks up from the
   network; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes that IP the loopback address, which is the
   single-node mode Ray documents for laptops, so nothing answers on another interface.
 * **Cluster** (``--address``): joins it. Token authentication follows Ray's own variables
@@ -63,6 +63,30 @@ def _bind_loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _choose_token_auth() -> None:
+    """Set ``RAY_AUTH_MODE=token`` for a local Ray when the caller left it unset.
+
+    Token authentication is the mode a new local Ray takes by default anyway; Ray then warns at every start
+    that it chose it, and stays quiet only when the mode was given. Ray reads the variable when it is
+    imported, so its cached config is refreshed as Ray's own default path does
+    (``authentication_token_setup._enable_token_auth``, which sets the variable for this process and its
+    children). Should that not turn token mode on (another Ray version), the variable is removed again
+    and Ray's own default applies, with its warning: the driver and the servers must agree on the mode.
+    """
+    if os.environ.get(_AUTH_MODE_ENV) is not None:
+        return
+    try:
+        from ray._private.authentication import authentication_token_setup
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        authentication_token_setup._enable_token_auth()
+        if get_authentication_mode() == AuthenticationMode.TOKEN:
+            return
+    except (ImportError, AttributeError) as exc:
+        log.debug("could not choose Ray's token authentication explicitly (%s); Ray's default applies", exc)
+    os.environ.pop(_AUTH_MODE_ENV, None)
+
+
 def init_ray(
     *,
     address: str | None,
@@ -94,9 +118,7 @@ def init_ray(
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return
     _warn_if_auth_disabled("this local Ray")
-    # Token authentication is what a new local Ray turns on by default; saying so explicitly keeps it on and
-    # spares every run Ray's warning that it was turned on by default (Ray warns only when the mode is unset).
-    os.environ.setdefault(_AUTH_MODE_ENV, "token")
+    _choose_token_auth()
     _bind_loopback_only()
     ray.init(
         address="local",

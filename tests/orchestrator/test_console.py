@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ pytest.importorskip("ray")
 import ray
 from ray import tune
 from ray._private.authentication import authentication_token_setup
+from ray._raylet import AuthenticationMode, Config, get_authentication_mode
 from ray.air._internal.usage import AirEntrypoint
 from ray.tune.experimental.output import AirVerbosity, get_air_verbosity
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
@@ -34,12 +36,22 @@ def _fake_local_ray(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return calls
 
 
+@pytest.fixture
+def _ray_auth_config_restored() -> Iterator[None]:
+    """Ray caches its auth mode per process; read it again from the (restored) environment afterwards."""
+    yield
+    Config.initialize("")
+
+
+@pytest.mark.usefixtures("_ray_auth_config_restored")
 def test_a_local_ray_chooses_token_auth_explicitly(monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Ray reads RAY_AUTH_MODE at import: the driver must be in token mode too, or the servers refuse it."""
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     calls = _fake_local_ray(monkeypatch)
     ray_cluster.init_ray(address=None)
     assert calls[0]["auth"] == "token"
+    assert get_authentication_mode() == AuthenticationMode.TOKEN
     with caplog.at_level(logging.WARNING, logger=authentication_token_setup.__name__):
         assert authentication_token_setup.enable_token_auth_by_default()  # what ray.init does next
     assert caplog.records == []
