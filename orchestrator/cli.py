@@ -98,6 +98,8 @@ def run_grid(
     from orchestrator.tune_runner import run_experiment
 
     points = getattr(search_space, grid)(cfg, **grid_kwargs)
+    for line in search_space.settings_the_grid_ignores(cfg, points, parse_overrides(args.overrides)):
+        logging.getLogger("orchestrator.config").warning("%s", line)
     outcome = run_experiment(cfg, points, table=table, address=args.address, resume=args.resume)
     return cfg, outcome
 

@@ -156,3 +156,17 @@ def test_a_gpu_share_left_unused_by_auto_on_cpus_is_a_warning(caplog: pytest.Log
     fit_resources(load_config(None, ["run.gpus_per_worker=0.5"]), cpus)
     (warning,) = _config_warnings(caplog)
     assert warning.startswith("run.gpus_per_worker=0.5 has no effect") and "run.use_gpu=auto" in warning
+
+
+def test_a_grid_script_names_what_its_grid_overrides(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """``tune_sparsity_width.py sparse.sparsity=0.5``: every Table 8 point sets its own sparsity."""
+    pytest.importorskip("ray")
+    from orchestrator import tune_runner
+
+    monkeypatch.setattr(tune_runner, "run_experiment", lambda cfg, points, **kw: (cfg, points))
+    args = cli.grid_parser("test").parse_args(["sparse.sparsity=0.5", "train.epochs=3", "data.mixup=0.2"])
+    cfg, _ = cli.run_grid(args, "table8", "sparsity_width_grid")
+    assert cfg.user_set == {"sparse.sparsity", "train.epochs", "data.mixup"}  # the laptop default is not
+    (warning,) = _config_warnings(caplog)
+    assert warning.startswith("sparse.sparsity=0.5 has no effect: every point of the table8 grid")
