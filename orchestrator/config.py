@@ -732,6 +732,9 @@ def ignored_settings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     if not cfg.sparse.enabled:
         names = [f"sparse.{f.name}" for f in dataclasses.fields(cfg.sparse) if f.name != "enabled"]
         flag(warnings, names, "sparse.enabled=false trains dense; drop it or set sparse.enabled=true")
+        if cfg.tracking.enabled:
+            flag(warnings, ["tracking.masks_every_updates"], "sparse.enabled=false trains dense, so there "
+                 "are no masks to log; drop it or set sparse.enabled=true")
     if cfg.model.kernel_mode != "decomposed":
         flag(warnings, ["model.short_edge"], f"model.kernel_mode={cfg.model.kernel_mode!r} has square "
              "kernels; the short edge of the strips applies to kernel_mode=decomposed only")

@@ -87,6 +87,7 @@ def test_the_embedded_laptop_default_counts_as_default(caplog: pytest.LogCapture
     (["train.ema=false", "train.bn_recalibration_batches=4"], "train.bn_recalibration_batches"),
     (["sparse.enabled=false", "sparse.sparsity=0.6"], "sparse.sparsity"),
     (["sparse.enabled=false", "sparse.update_frequency=50"], "sparse.update_frequency"),
+    (["sparse.enabled=false", "tracking.masks_every_updates=5"], "tracking.masks_every_updates"),
     (["model.kernel_mode=replknet", "model.short_edge=3"], "model.short_edge"),
     (["model.kernel_mode=naive", "model.small_kernel=3"], "model.small_kernel"),
     (["run.use_gpu=false", "run.gpus_per_worker=0.5"], "run.gpus_per_worker"),
