@@ -23,7 +23,7 @@ import difflib
 import logging
 import math
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -464,13 +464,15 @@ def expand_aliases(layer: Mapping[str, Any]) -> dict[str, Any]:
 
 def _build(flat: Mapping[str, Any], problems: list[str] | None = None, *,
            given: Iterable[str] | None = None, defaults: Mapping[str, Any] | None = None,
-           unused_sections: Mapping[str, str] | None = None) -> ExperimentConfig:
+           preset_only: Collection[str] = (), unused_sections: Mapping[str, str] | None = None
+           ) -> ExperimentConfig:
     """The validated config of alias-free dotted names; ``problems`` already found are reported with it.
 
     With ``given`` (the names the user wrote), those whose value differs from ``defaults`` (the flat
     defaults the user started from) become :attr:`ExperimentConfig.user_set`, and the settings among
     them that would have no effect are reported: errors with the other problems, warnings logged once
-    the config is valid. ``unused_sections`` names whole sections the caller never reads, with why.
+    the config is valid (``preset_only``: see :func:`ignored_settings`). ``unused_sections`` names whole
+    sections the caller never reads, with why.
     """
     problems = list(problems or [])
     per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
@@ -495,7 +497,7 @@ def _build(flat: Mapping[str, Any], problems: list[str] | None = None, *,
         values = cfg.to_flat()
         user_set = frozenset(n for n in given if n in values and values[n] != base.get(n))
         cfg = dataclasses.replace(cfg, user_set=user_set)
-        errors, warnings = ignored_settings(cfg)
+        errors, warnings = ignored_settings(cfg, preset_only)
         problems += errors
         for section, why in (unused_sections or {}).items():
             warnings += [f"{n}={values[n]!r} has no effect: {why}" for n in sorted(user_set)
@@ -687,20 +689,30 @@ _TRACKING_OPTIONS: tuple[str, ...] = ("tracking.uri", "tracking.experiment", "tr
                                       "tracking.masks_every_updates", "tracking.offline_dir")
 
 
-def ignored_settings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+def ignored_settings(cfg: ExperimentConfig, preset_only: Collection[str] = ()) -> tuple[list[str], list[str]]:
     """The settings in ``cfg.user_set`` that the job would not use, as ``(errors, warnings)``.
 
     An error where the run would quietly be another experiment than the one asked for (a data folder
     or dataset sizes that the source does not read); a warning where the run is the one asked for and
     an option of a feature that is off has no effect (tracking, EMA, sparsity, mixing, GPU shares).
     Each line names the setting, its value, why it has no effect and the fix.
+
+    Args:
+        cfg: The config, with :attr:`~ExperimentConfig.user_set`.
+        preset_only: Names set by the preset and not by the command line. Such a data setting that the
+            command line's ``data.source`` leaves without effect is a warning: the preset was written for
+            another source (the smoke preset's sizes under ``data.source=imagenet``).
     """
     errors: list[str] = []
     warnings: list[str] = []
     values = cfg.to_flat()
+    source_from_command_line = "data.source" in cfg.user_set and "data.source" not in preset_only
 
     def flag(out: list[str], names: Iterable[str], why: str) -> None:
-        out.extend(f"{n}={values[n]!r} has no effect: {why}" for n in names if n in cfg.user_set)
+        for n in names:
+            if n in cfg.user_set:
+                demote = out is errors and source_from_command_line and n in preset_only
+                (warnings if demote else out).append(f"{n}={values[n]!r} has no effect: {why}")
 
     d, t = cfg.data, cfg.train
     if d.source in ("shapes", "synthetic"):
@@ -827,6 +839,7 @@ def load_config(path: str | Path | None = None,
     problems: list[str] = []
     flat: dict[str, Any] = _expand_aliases(defaults or {}, problems)
     given: set[str] = set()
+    preset: set[str] = set()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -840,11 +853,12 @@ def load_config(path: str | Path | None = None,
         layer = _expand_aliases(_flatten(tree), problems)
         flat.update(layer)
         given.update(layer)
+        preset.update(layer)
     layer = _expand_aliases(parse_overrides(overrides), problems)
     flat.update(layer)
     given.update(layer)
     return _build(flat, problems, given=given, defaults=_default_flat(_expand_aliases(defaults or {}, [])),
-                  unused_sections=unused_sections)
+                  preset_only=preset - set(layer), unused_sections=unused_sections)
 
 
 def replace(cfg: ExperimentConfig, updates: Mapping[str, Any]) -> ExperimentConfig:

@@ -171,3 +171,12 @@ def test_a_grid_script_names_what_its_grid_overrides(monkeypatch: pytest.MonkeyP
     assert cfg.user_set == {"sparse.sparsity", "train.epochs", "data.mixup"}  # the laptop default is not
     (warning,) = _config_warnings(caplog)
     assert warning.startswith("sparse.sparsity=0.5 has no effect: every point of the table8 grid")
+
+
+def test_preset_sizes_under_a_command_line_source_are_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The smoke preset's sizes were written for shapes; the command line chose imagenet on top of it."""
+    cfg = load_config(SMOKE, ["data.source=imagenet", "data.path=/data/imagenet"])
+    assert cfg.data.source == "imagenet"
+    assert sorted(w.split("=")[0] for w in _config_warnings(caplog)) == ["data.train_size", "data.val_size"]
+    with pytest.raises(ConfigError, match=r"data\.train_size=100"):  # given on the command line: an error
+        load_config(SMOKE, ["data.source=imagenet", "data.path=/data/imagenet", "data.train_size=100"])
