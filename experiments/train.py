@@ -21,6 +21,10 @@ from orchestrator.config import ConfigError, load_config
 _SHOWN = ("epochs_done", "train/loss", "val/top1", "val/top5", "ema/top1", "ema/top5", "sparsity/density",
           "sparsity/itop_rate", "perf/img_per_s", "data/skipped_images")
 
+#: Sections a single training run does not read.
+_UNUSED_SECTIONS = {"tune": "experiments/train.py runs one training job; tune.* configure the grid scripts "
+                            "(experiments/tune_*.py); drop it"}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,12 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, cli.overrides_from_args(args))
+        cfg = load_config(args.config, cli.overrides_from_args(args), unused_sections=_UNUSED_SECTIONS)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from orchestrator import ray_train  # after validation: a bad config never waits for Ray
     from orchestrator.preflight import PreflightError
     from orchestrator.ray_cluster import ResourceError

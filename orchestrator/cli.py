@@ -92,12 +92,14 @@ def run_grid(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    cfg = load_config(args.config, overrides_from_args(args, None if args.config else LAPTOP_DEFAULTS))
+    cfg = load_config(args.config, overrides_from_args(args), defaults=None if args.config else LAPTOP_DEFAULTS)
     # torch, Ray and MLflow are imported only once the config is known to be valid
     from orchestrator import search_space
     from orchestrator.tune_runner import run_experiment
 
     points = getattr(search_space, grid)(cfg, **grid_kwargs)
+    for line in search_space.settings_the_grid_ignores(cfg, points, parse_overrides(args.overrides)):
+        logging.getLogger("orchestrator.config").warning("%s", line)
     outcome = run_experiment(cfg, points, table=table, address=args.address, resume=args.resume)
     return cfg, outcome
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,12 +46,16 @@ __all__ = [
     "MODEL_VARIANTS",
     "MODEL_ALIASES",
     "expand_aliases",
+    "ignored_settings",
     "load_config",
     "parse_overrides",
     "replace",
     "to_yaml",
     "validate",
+    "warn_newly_ignored",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Registered model variants (timm names registered by ``slak_model``).
 MODEL_VARIANTS: tuple[str, ...] = ("slak_test", "slak_tiny", "slak_small", "slak_base")
@@ -260,6 +265,10 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    #: Dotted names the user set (preset, ``key=value`` overrides) to a value other than the default. Only
+    #: these are reported as having no effect (:func:`ignored_settings`): a default that a mode does not
+    #: use is no mistake. Not a setting: absent from the flat form, identities and comparisons.
+    user_set: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # ------------------------------------------------------------------ flat views
     def to_flat(self) -> dict[str, Any]:
@@ -453,8 +462,18 @@ def expand_aliases(layer: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build(flat: Mapping[str, Any], problems: list[str] | None = None) -> ExperimentConfig:
-    """The validated config of alias-free dotted names; ``problems`` already found are reported with it."""
+def _build(flat: Mapping[str, Any], problems: list[str] | None = None, *,
+           given: Iterable[str] | None = None, defaults: Mapping[str, Any] | None = None,
+           preset_only: Collection[str] = (), unused_sections: Mapping[str, str] | None = None
+           ) -> ExperimentConfig:
+    """The validated config of alias-free dotted names; ``problems`` already found are reported with it.
+
+    With ``given`` (the names the user wrote), those whose value differs from ``defaults`` (the flat
+    defaults the user started from) become :attr:`ExperimentConfig.user_set`, and the settings among
+    them that would have no effect are reported: errors with the other problems, warnings logged once
+    the config is valid (``preset_only``: see :func:`ignored_settings`). ``unused_sections`` names whole
+    sections the caller never reads, with why.
+    """
     problems = list(problems or [])
     per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for name, value in flat.items():
@@ -472,9 +491,38 @@ def _build(flat: Mapping[str, Any], problems: list[str] | None = None) -> Experi
     # Bad names and types keep their defaults so the value checks below still run: one error lists all.
     cfg = ExperimentConfig(**{s: _SECTIONS[s](**kw) for s, kw in per_section.items()})
     problems += _problems(cfg)
+    warnings: list[str] = []
+    if given is not None:
+        base = ExperimentConfig().to_flat() if defaults is None else defaults
+        values = cfg.to_flat()
+        user_set = frozenset(n for n in given if n in values and values[n] != base.get(n))
+        cfg = dataclasses.replace(cfg, user_set=user_set)
+        errors, warnings = ignored_settings(cfg, preset_only)
+        problems += errors
+        for section, why in (unused_sections or {}).items():
+            warnings += [f"{n}={values[n]!r} has no effect: {why}" for n in sorted(user_set)
+                         if n.startswith(f"{section}.")]
     if problems:
         raise ConfigError(problems)
+    for line in warnings:
+        logger.warning("%s", line)
     return cfg
+
+
+def _default_flat(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat defaults with an embedded defaults layer applied (values coerced, bad ones left out: the
+    layer itself is validated as part of the config)."""
+    out = ExperimentConfig().to_flat()
+    for name, value in defaults.items():
+        section, _, leaf = str(name).partition(".")
+        cls = _SECTIONS.get(section)
+        if cls is None or leaf not in _hints(cls):
+            continue
+        try:
+            out[name] = _coerce(value, _hints(cls)[leaf])
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _example(cls: type, leaf: str) -> Any:
@@ -630,6 +678,101 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+# ---------------------------------------------------------------------- settings without effect
+#: Generated sources (``orchestrator.datasets_procedural``) render their images: no file is read and
+#: none of timm's transforms run, so these settings apply to ``data.source=imagenet`` only.
+_IMAGE_FOLDER_ONLY: tuple[str, ...] = ("data.auto_augment", "data.interpolation", "data.crop_pct",
+                                       "data.on_bad_image")
+#: Sizes of the generated sources; an image folder has the images it has.
+_GENERATED_ONLY: tuple[str, ...] = ("data.train_size", "data.val_size")
+_TRACKING_OPTIONS: tuple[str, ...] = ("tracking.uri", "tracking.experiment", "tracking.log_every_steps",
+                                      "tracking.masks_every_updates", "tracking.offline_dir")
+
+
+def ignored_settings(cfg: ExperimentConfig, preset_only: Collection[str] = ()) -> tuple[list[str], list[str]]:
+    """The settings in ``cfg.user_set`` that the job would not use, as ``(errors, warnings)``.
+
+    An error where the run would quietly be another experiment than the one asked for (a data folder
+    or dataset sizes that the source does not read); a warning where the run is the one asked for and
+    an option of a feature that is off has no effect (tracking, EMA, sparsity, mixing, GPU shares).
+    Each line names the setting, its value, why it has no effect and the fix.
+
+    Args:
+        cfg: The config, with :attr:`~ExperimentConfig.user_set`.
+        preset_only: Names set by the preset and not by the command line. Such a data setting that the
+            command line's ``data.source`` leaves without effect is a warning: the preset was written for
+            another source (the smoke preset's sizes under ``data.source=imagenet``).
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    values = cfg.to_flat()
+    source_from_command_line = "data.source" in cfg.user_set and "data.source" not in preset_only
+
+    def flag(out: list[str], names: Iterable[str], why: str) -> None:
+        for n in names:
+            if n in cfg.user_set:
+                demote = out is errors and source_from_command_line and n in preset_only
+                (warnings if demote else out).append(f"{n}={values[n]!r} has no effect: {why}")
+
+    d, t = cfg.data, cfg.train
+    if d.source in ("shapes", "synthetic"):
+        generated = f"data.source={d.source!r} generates its images"
+        flag(errors, ["data.path"], f"{generated} and reads no folder; set data.source=imagenet to train on "
+             "that folder, or drop data.path")
+        flag(warnings, _IMAGE_FOLDER_ONLY, f"{generated} and applies no transforms; it is an option of "
+             "data.source=imagenet, drop it")
+        if d.source == "shapes":
+            flag(warnings, ["data.reprob"], "data.source='shapes' renders normalised images and random "
+                 "erasing runs on uint8 image batches (data.source=synthetic or imagenet); drop it")
+    elif d.source == "imagenet":
+        flag(errors, _GENERATED_ONLY, "data.source='imagenet' uses every image under data.path (train/ and "
+             "val/); sizes apply to the generated sources (shapes, synthetic) only; drop it, or use a "
+             "subset folder")
+    mixup_on, cutmix_on = d.mixup > 0, d.cutmix > 0
+    if d.mixup_prob <= 0:
+        flag(warnings, ["data.mixup", "data.cutmix", "data.mixup_switch_prob"],
+             "data.mixup_prob=0 turns Mixup/CutMix off; raise data.mixup_prob or drop it")
+    elif not (mixup_on or cutmix_on):
+        flag(warnings, ["data.mixup_prob", "data.mixup_switch_prob"],
+             "data.mixup and data.cutmix are 0, so no batch is mixed; drop it or set data.mixup/data.cutmix")
+    elif mixup_on != cutmix_on:
+        flag(warnings, ["data.mixup_switch_prob"], "it chooses between Mixup and CutMix, and only "
+             f"{'data.mixup' if mixup_on else 'data.cutmix'} is on; drop it or turn both on")
+    if not t.ema:
+        flag(warnings, ["train.ema_decay", "train.bn_recalibration_batches"],
+             "train.ema=false (both configure the EMA model); drop it or set train.ema=true")
+    if not cfg.sparse.enabled:
+        names = [f"sparse.{f.name}" for f in dataclasses.fields(cfg.sparse) if f.name != "enabled"]
+        flag(warnings, names, "sparse.enabled=false trains dense; drop it or set sparse.enabled=true")
+        if cfg.tracking.enabled:
+            flag(warnings, ["tracking.masks_every_updates"], "sparse.enabled=false trains dense, so there "
+                 "are no masks to log; drop it or set sparse.enabled=true")
+    if cfg.model.kernel_mode != "decomposed":
+        flag(warnings, ["model.short_edge"], f"model.kernel_mode={cfg.model.kernel_mode!r} has square "
+             "kernels; the short edge of the strips applies to kernel_mode=decomposed only")
+    if cfg.model.kernel_mode == "naive":
+        flag(warnings, ["model.small_kernel"], "model.kernel_mode='naive' has no small-kernel branch; use "
+             "kernel_mode=replknet or decomposed for one")
+    if cfg.run.use_gpu is False:
+        flag(warnings, ["run.gpus_per_worker"], "the workers run on CPUs (run.use_gpu=false); drop it or "
+             "set run.use_gpu=true or auto")
+    if not cfg.tracking.enabled:
+        flag(warnings, _TRACKING_OPTIONS, "tracking.enabled=false; drop it or set tracking.enabled=true")
+    if not cfg.tune.asha:
+        flag(warnings, ["tune.grace_period"], "it is the minimum number of epochs before ASHA stops a trial, "
+             "and tune.asha=false; drop it or set tune.asha=true")
+    return errors, warnings
+
+
+def warn_newly_ignored(before: ExperimentConfig, after: ExperimentConfig, why: str) -> None:
+    """Log the user's settings that ``after`` (``before`` resolved, e.g. against the cluster) no longer
+    uses, such as ``run.gpus_per_worker`` once ``run.use_gpu=auto`` found no GPU."""
+    known = set(ignored_settings(before)[1])
+    for line in ignored_settings(after)[1]:
+        if line not in known:
+            logger.warning("%s (%s)", line, why)
+
+
 # ---------------------------------------------------------------------- building
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested YAML sections (or already dotted keys) -> ``{"section.field": value}``."""
@@ -670,14 +813,33 @@ def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict
 
 
 def load_config(path: str | Path | None = None,
-                overrides: Sequence[str] | Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Defaults <- YAML preset (nested sections or dotted keys) <- dotted overrides, then validate.
+                overrides: Sequence[str] | Mapping[str, Any] | None = None, *,
+                defaults: Mapping[str, Any] | None = None,
+                unused_sections: Mapping[str, str] | None = None) -> ExperimentConfig:
+    """Defaults <- ``defaults`` <- YAML preset (nested sections or dotted keys) <- dotted overrides, then
+    validate.
+
+    What the preset and the overrides set to a non-default value is the user's
+    (:attr:`ExperimentConfig.user_set`); such a setting that would have no effect is an error when the
+    run would silently differ from what was asked (``data.path`` with a generated source), else a
+    logged warning (:func:`ignored_settings`).
+
+    Args:
+        path: A YAML preset, or None.
+        overrides: Dotted ``key=value`` items or a mapping; they win over the preset.
+        defaults: An embedded defaults layer under the preset (a script's built-in default). Its values
+            count as defaults: a setting of it that a mode does not use is not reported.
+        unused_sections: Sections the caller never reads, with why (e.g. ``tune`` in a single training
+            run); settings the user gives in them are warned about.
 
     Raises:
-        ConfigError: a missing/unreadable preset, unknown keys, wrong types or invalid values.
+        ConfigError: a missing/unreadable preset, unknown keys, wrong types, invalid values or settings
+            that would silently have no effect.
     """
-    flat: dict[str, Any] = {}
     problems: list[str] = []
+    flat: dict[str, Any] = _expand_aliases(defaults or {}, problems)
+    given: set[str] = set()
+    preset: set[str] = set()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -688,18 +850,28 @@ def load_config(path: str | Path | None = None,
             raise ConfigError([f"--config {str(p)!r}: not valid YAML ({exc})"]) from exc
         if not isinstance(tree, Mapping):
             raise ConfigError([f"--config {str(p)!r}: must hold a mapping of sections, got {type(tree).__name__}"])
-        flat.update(_expand_aliases(_flatten(tree), problems))
-    flat.update(_expand_aliases(parse_overrides(overrides), problems))
-    return _build(flat, problems)
+        layer = _expand_aliases(_flatten(tree), problems)
+        flat.update(layer)
+        given.update(layer)
+        preset.update(layer)
+    layer = _expand_aliases(parse_overrides(overrides), problems)
+    flat.update(layer)
+    given.update(layer)
+    return _build(flat, problems, given=given, defaults=_default_flat(_expand_aliases(defaults or {}, [])),
+                  preset_only=preset - set(layer), unused_sections=unused_sections)
 
 
 def replace(cfg: ExperimentConfig, updates: Mapping[str, Any]) -> ExperimentConfig:
     """A copy of ``cfg`` with dotted-name updates applied, validated; ``updates`` may use the
-    ``model.kernel_size`` shorthand (a Tune experiment stored before the typed fields holds such points)."""
+    ``model.kernel_size`` shorthand (a Tune experiment stored before the typed fields holds such points).
+
+    The copy keeps ``cfg``'s :attr:`~ExperimentConfig.user_set`: updates come from the program (grid
+    points, resources fitted to the cluster), not from the user, and are not checked for effect here.
+    """
     problems: list[str] = []
     flat = cfg.to_flat()
     flat.update(_expand_aliases(updates, problems))
-    return _build(flat, problems)
+    return dataclasses.replace(_build(flat, problems), user_set=cfg.user_set)
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

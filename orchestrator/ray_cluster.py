@@ -1,8 +1,9 @@
 """The one place this project starts or joins Ray, and what is reachable while it runs.
 
 * **Local** (no ``--address``): a single-node Ray whose every server (GCS, raylet, workers, dashboard and
-  its agents) listens on the loopback interface only, with Ray's token authentication left on (Ray
-  generates a token in ``~/.ray/auth_token``). Ray binds to the node's IP, which it looks up from the
+  its agents) listens on the loopback interface only, with Ray's token authentication on (Ray
+  generates a token in ``~/.ray/auth_token``): ``RAY_AUTH_MODE=token`` is set when unset, the mode a new
+  local Ray takes by default, so that Ray does not warn at every start that it chose it. Ray binds to the node's IP, which it looks up from the
   network; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes that IP the loopback address, which is the
   single-node mode Ray documents for laptops, so nothing answers on another interface.
 * **Cluster** (``--address``): joins it. Token authentication follows Ray's own variables
@@ -22,7 +23,13 @@ from pathlib import Path
 
 import ray
 
-from orchestrator.config import CPU_DEFAULT_WORKERS, ConfigError, ExperimentConfig, replace
+from orchestrator.config import (
+    CPU_DEFAULT_WORKERS,
+    ConfigError,
+    ExperimentConfig,
+    replace,
+    warn_newly_ignored,
+)
 
 __all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "check_local_machine", "fit_resources", "how_many",
            "init_ray",
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 LOCAL_HOST = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -42,7 +50,7 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _warn_if_auth_disabled(where: str) -> None:
-    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+    if os.environ.get(_AUTH_MODE_ENV, "").strip().lower() == "disabled":
         log.warning("Ray token authentication is OFF for %s (opted out through RAY_AUTH_MODE): any process that "
                     "can reach its ports can run code in it. Unset RAY_AUTH_MODE to turn it back on.", where)
 
@@ -53,6 +61,30 @@ def _bind_loopback_only() -> None:
     from ray._private import ray_constants  # read once at import, so the driver's copy is set too
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _choose_token_auth() -> None:
+    """Set ``RAY_AUTH_MODE=token`` for a local Ray when the caller left it unset.
+
+    Token authentication is the mode a new local Ray takes by default anyway; Ray then warns at every start
+    that it chose it, and stays quiet only when the mode was given. Ray reads the variable when it is
+    imported, so its cached config is refreshed as Ray's own default path does
+    (``authentication_token_setup._enable_token_auth``, which sets the variable for this process and its
+    children). Should that not turn token mode on (another Ray version), the variable is removed again
+    and Ray's own default applies, with its warning: the driver and the servers must agree on the mode.
+    """
+    if os.environ.get(_AUTH_MODE_ENV) is not None:
+        return
+    try:
+        from ray._private.authentication import authentication_token_setup
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        authentication_token_setup._enable_token_auth()
+        if get_authentication_mode() == AuthenticationMode.TOKEN:
+            return
+    except (ImportError, AttributeError) as exc:
+        log.debug("could not choose Ray's token authentication explicitly (%s); Ray's default applies", exc)
+    os.environ.pop(_AUTH_MODE_ENV, None)
 
 
 def init_ray(
@@ -86,6 +118,7 @@ def init_ray(
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return
     _warn_if_auth_disabled("this local Ray")
+    _choose_token_auth()
     _bind_loopback_only()
     ray.init(
         address="local",
@@ -146,7 +179,8 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
         cfg: The validated config.
         cluster: Total resources of the cluster, e.g. ``{"CPU": 16.0, "GPU": 1.0}``.
         trial_driver_cpus: CPUs each trial reserves besides its workers (1 for a Tune trial driver).
-        announce: Log the fitted resources (one line).
+        announce: Log the fitted resources (one line), and warn about the user's GPU settings that a
+            ``run.use_gpu="auto"`` resolved to CPUs leaves without effect.
 
     Returns:
         ``cfg`` with ``run.use_gpu`` True/False and ``run.num_workers`` a number (validated again).
@@ -191,6 +225,8 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
             "the settings named") from None
     each = f"{r.gpus_per_worker:g} GPU each" if use_gpu else f"{r.cpus_per_worker} CPU each"
     if announce:
+        if r.use_gpu == "auto" and not use_gpu:
+            warn_newly_ignored(cfg, resolved, "run.use_gpu=auto found no GPU in this cluster")
         log.info("resources: %d %s worker(s) per trial (%s); the cluster has %g CPUs, %g GPUs", workers,
                  "GPU" if use_gpu else "CPU", each, cpus, gpus)
     return resolved

@@ -19,6 +19,7 @@ Kernel points set the typed fields ``model.stage_kernels``, ``model.short_edge``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from orchestrator.config import ConfigError, ExperimentConfig, replace, validate
+from orchestrator.config import ConfigError, ExperimentConfig, ignored_settings, replace, validate
 from orchestrator.loop import build_meta_model
 from slak_model import published
 
@@ -45,6 +46,7 @@ __all__ = [
     "param_space",
     "parse_point",
     "scale_kernel_sizes",
+    "settings_the_grid_ignores",
     "sparsity_width_grid",
     "validate_points",
 ]
@@ -364,6 +366,27 @@ def validate_points(
     if problems:
         raise GridError(problems)
     return configs
+
+
+def settings_the_grid_ignores(base: ExperimentConfig, points: Sequence[GridPoint],
+                              names: Iterable[str]) -> list[str]:
+    """Of the user's ``names`` (e.g. the command line's ``key=value`` overrides), those that no point of the
+    grid uses, one line each: every point sets the name to a value of its own (``sparse.sparsity`` on
+    Table 8) or turns off the feature it belongs to (``sparse.*`` on Table 1's dense points)."""
+    flat = base.to_flat()
+
+    def used_by(name: str, point: GridPoint) -> bool:
+        if name in point.overrides and point.overrides[name] != flat[name]:
+            return False
+        try:
+            cfg = dataclasses.replace(replace(base, dict(point.overrides)), user_set=frozenset([name]))
+        except (ConfigError, ValueError, TypeError):
+            return True  # an invalid point is validate_points' to report
+        return ignored_settings(cfg) == ([], [])
+
+    return [f"{name}={flat[name]!r} has no effect: every point of the {points[0].table} grid sets it or turns "
+            "its feature off; drop it, or add points with the grid script's own options"
+            for name in names if name in flat and points and not any(used_by(name, p) for p in points)]
 
 
 def param_space(points: Sequence[GridPoint], *, seeds: int, constants: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,15 +9,18 @@ become KILLED, and RUNNING again when ``--resume`` picks them up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator import collate, preflight, ray_cluster, run_identity, tracking
@@ -34,9 +37,40 @@ from orchestrator.tune_trial import (
     trial_resources,
 )
 
-__all__ = ["ExperimentOutcome", "TrialStatusCallback", "fitting_concurrency", "init_ray", "run_experiment"]
+__all__ = ["TUNE_CONSOLE_ENV", "TUNE_VERBOSITY", "ExperimentOutcome", "TrialStatusCallback", "fitting_concurrency",
+           "init_ray", "quiet_tune_console", "result_loggers", "run_experiment"]
 
 logger = logging.getLogger(__name__)
+
+#: Ray Tune's console verbosity (``tune.RunConfig(verbose=...)``). Our :class:`TrialStatusCallback` logs a
+#: line per trial start and report and the grid script prints the collated table, so Tune's own output is
+#: noise: at 1 it dumps every trial's config (a box of the point's overrides) at its start and a status
+#: table every 30 s. At 0 it still prints a failed trial's error file, and the experiment's name, trial
+#: count and folder once at the start.
+TUNE_VERBOSITY = 0
+#: Ray Tune's environment switches set while a grid runs (a value the caller exported wins).
+#: ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``: Tune adds no logger callbacks of its own, so it writes no
+#: TensorBoard event files (MLflow is this project's tracker) and prints no hint to open them; the CSV and
+#: JSON result files it would add are passed explicitly (:func:`result_loggers`).
+TUNE_CONSOLE_ENV: dict[str, str] = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+def result_loggers() -> list[tune.Callback]:
+    """The per-trial result files Tune keeps (``progress.csv``, ``result.json``), without TensorBoard's."""
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+@contextlib.contextmanager
+def quiet_tune_console() -> Iterator[None]:
+    """Apply :data:`TUNE_CONSOLE_ENV` (where the caller has not set a variable) for the duration of a Tune
+    run, then restore the environment."""
+    added = {k: v for k, v in TUNE_CONSOLE_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 @dataclass
@@ -350,15 +384,14 @@ def run_experiment(
                     max_failures=cfg.tune.trial_max_failures + (cfg.run.max_failures if single else 0)
                 ),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep) if single else None,
-                # Status table only: our callback already logs one line per trial report, and verbose=2
-                # would print every trial's whole flat config when it starts.
-                verbose=1,
-                callbacks=[TrialStatusCallback(cfg, expected), *callbacks],
+                verbose=TUNE_VERBOSITY,
+                callbacks=[TrialStatusCallback(cfg, expected), *result_loggers(), *callbacks],
             ),
         )
     groups_before = _live_placement_groups()
     try:
-        results = tuner.fit()
+        with quiet_tune_console():
+            results = tuner.fit()
     except BaseException:
         if parent is not None:
             try:

@@ -52,7 +52,8 @@ def test_paper_recipe_tiny() -> None:
     "overrides, expected",
     [
         (["train.epochs=5"], {"train.epochs": 5}),
-        (["run.use_gpu=true", "data.path=/d"], {"run.use_gpu": True, "data.path": "/d"}),
+        (["run.use_gpu=true", "data.source=imagenet", "data.path=/d"],
+         {"run.use_gpu": True, "data.source": "imagenet", "data.path": "/d"}),
         (["model.stage_kernels=[51, 49, 47, 13]"], {"model.stage_kernels": [51, 49, 47, 13]}),
         (["train.clip_grad=null"], {"train.clip_grad": None}),
         ({"sparse.sparsity": 0.2}, {"sparse.sparsity": 0.2}),

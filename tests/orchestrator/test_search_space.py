@@ -178,3 +178,18 @@ def test_sweeps_without_printed_numbers_have_no_published_cells() -> None:
     from orchestrator import paper
 
     assert paper.published_cells("adapt_p").empty
+
+
+@pytest.mark.parametrize("grid, kwargs, name, ignored", [
+    ("sparsity_width_grid", {}, "sparse.sparsity", True),  # every Table 8 point sets its own
+    ("sparsity_width_grid", {}, "sparse.prune_rate", False),
+    ("kernel_size_grid", {"table": "table1"}, "sparse.prune_rate", True),  # all of Table 1 is dense
+    ("kernel_size_grid", {"table": "table2"}, "sparse.prune_rate", False),  # Table 2 has sparse points
+    ("adaptation_grid", {"sweep": "p"}, "sparse.prune_rate", True),
+])
+def test_settings_every_point_overrides_are_named(grid: str, kwargs: dict, name: str, ignored: bool) -> None:
+    base = load_config(None, {name: 0.45, "data.image_size": 64})
+    points = getattr(ss, grid)(base, **kwargs)
+    lines = ss.settings_the_grid_ignores(base, points, [name, "train.epochs"])
+    assert [line.split("=")[0] for line in lines] == ([name] if ignored else [])
+    assert all("has no effect" in line for line in lines)
