@@ -119,5 +119,5 @@ def summary_text(cfg: ExperimentConfig, outcome: ExperimentOutcome) -> str:
     if cfg.tracking.enabled:
         from orchestrator import tracking  # MLflow is imported only once a job has run
 
-        lines.append(f"open the MLflow UI: {tracking.mlflow_ui_command(cfg.tracking.uri)}")
+        lines.append(f"MLflow runs: {tracking.mlflow_ui_command(cfg.tracking.uri, cfg.tracking.experiment)}")
     return "\n".join(lines)
