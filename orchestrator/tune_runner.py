@@ -34,7 +34,8 @@ from orchestrator.tune_trial import (
     trial_resources,
 )
 
-__all__ = ["ExperimentOutcome", "TrialStatusCallback", "fitting_concurrency", "init_ray", "run_experiment"]
+__all__ = ["ExperimentOutcome", "TrialStatusCallback", "fitting_concurrency", "grid_params", "init_ray",
+           "run_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +231,33 @@ def _parent_run(
         return None
     parent_tracker = tracking.create_tracker(tracking_cfg, run_id=parent)  # RUNNING again on resume
     if not resume:
-        parent_tracker.log_params(cfg.to_flat())
+        parent_tracker.log_params(grid_params(cfg, points))
         parent_tracker.log_dict([p.to_dict() for p in points], "grid.json")
     return parent
+
+
+def grid_params(cfg: ExperimentConfig, points: Sequence[GridPoint]) -> dict[str, object]:
+    """The parent run's params: what the trials varied and what they shared.
+
+    Every setting that some point overrides becomes ``grid.<name>``, the list of its values point by point
+    (paired grids stay paired), and the seeds become ``grid.train.seed`` (and ``grid.sparse.seed`` when set);
+    every other setting keeps its own name, because every trial ran with it. The base config's value of a
+    varied setting (``sparse.sparsity=0.4``) is not logged: no trial ran it as such.
+    """
+    flat = cfg.to_flat()
+    axes = list(dict.fromkeys(name for p in points for name in p.overrides))
+    params: dict[str, object] = {name: value for name, value in flat.items() if name not in axes}
+    for name in axes:
+        params[f"grid.{name}"] = [p.overrides.get(name, flat[name]) for p in points]
+    params["grid.points"] = [p.label for p in points]
+    seeds = cfg.tune.seeds
+    if "train.seed" not in axes:
+        params.pop("train.seed", None)
+        params["grid.train.seed"] = [cfg.train.seed + i for i in range(seeds)]
+    if cfg.sparse.seed is not None and "sparse.seed" not in axes:
+        params.pop("sparse.seed", None)
+        params["grid.sparse.seed"] = [cfg.sparse.seed + i for i in range(seeds)]
+    return params
 
 
 def _finish_parent(

@@ -178,3 +178,17 @@ def test_sweeps_without_printed_numbers_have_no_published_cells() -> None:
     from orchestrator import paper
 
     assert paper.published_cells("adapt_p").empty
+
+
+def test_the_parent_run_logs_the_grids_axes_not_the_base_values(base) -> None:
+    from orchestrator.config import replace
+    from orchestrator.tune_runner import grid_params
+
+    cfg = replace(base, {"tune.seeds": 3, "train.seed": 5})
+    params = grid_params(cfg, ss.sparsity_width_grid(cfg))
+    assert "sparse.sparsity" not in params and "model.width_factor" not in params and "train.seed" not in params
+    assert params["grid.sparse.sparsity"] == [0.20, 0.40, 0.55, 0.70, 0.82]
+    assert params["grid.model.width_factor"] == [1.1, 1.3, 1.5, 1.9, 2.5]
+    assert params["grid.train.seed"] == [5, 6, 7] and params["grid.points"][0] == "0.20_1.1x__slak"
+    assert params["data.image_size"] == 64  # shared by every trial: logged under its own name
+
