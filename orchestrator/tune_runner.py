@@ -20,7 +20,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator import collate, preflight, ray_cluster, run_identity, tracking
+from orchestrator import collate, estimate, preflight, ray_cluster, run_identity, tracking
 from orchestrator.config import ExperimentConfig, TrackingConfig, replace, to_yaml
 from orchestrator.search_space import GridPoint, param_space, validate_points
 from orchestrator.tune_trial import (
@@ -103,6 +103,17 @@ def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> 
             f" and {r.num_workers * r.gpus_per_worker:g} GPUs" if r.use_gpu else "", fits,
         )
     return min(wanted, fits)
+
+
+def _announce_estimate(cfg: ExperimentConfig, points: Sequence[GridPoint], concurrent: int) -> None:
+    """Log the grid's estimated wall time before any trial starts (CPU grids on generated data)."""
+    try:
+        found = estimate.estimate_grid(cfg, points, seeds=cfg.tune.seeds, concurrent=concurrent)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never stop the experiment
+        logger.warning("could not estimate the grid's time: %s", exc)
+        return
+    if found is not None:
+        logger.info("%s", found.describe())
 
 
 def _live_placement_groups() -> set[str] | None:
@@ -354,6 +365,7 @@ def run_experiment(
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
     else:
         concurrent = fitting_concurrency(cfg, ray.cluster_resources())
+        _announce_estimate(cfg, points, concurrent)
         constants = {
             "experiment": name,
             "parent_run_id": parent,

@@ -192,3 +192,14 @@ def test_the_parent_run_logs_the_grids_axes_not_the_base_values(base) -> None:
     assert params["grid.train.seed"] == [5, 6, 7] and params["grid.points"][0] == "0.20_1.1x__slak"
     assert params["data.image_size"] == 64  # shared by every trial: logged under its own name
 
+
+def test_the_estimate_times_each_point_on_cpu(base) -> None:
+    from orchestrator.config import replace
+    from orchestrator.estimate import estimate_grid
+
+    cfg = replace(base, {"run.use_gpu": False, "run.num_workers": 1, "data.image_size": 32, "train.epochs": 2,
+                         "data.train_size": 64})
+    points = ss.sparsity_width_grid(cfg)[:2]
+    found = estimate_grid(cfg, points, seeds=3, concurrent=2)
+    assert found is not None and found.trials == 6 and found.seconds > 0 and "6 trial(s), 2 at once" in found.describe()
+    assert estimate_grid(replace(cfg, {"run.use_gpu": True}), points, seeds=1, concurrent=1) is None
