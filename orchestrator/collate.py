@@ -447,7 +447,8 @@ def _best_row_verdict(both: pd.DataFrame, paper_best: pd.Series, ours_best: pd.S
 
 def direction_lines(summary: pd.DataFrame) -> list[str]:
     """Per setting: the row the paper ranks best (and worst) beside ours, and whether the paper's
-    best-vs-worst order appears in ours (95 % intervals separate) or is not detectable.
+    best-vs-worst order appears in ours (95 % intervals separate) or is not detectable. Of rows the paper
+    ties as worst, all are named and the first in the paper's order is compared.
 
     Rows count when both the paper and we have a number; a setting with fewer than two such rows says so.
     """
@@ -465,9 +466,10 @@ def direction_lines(summary: pd.DataFrame) -> list[str]:
             lines.append(f"{setting}: the paper ranks these rows equal ({paper_best['published_top1']:.1f}).")
             continue
         agree = _best_row_verdict(both, paper_best, ours_best)
+        worst = ", ".join(both.loc[both["published_top1"] == paper_worst["published_top1"], "row"])
         lines.append(
             f"{setting}: paper ranks {paper_best['row']} best ({paper_best['published_top1']:.1f}) and "
-            f"{paper_worst['row']} worst ({paper_worst['published_top1']:.1f}); ours ranks {ours_best['row']} "
+            f"{worst} worst ({paper_worst['published_top1']:.1f}); ours ranks {ours_best['row']} "
             f"best ({ours_best['top1']:.1f}) — best row: {agree}; paper's best vs worst on ours: "
             f"{_order_verdict(paper_best, paper_worst)}."
         )

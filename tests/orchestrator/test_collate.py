@@ -266,6 +266,7 @@ def test_directions_compare_the_papers_order_with_ours() -> None:
     lines = collate.direction_lines(collate.summarize(collate.tidy_runs(agree, EXP), "table8", PUBLISHED8))
     assert len(lines) == 1 and "paper ranks 0.55/1.5x best" in lines[0] and "ours ranks 0.55/1.5x" in lines[0]
     assert "best row: agrees" in lines[0] and "same order as the paper" in lines[0]
+    assert "0.20/1.1x worst (81.3)" in lines[0]
     noisy = pd.DataFrame(
         _seeded("0.20/1.1x", [40.0, 60.0, 50.0]) + _seeded("0.40/1.3x", [45.0, 62.0, 52.0])
         + _seeded("0.55/1.5x", [41.0, 58.0, 49.0])
