@@ -25,8 +25,9 @@ __all__ = ["GridEstimate", "estimate_grid"]
 #: Measured on the 2-core laptop (RESULTS.md): a one-worker trial in a reused actor pays ~7 s of its own
 #: start-up, each concurrent actor ~15 s once; a trial of several workers starts a Ray Train job (~35 s).
 _TRIAL_START_S, _ACTOR_START_S, _TRAIN_JOB_START_S = 7.0, 15.0, 35.0
-#: Loader, evaluation, EMA, sparsity updates and reports on top of the bare steps (measured ~1.5-2x on CPU).
-_LOOP_OVERHEAD = 1.8
+#: Loader, evaluation, EMA, sparsity updates and reports on top of the bare steps, and Ray's start plus the
+#: collation at the end: fitted to the embedded Table 8 and Table 1 grids on the 2-core laptop (3.0x, 25 s).
+_LOOP_OVERHEAD, _RAY_AND_COLLATION_S = 3.0, 25.0
 
 
 @dataclass(frozen=True)
@@ -89,5 +90,5 @@ def estimate_grid(cfg: ExperimentConfig, points: Sequence[GridPoint], *, seeds: 
     start = _TRIAL_START_S if workers == 1 else _TRAIN_JOB_START_S
     trials = len(points) * seeds
     work = sum(per_point) * seeds + trials * start
-    seconds = work / max(1, concurrent) + (_ACTOR_START_S if workers == 1 else 0.0)
+    seconds = work / max(1, concurrent) + (_ACTOR_START_S if workers == 1 else 0.0) + _RAY_AND_COLLATION_S
     return GridEstimate(seconds, trials, concurrent, sum(step_times) / len(step_times))
