@@ -45,8 +45,12 @@ def runs_table_url(base: str, experiment_id: str) -> str:
 
 
 def mlflow_ui_command(uri: str, experiment: str | None = None) -> str:
-    """How to open the MLflow UI on ``uri``, and the address of ``experiment``'s runs table when it exists."""
-    exp = _client(uri).get_experiment_by_name(experiment) if experiment else None
+    """How to open the MLflow UI on ``uri``, and the address of ``experiment``'s runs table when it exists
+    (and the store answers: a server that is down only loses the address, never the job's last lines)."""
+    try:
+        exp = _client(uri).get_experiment_by_name(experiment) if experiment else None
+    except Exception:  # noqa: BLE001 - see above
+        exp = None
     if _is_http(uri):
         return f"open {runs_table_url(uri, exp.experiment_id) if exp else uri} in a browser"
     command = f"mlflow ui --backend-store-uri {uri}"
