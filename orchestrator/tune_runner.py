@@ -250,16 +250,20 @@ def _parent_run(
 def grid_params(cfg: ExperimentConfig, points: Sequence[GridPoint]) -> dict[str, object]:
     """The parent run's params: what the trials varied and what they shared.
 
-    Every setting that some point overrides becomes ``grid.<name>``, the list of its values point by point
-    (paired grids stay paired), and the seeds become ``grid.train.seed`` (and ``grid.sparse.seed`` when set);
-    every other setting keeps its own name, because every trial ran with it. The base config's value of a
+    Every setting whose value differs between points becomes ``grid.<name>``, the list of its values point by
+    point (paired grids stay paired), and the seeds become ``grid.train.seed`` (and ``grid.sparse.seed`` when
+    set); every other setting keeps its own name, because every trial ran with it. The base config's value of a
     varied setting (``sparse.sparsity=0.4``) is not logged: no trial ran it as such.
     """
     flat = cfg.to_flat()
     axes = list(dict.fromkeys(name for p in points for name in p.overrides))
     params: dict[str, object] = {name: value for name, value in flat.items() if name not in axes}
     for name in axes:
-        params[f"grid.{name}"] = [p.overrides.get(name, flat[name]) for p in points]
+        values = [p.overrides.get(name, flat[name]) for p in points]
+        if all(v == values[0] for v in values):  # set by the grid, but the same for every trial
+            params[name] = values[0]
+        else:
+            params[f"grid.{name}"] = values
     params["grid.points"] = [p.label for p in points]
     seeds = cfg.tune.seeds
     if "train.seed" not in axes:

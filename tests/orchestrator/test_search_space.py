@@ -191,6 +191,7 @@ def test_the_parent_run_logs_the_grids_axes_not_the_base_values(base) -> None:
     assert params["grid.model.width_factor"] == [1.1, 1.3, 1.5, 1.9, 2.5]
     assert params["grid.train.seed"] == [5, 6, 7] and params["grid.points"][0] == "0.20_1.1x__slak"
     assert params["data.image_size"] == 64  # shared by every trial: logged under its own name
+    assert params["sparse.enabled"] is True and "grid.sparse.enabled" not in params  # set by every point alike
 
 
 def test_the_estimate_times_each_point_on_cpu(base) -> None:
