@@ -406,7 +406,7 @@ def recipe_of(tidy: pd.DataFrame, table: str) -> Recipe:
         epochs=number("train.epochs"),
         train_size=number("data.train_size"),
         seeds=seeds,
-        data_path=str(_param(part, "data.path") or "").replace("None", ""),
+        data_path="" if str(_param(part, "data.path")) in ("None", "") else str(_param(part, "data.path")),
         paper_epochs=paper_recipe[0] if paper_recipe else None,
         paper_image_size=paper_recipe[1] if paper_recipe else None,
     )
