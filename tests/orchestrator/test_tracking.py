@@ -302,3 +302,25 @@ def test_parent_metrics_and_tables_land_in_an_existing_run(cfg: TrackingConfig, 
     client = MlflowClient(uri)
     assert client.get_run(run_id).data.metrics == {"table8/slak/0.40/1.3x/top1_mean": 61.0}
     assert [f.path for f in client.list_artifacts(run_id, "tables")] == ["tables/table8_summary.json"]
+
+
+def test_a_moved_sqlite_store_warns_that_its_artifacts_stayed_behind(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from orchestrator.tracking import _mlflow
+
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = TrackingConfig(enabled=True, uri=f"sqlite:///{old / 'mlflow.db'}", experiment="moved",
+                         offline_dir=str(tmp_path / "offline"))
+    tracking.find_or_create_run(cfg, run_name="before")
+    with caplog.at_level(logging.WARNING):
+        tracking.find_or_create_run(cfg, run_name="same place")
+    assert "moved or copied" not in caplog.text
+    shutil.copytree(old, tmp_path / "new")
+    with caplog.at_level(logging.WARNING):
+        tracking.find_or_create_run(dataclasses.replace(cfg, uri=f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"),
+                                    run_name="after")
+    assert "moved or copied" in caplog.text and str(old / "mlartifacts") in caplog.text
+    _mlflow._warned_moved.clear()
