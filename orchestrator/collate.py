@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from scipy import stats
 
 from orchestrator import paper, tracking
 
@@ -182,21 +183,6 @@ def _cell_status(group: pd.DataFrame) -> str:
     return ", ".join(parts) or "missing"
 
 
-#: Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom, used when scipy is absent.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
-def _t975(df: int) -> float:
-    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (scipy's when installed)."""
-    try:
-        from scipy import stats
-    except ImportError:
-        return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df  # within 0.002 above 30
-    return float(stats.t.ppf(0.975, df))
-
-
 def t_interval(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
     """The ``level`` confidence interval of the mean of ``values`` (Student's t; NaN with fewer than 2).
 
@@ -208,7 +194,7 @@ def t_interval(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
     n = len(values)
     if n < 2:
         return math.nan, math.nan
-    half = _t975(n - 1) * float(values.std(ddof=1)) / math.sqrt(n)
+    half = float(stats.t.ppf(0.975, n - 1)) * float(values.std(ddof=1)) / math.sqrt(n)
     mean = float(values.mean())
     return mean - half, mean + half
 
