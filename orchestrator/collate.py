@@ -188,13 +188,11 @@ def t_interval(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
 
     Seeds are few (3 by default), so the normal 1.96 would make the interval far too narrow.
     """
-    if level != 0.95:
-        raise ValueError("only 95 % intervals are implemented")
     values = pd.to_numeric(values, errors="coerce").dropna()
     n = len(values)
     if n < 2:
         return math.nan, math.nan
-    half = float(stats.t.ppf(0.975, n - 1)) * float(values.std(ddof=1)) / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(values.std(ddof=1)) / math.sqrt(n)
     mean = float(values.mean())
     return mean - half, mean + half
 
