@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator import tracking
 
         uri = cfg.tracking.uri
-        print(f"\nMLflow experiment {cfg.tracking.experiment!r}: {tracking.mlflow_ui_command(uri)}")
+        print(f"\nMLflow experiment {cfg.tracking.experiment!r}: {tracking.mlflow_ui_command(uri, cfg.tracking.experiment)}")
         pending = tracking.pending_offline(cfg.tracking.offline_dir)
         if pending:
             print(f"{pending} tracking event(s) could not reach {uri} and are kept offline in "

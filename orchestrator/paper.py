@@ -17,7 +17,7 @@ import pandas as pd
 
 from slak_model import published
 
-__all__ = ["COLUMNS", "published_cells"]
+__all__ = ["COLUMNS", "paper_recipe", "published_cells"]
 
 COLUMNS = ["row", "setting", "top1", "params_m", "flops_g"]
 
@@ -32,3 +32,15 @@ def published_cells(table: str) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     rows = [{column: getattr(cell, column) for column in COLUMNS} for cell in published.published(table)]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def paper_recipe(table: str) -> tuple[int, int] | None:
+    """``(epochs, image_size)`` of the paper's runs behind ``table`` (ImageNet-1K), or None without cells.
+
+    Collation compares a run's recipe with this before it prints a difference to the paper: a Δ between
+    runs of different length or resolution measures the recipe, not the model.
+    """
+    if table not in published.TABLES:
+        return None
+    cells = published.published(table)
+    return (cells[0].epochs, cells[0].image_size) if cells else None

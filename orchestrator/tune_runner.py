@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator import collate, preflight, ray_cluster, run_identity, tracking
+from orchestrator import collate, estimate, preflight, ray_cluster, run_identity, tracking
 from orchestrator.config import ExperimentConfig, TrackingConfig, replace, to_yaml
 from orchestrator.search_space import GridPoint, param_space, validate_points
 from orchestrator.tune_trial import (
@@ -38,7 +38,7 @@ from orchestrator.tune_trial import (
 )
 
 __all__ = ["TUNE_CONSOLE_ENV", "TUNE_VERBOSITY", "ExperimentOutcome", "TrialStatusCallback", "fitting_concurrency",
-           "init_ray", "quiet_tune_console", "result_loggers", "run_experiment"]
+           "grid_params", "init_ray", "quiet_tune_console", "result_loggers", "run_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,17 @@ def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> 
             f" and {r.num_workers * r.gpus_per_worker:g} GPUs" if r.use_gpu else "", fits,
         )
     return min(wanted, fits)
+
+
+def _announce_estimate(cfg: ExperimentConfig, points: Sequence[GridPoint], concurrent: int) -> None:
+    """Log the grid's estimated wall time before any trial starts (CPU grids on generated data)."""
+    try:
+        found = estimate.estimate_grid(cfg, points, seeds=cfg.tune.seeds, concurrent=concurrent)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never stop the experiment
+        logger.warning("could not estimate the grid's time: %s", exc)
+        return
+    if found is not None:
+        logger.info("%s", found.describe())
 
 
 def _live_placement_groups() -> set[str] | None:
@@ -264,9 +275,37 @@ def _parent_run(
         return None
     parent_tracker = tracking.create_tracker(tracking_cfg, run_id=parent)  # RUNNING again on resume
     if not resume:
-        parent_tracker.log_params(cfg.to_flat())
+        parent_tracker.log_params(grid_params(cfg, points))
         parent_tracker.log_dict([p.to_dict() for p in points], "grid.json")
     return parent
+
+
+def grid_params(cfg: ExperimentConfig, points: Sequence[GridPoint]) -> dict[str, object]:
+    """The parent run's params: what the trials varied and what they shared.
+
+    Every setting whose value differs between points becomes ``grid.<name>``, the list of its values point by
+    point (paired grids stay paired), and the seeds become ``grid.train.seed`` (and ``grid.sparse.seed`` when
+    set); every other setting keeps its own name, because every trial ran with it. The base config's value of a
+    varied setting (``sparse.sparsity=0.4``) is not logged: no trial ran it as such.
+    """
+    flat = cfg.to_flat()
+    axes = list(dict.fromkeys(name for p in points for name in p.overrides))
+    params: dict[str, object] = {name: value for name, value in flat.items() if name not in axes}
+    for name in axes:
+        values = [p.overrides.get(name, flat[name]) for p in points]
+        if all(v == values[0] for v in values):  # set by the grid, but the same for every trial
+            params[name] = values[0]
+        else:
+            params[f"grid.{name}"] = values
+    params["grid.points"] = [p.label for p in points]
+    seeds = cfg.tune.seeds
+    if "train.seed" not in axes:
+        params.pop("train.seed", None)
+        params["grid.train.seed"] = [cfg.train.seed + i for i in range(seeds)]
+    if cfg.sparse.seed is not None and "sparse.seed" not in axes:
+        params.pop("sparse.seed", None)
+        params["grid.sparse.seed"] = [cfg.sparse.seed + i for i in range(seeds)]
+    return params
 
 
 def _finish_parent(
@@ -363,6 +402,7 @@ def run_experiment(
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
     else:
         concurrent = fitting_concurrency(cfg, ray.cluster_resources())
+        _announce_estimate(cfg, points, concurrent)
         constants = {
             "experiment": name,
             "parent_run_id": parent,

@@ -150,7 +150,7 @@ class TrainingWorker:
     def on_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         cfg, step = self.cfg, trainer.step
         if self.rank == 0 and step % cfg.tracking.log_every_steps == 0:
-            self.tracker.log_metrics({"train/loss": metrics["train/loss"], "train/lr": metrics["train/lr"]}, step)
+            self.tracker.log_metrics({"train/loss_step": metrics["train/loss"], "train/lr": metrics["train/lr"]}, step)
         if self.rank == 0 and step % cfg.train.log_every_steps == 0:
             log.info("epoch %d step %d/%d (global %d): train/loss %.4f lr %.3g", trainer.epoch,
                      trainer.step_in_epoch, trainer.steps_per_epoch, step, metrics["train/loss"], metrics["train/lr"])

@@ -26,9 +26,12 @@ from orchestrator.tracking.journal import pending_offline, sync_command, sync_of
 from orchestrator.tracking.runs import (
     find_or_create_run,
     log_artifact_to_run,
+    log_metrics_to_run,
+    log_table_to_run,
     metric_history,
     mlflow_ui_command,
     runs_dataframe,
+    runs_table_url,
     set_run_status,
 )
 from orchestrator.tracking.tracker import MlflowTracker, NullTracker, Tracker, create_tracker
@@ -40,11 +43,14 @@ __all__ = [
     "create_tracker",
     "find_or_create_run",
     "log_artifact_to_run",
+    "log_metrics_to_run",
+    "log_table_to_run",
     "metric_history",
     "mlflow_ui_command",
     "pending_offline",
     "run_tags_for_environment",
     "runs_dataframe",
+    "runs_table_url",
     "set_run_status",
     "sync_command",
     "sync_offline",

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,24 +62,62 @@ def _server_reachable(uri: str, client: MlflowClient | None = None, timeout_s: f
         return False
 
 
+#: MLflow's experiment-type tag (what the UI's "experiment type" selector writes): these experiments hold
+#: training runs, not GenAI traces.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def _sqlite_artifact_root(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+
+
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
-    """Id of experiment ``name``, created on first use (artifacts beside a sqlite file, not the cwd)."""
+    """Id of experiment ``name``, created on first use (artifacts beside a sqlite file, not the cwd) and
+    marked as a machine-learning experiment (:data:`EXPERIMENT_KIND`) unless it already has a type."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        _warn_if_moved(uri, exp.artifact_location)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         # Without a location MLflow puts artifacts under the *current* directory, which differs
-        # between the driver and every Ray worker; anchor them next to the database instead.
+        # between the driver and every Ray worker; anchor them next to the database instead. MLflow's
+        # sqlite store keeps local locations as absolute paths (it resolves relative ones on creation).
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / safe).as_uri()
+        location = (_sqlite_artifact_root(uri) / safe).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:
         exp = client.get_experiment_by_name(name)  # created concurrently by another process
         if exp is None:
             raise
         return exp.experiment_id
+
+
+_warned_moved: set[str] = set()
+
+
+def _warn_if_moved(uri: str, artifact_location: str) -> None:
+    """Warn once when a sqlite store's artifacts are recorded under a folder other than the database's.
+
+    That happens when the project folder (database and ``mlartifacts/`` together) was moved or copied:
+    MLflow recorded absolute paths, so new runs still write to, and the UI still reads from, the old place.
+    """
+    if not uri.startswith("sqlite:///") or not artifact_location.startswith("file:") or uri in _warned_moved:
+        return
+    expected = _sqlite_artifact_root(uri).absolute()
+    recorded = Path(urllib.parse.unquote(urllib.parse.urlparse(artifact_location).path))
+    if recorded.parent != expected:
+        _warned_moved.add(uri)
+        logger.warning(
+            "MLflow keeps this experiment's artifacts at %s, not beside the database (%s): the folder was "
+            "moved or copied, and MLflow stores absolute paths for a sqlite store. Runs keep writing to the old "
+            "place; use a new tracking.experiment (or an MLflow server with --serve-artifacts, whose "
+            "mlflow-artifacts:/ locations do not depend on a folder) to keep new artifacts with the database.",
+            recorded, expected)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -3,30 +3,68 @@ tracking package touches mlflow)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.default_context import DefaultRunContext
+from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
 from orchestrator.config import TrackingConfig
-from orchestrator.tracking._mlflow import _FINAL_STATUSES, _client, _experiment_id, _is_http
+from orchestrator.tracking._mlflow import _FINAL_STATUSES, _apply, _client, _experiment_id, _is_http
 
 __all__ = [
     "find_or_create_run",
     "log_artifact_to_run",
+    "log_metrics_to_run",
+    "log_table_to_run",
     "metric_history",
     "mlflow_ui_command",
     "runs_dataframe",
+    "runs_table_url",
     "set_run_status",
 ]
 
 
-def mlflow_ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on ``uri`` (a server URI is simply opened in a browser)."""
+#: Where ``mlflow ui`` listens by default.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def runs_table_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI address of an experiment's runs table.
+
+    MLflow 3.x opens a bare experiment link on the tab its *workflow type* picks, and that type comes from the
+    ``workflowType`` URL parameter or else from the browser's last choice (GenAI by default: the experiment
+    then opens on the traces "Overview"). The runs tab with ``workflowType=machine_learning`` lands on the
+    runs table whatever the browser chose before.
+    """
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def mlflow_ui_command(uri: str, experiment: str | None = None) -> str:
+    """How to open the MLflow UI on ``uri``, and the address of ``experiment``'s runs table when it exists
+    (and the store answers: a server that is down only loses the address, never the job's last lines)."""
+    try:
+        exp = _client(uri).get_experiment_by_name(experiment) if experiment else None
+    except Exception:  # noqa: BLE001 - see above
+        exp = None
     if _is_http(uri):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {runs_table_url(uri, exp.experiment_id) if exp else uri} in a browser"
+    command = f"mlflow ui --backend-store-uri {uri}"
+    return f"{command}, then open {runs_table_url(LOCAL_UI, exp.experiment_id)}" if exp else command
+
+
+def _source_tags(client: MlflowClient, parent_run_id: str | None) -> dict[str, str]:
+    """``mlflow.source.name``/``.type`` and ``mlflow.user`` of a new run, so that the UI's "Source" and
+    "Created by" are filled: MLflow's own defaults (this script, this user) for a top-level run; a child
+    copies its parent's, because it is created in a Ray actor whose own script is Ray's worker."""
+    if parent_run_id:
+        tags = client.get_run(parent_run_id).data.tags
+        return {k: tags[k] for k in (MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER) if k in tags}
+    return DefaultRunContext().tags()
 
 
 # -- helpers for Tune and collation (so that only this module touches mlflow) ---------------------------
@@ -42,7 +80,7 @@ def find_or_create_run(tracking_cfg: TrackingConfig, *, run_name: str, tags: Map
         found = client.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'", max_results=1)
         if found:
             return found[0].info.run_id
-    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    all_tags = {**_source_tags(client, parent_run_id), **{k: str(v) for k, v in (tags or {}).items()}}
     if match_tag is not None:
         all_tags[match_tag[0]] = str(match_tag[1])
     if parent_run_id:
@@ -68,6 +106,17 @@ def log_artifact_to_run(uri: str, run_id: str, path: str | Path, artifact_path: 
         client.log_artifacts(run_id, str(path), artifact_path)
     else:
         client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_metrics_to_run(uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Log ``metrics`` into an existing run at ``step`` (in batches of MLflow's limit)."""
+    _apply(_client(uri), run_id, {"kind": "metrics", "metrics": {k: float(v) for k, v in metrics.items()},
+                                  "step": int(step), "timestamp": int(time.time() * 1000)})
+
+
+def log_table_to_run(uri: str, run_id: str, table: pd.DataFrame, artifact_file: str) -> None:
+    """Store ``table`` as an MLflow table artifact of an existing run (the UI shows it as a table)."""
+    _client(uri).log_table(run_id, data=table, artifact_file=artifact_file)
 
 
 def runs_dataframe(uri: str, experiment: str) -> pd.DataFrame:

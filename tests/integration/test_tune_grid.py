@@ -94,6 +94,18 @@ def test_two_trial_grid_interrupt_and_resume(ray_cluster, tmp_path: Path, worker
     history_after = tracking.metric_history(uri, [finished_run], ["val/top1"])
     assert len(history_after) == len(history_before) == 2
 
+    # the parent run: the grid's axes (not the base config's values of them), the collated cells as metrics
+    parent = tracking.runs_dataframe(uri, "itest").set_index("run_id").loc[parents["run_id"].item()]
+    assert pd.isna(parent.get("params.sparse.sparsity")) and pd.isna(parent.get("params.model.width_factor"))
+    assert parent["params.grid.sparse.sparsity"] == "[0.2, 0.4]"
+    assert parent["params.grid.model.width_factor"] == "[1.1, 1.3]"
+    assert parent["params.grid.train.seed"] == "[0]" and parent["params.train.epochs"] == "2"
+    assert parent["metrics.table8/slak/0.20/1.1x/seeds"] == 1
+    assert parent["tags.mlflow.source.name"] and parent["tags.mlflow.user"]
+    for run_id in children["run_id"]:  # the trials' runs name the driver's script, not Ray's worker
+        assert tracking.runs_dataframe(uri, "itest").set_index("run_id").loc[
+            run_id, "tags.mlflow.source.name"] == parent["tags.mlflow.source.name"]
+
     table = second.collated.tables["table8"].set_index("row")
     assert list(table.loc[["0.20/1.1x", "0.40/1.3x"], "seeds"]) == [1, 1]
     assert table.loc["0.20/1.1x", "top1"] >= 0.0

@@ -123,8 +123,9 @@ def test_display_markdown_and_latex_mark_missing_cells(runs: pd.DataFrame) -> No
     summary = collate.summarize(collate.tidy_runs(runs, EXP), "table8", PUBLISHED8)
     summary = summary[summary["setting"] == "slak"]
     display = collate.to_display(summary)
-    assert list(display.columns[:3]) == ["row", "top-1", "best"]
+    assert list(display.columns[:4]) == ["row", "top-1", "95% CI", "vs best"]
     assert display.loc[0, "top-1"] == "71.0 ± 1.4"
+    assert display.loc[0, "95% CI"] == "[58.3, 83.7]"  # t(0.975, 1) = 12.706 times the standard error 1.0
     assert display.loc[2, "top-1"] == "—"
     markdown = collate.to_markdown(display, "T8")
     assert markdown.startswith("### T8") and "| 0.55/1.5x | — |" in markdown
@@ -146,7 +147,9 @@ def test_multi_setting_tables_get_one_column_group_per_setting() -> None:
             "top1": [81.0, 80.5, 81.5],
         }
     )
-    display = collate.to_display(collate.summarize(collate.tidy_runs(runs, EXP), "table1", published))
+    imagenet = collate.Recipe(source="imagenet", image_size=224, epochs=120, seeds=1, paper_epochs=120,
+                              paper_image_size=224)
+    display = collate.to_display(collate.summarize(collate.tidy_runs(runs, EXP), "table1", published), imagenet)
     assert list(display["row"]) == ["7-7-7-7", "31-29-27-13"]
     assert display.loc[1, "naive top-1"] == "60.0" and display.loc[1, "replknet top-1"] == "65.0"
     assert display.loc[0, "replknet status"] == "missing"
@@ -191,3 +194,106 @@ def test_rows_without_published_cells_follow_the_numeric_axis() -> None:
     summary = collate.summarize(collate.tidy_runs(runs, EXP), "adapt_f", None)
     assert list(summary["row"]) == ["f=20", "f=100", "f=1000"]
     assert summary["published_top1"].isna().all()
+
+
+def _seeded(row: str, values: list[float], *, table: str = "table8", setting: str = "slak",
+            collapsed: list[float] | None = None, **params: str) -> list[dict]:
+    records = []
+    for i, value in enumerate(values):
+        record = _run(f"{row}-{setting}-{i}", row, i, top1=value, table=table, setting=setting)
+        record.update({f"params.{k.replace('__', '.')}": v for k, v in params.items()})
+        if collapsed is not None:
+            record["metrics.sparsity/collapsed_layers"] = collapsed[i]
+        records.append(record)
+    return records
+
+
+def test_t_interval_uses_students_t_and_needs_two_values() -> None:
+    low, high = collate.t_interval(pd.Series([70.0, 72.0, 74.0]))
+    assert (low + high) / 2 == pytest.approx(72.0)
+    assert high - low == pytest.approx(2 * 4.303 * 2.0 / math.sqrt(3), rel=1e-3)  # t(0.975, 2) * s / sqrt(n)
+    assert all(math.isnan(v) for v in collate.t_interval(pd.Series([70.0])))
+
+
+def test_rows_are_compared_with_the_best_by_their_intervals() -> None:
+    runs = pd.DataFrame(
+        _seeded("0.20/1.1x", [70.0, 71.0, 72.0])
+        + _seeded("0.40/1.3x", [69.0, 71.5, 73.0])  # overlaps the best
+        + _seeded("0.55/1.5x", [40.0, 41.0, 42.0])  # far below
+    )
+    summary = collate.summarize(collate.tidy_runs(runs, EXP), "table8", PUBLISHED8).set_index("row")
+    assert summary.loc["0.40/1.3x", "vs_best"] == collate.BEST  # highest mean, 71.17
+    assert summary.loc["0.20/1.1x", "vs_best"] == "no difference detectable"
+    assert summary.loc["0.55/1.5x", "vs_best"] == "lower"
+    one_seed = collate.summarize(collate.tidy_runs(pd.DataFrame(_seeded("0.20/1.1x", [70.0])
+                                                                + _seeded("0.40/1.3x", [60.0])), EXP),
+                                 "table8", PUBLISHED8).set_index("row")
+    assert one_seed.loc["0.40/1.3x", "vs_best"] == collate.NO_INTERVAL
+
+
+def test_a_proxy_shows_the_paper_as_context_and_no_delta() -> None:
+    runs = pd.DataFrame(
+        _seeded("0.20/1.1x", [30.0, 31.0, 32.0], data__source="shapes", data__image_size="32",
+                train__epochs="10", data__train_size="1024")
+    )
+    tidy = collate.tidy_runs(runs, EXP)
+    recipe = collate.recipe_of(tidy, "table8")
+    assert recipe.proxy and recipe.seeds == 3 and recipe.epochs == 10 and recipe.image_size == 32
+    assert (recipe.paper_epochs, recipe.paper_image_size) == (120, 224)
+    text = recipe.describe()
+    assert "LAPTOP PROXY" in text and "shapes" in text and "1,024" in text and "3 seeds" in text
+    display = collate.to_display(collate.summarize(tidy, "table8", PUBLISHED8), recipe)
+    assert "Δ" not in display.columns and "paper (context)" in display.columns
+
+
+def test_imagenet_prints_delta_and_says_when_the_recipe_differs() -> None:
+    short = collate.Recipe(source="imagenet", image_size=160, epochs=30, seeds=1, data_path="/data/in",
+                           paper_epochs=120, paper_image_size=224)
+    assert not short.proxy and not short.matches_paper and "DIFFERS" in short.describe()
+    same = collate.Recipe(source="imagenet", image_size=224, epochs=120, seeds=1, paper_epochs=120,
+                          paper_image_size=224)
+    assert same.matches_paper and "matches the paper's" in same.describe()
+    summary = collate.summarize(collate.tidy_runs(pd.DataFrame(_seeded("0.20/1.1x", [80.0])), EXP), "table8",
+                                PUBLISHED8)
+    assert collate.to_display(summary, short).loc[0, "Δ"] == "-1.3"
+
+
+def test_directions_compare_the_papers_order_with_ours() -> None:
+    agree = pd.DataFrame(
+        _seeded("0.20/1.1x", [50.0, 51.0, 52.0]) + _seeded("0.40/1.3x", [60.0, 61.0, 62.0])
+        + _seeded("0.55/1.5x", [70.0, 71.0, 72.0])
+    )
+    lines = collate.direction_lines(collate.summarize(collate.tidy_runs(agree, EXP), "table8", PUBLISHED8))
+    assert len(lines) == 1 and "paper ranks 0.55/1.5x best" in lines[0] and "ours ranks 0.55/1.5x" in lines[0]
+    assert "best row: agrees" in lines[0] and "same order as the paper" in lines[0]
+    assert "0.20/1.1x worst (81.3)" in lines[0]
+    noisy = pd.DataFrame(
+        _seeded("0.20/1.1x", [40.0, 60.0, 50.0]) + _seeded("0.40/1.3x", [45.0, 62.0, 52.0])
+        + _seeded("0.55/1.5x", [41.0, 58.0, 49.0])
+    )
+    lines = collate.direction_lines(collate.summarize(collate.tidy_runs(noisy, EXP), "table8", PUBLISHED8))
+    assert "no difference detectable" in lines[0] and "agrees" not in lines[0]
+    reversed_ = pd.DataFrame(_seeded("0.20/1.1x", [70.0, 71.0, 72.0]) + _seeded("0.55/1.5x", [40.0, 41.0, 42.0]))
+    lines = collate.direction_lines(collate.summarize(collate.tidy_runs(reversed_, EXP), "table8", PUBLISHED8))
+    assert "DIFFERS" in lines[0] and "REVERSED" in lines[0]
+
+
+def test_collapsed_layers_mark_the_row_when_the_metric_is_there(tmp_path: Path) -> None:
+    runs = pd.DataFrame(
+        _seeded("0.20/1.1x", [50.0, 51.0, 52.0], collapsed=[0.0, 2.0, 0.0])
+        + _seeded("0.40/1.3x", [60.0, 61.0, 62.0], collapsed=[0.0, 0.0, 0.0])
+        + _seeded("0.55/1.5x", [70.0, 71.0, 72.0])  # metric absent: unknown, no mark
+    )
+    summary = collate.summarize(collate.tidy_runs(runs, EXP), "table8", PUBLISHED8).set_index("row")
+    assert summary.loc["0.20/1.1x", "collapsed"] == 1 and summary.loc["0.20/1.1x", "status"] == "3 done, 1 collapsed"
+    assert summary.loc["0.40/1.3x", "collapsed"] == 0 and summary.loc["0.40/1.3x", "status"] == "3 done"
+    assert math.isnan(summary.loc["0.55/1.5x", "collapsed"]) and summary.loc["0.55/1.5x", "status"] == "3 done"
+    png = collate.plot_table(summary.reset_index(), "table8", tmp_path / "t8.png")
+    assert png is not None and png.stat().st_size > 0
+
+
+def test_summary_metrics_name_every_cell_with_allowed_characters() -> None:
+    runs = pd.DataFrame(_seeded("N=5", [50.0, 52.0], table="table9"))
+    metrics = collate.summary_metrics(collate.summarize(collate.tidy_runs(runs, EXP), "table9", None), "table9")
+    assert metrics["table9/slak/N_5/top1_mean"] == pytest.approx(51.0)
+    assert metrics["table9/slak/N_5/seeds"] == 2 and "table9/slak/N_5/top1_ci_low" in metrics

@@ -193,3 +193,29 @@ def test_settings_every_point_overrides_are_named(grid: str, kwargs: dict, name:
     lines = ss.settings_the_grid_ignores(base, points, [name, "train.epochs"])
     assert [line.split("=")[0] for line in lines] == ([name] if ignored else [])
     assert all("has no effect" in line for line in lines)
+
+
+def test_the_parent_run_logs_the_grids_axes_not_the_base_values(base) -> None:
+    from orchestrator.config import replace
+    from orchestrator.tune_runner import grid_params
+
+    cfg = replace(base, {"tune.seeds": 3, "train.seed": 5})
+    params = grid_params(cfg, ss.sparsity_width_grid(cfg))
+    assert "sparse.sparsity" not in params and "model.width_factor" not in params and "train.seed" not in params
+    assert params["grid.sparse.sparsity"] == [0.20, 0.40, 0.55, 0.70, 0.82]
+    assert params["grid.model.width_factor"] == [1.1, 1.3, 1.5, 1.9, 2.5]
+    assert params["grid.train.seed"] == [5, 6, 7] and params["grid.points"][0] == "0.20_1.1x__slak"
+    assert params["data.image_size"] == 64  # shared by every trial: logged under its own name
+    assert params["sparse.enabled"] is True and "grid.sparse.enabled" not in params  # set by every point alike
+
+
+def test_the_estimate_times_each_point_on_cpu(base) -> None:
+    from orchestrator.config import replace
+    from orchestrator.estimate import estimate_grid
+
+    cfg = replace(base, {"run.use_gpu": False, "run.num_workers": 1, "data.image_size": 32, "train.epochs": 2,
+                         "data.train_size": 64})
+    points = ss.sparsity_width_grid(cfg)[:2]
+    found = estimate_grid(cfg, points, seeds=3, concurrent=2)
+    assert found is not None and found.trials == 6 and found.seconds > 0 and "6 trial(s), 2 at once" in found.describe()
+    assert estimate_grid(replace(cfg, {"run.use_gpu": True}), points, seeds=1, concurrent=1) is None

@@ -298,3 +298,66 @@ def test_a_training_process_never_sets_its_runs_final_status(cfg: TrackingConfig
     assert run.info.status == "RUNNING" and "val/top1" in run.data.metrics  # flushed, status left to the owner
     tracking.create_tracker(exp.tracking, run_id=run_id).end("FAILED")  # what the owner does
     assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_experiments_are_ml_kind_and_the_ui_link_lands_on_the_runs_table(cfg: TrackingConfig, uri: str) -> None:
+    parent = tracking.find_or_create_run(cfg, run_name="parent")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    # MLflow's experiment-type setting: a training experiment, not a GenAI one
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    command = tracking.mlflow_ui_command(uri, cfg.experiment)
+    assert command.startswith(f"mlflow ui --backend-store-uri {uri}")
+    assert command.endswith(f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+                            "?workflowType=machine_learning")
+    assert tracking.mlflow_ui_command("http://host:5000", None) == "open http://host:5000 in a browser"
+    assert client.get_run(parent).info.artifact_uri.startswith(Path(uri[len("sqlite:///"):]).parent.as_uri())
+
+
+def test_new_runs_name_their_source_and_user_and_children_inherit_them(cfg: TrackingConfig, uri: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["experiments/tune_sparsity_width.py"])
+    parent = tracking.find_or_create_run(cfg, run_name="parent")
+    monkeypatch.setattr(sys, "argv", ["/ray/default_worker.py"])  # what a Ray actor runs
+    child = tracking.find_or_create_run(cfg, run_name="child", parent_run_id=parent)
+    client = MlflowClient(uri)
+    for run_id in (parent, child):
+        tags = client.get_run(run_id).data.tags
+        assert tags["mlflow.source.name"] == "experiments/tune_sparsity_width.py", run_id
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_parent_metrics_and_tables_land_in_an_existing_run(cfg: TrackingConfig, uri: str) -> None:
+    import pandas as pd
+
+    run_id = tracking.find_or_create_run(cfg, run_name="parent")
+    tracking.log_metrics_to_run(uri, run_id, {"table8/slak/0.40/1.3x/top1_mean": 61.0})
+    tracking.log_table_to_run(uri, run_id, pd.DataFrame({"row": ["0.40/1.3x"], "top1": [61.0]}),
+                              "tables/table8_summary.json")
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).data.metrics == {"table8/slak/0.40/1.3x/top1_mean": 61.0}
+    assert [f.path for f in client.list_artifacts(run_id, "tables")] == ["tables/table8_summary.json"]
+
+
+def test_a_moved_sqlite_store_warns_that_its_artifacts_stayed_behind(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from orchestrator.tracking import _mlflow
+
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = TrackingConfig(enabled=True, uri=f"sqlite:///{old / 'mlflow.db'}", experiment="moved",
+                         offline_dir=str(tmp_path / "offline"))
+    tracking.find_or_create_run(cfg, run_name="before")
+    with caplog.at_level(logging.WARNING):
+        tracking.find_or_create_run(cfg, run_name="same place")
+    assert "moved or copied" not in caplog.text
+    shutil.copytree(old, tmp_path / "new")
+    with caplog.at_level(logging.WARNING):
+        tracking.find_or_create_run(dataclasses.replace(cfg, uri=f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"),
+                                    run_name="after")
+    assert "moved or copied" in caplog.text and str(old / "mlartifacts") in caplog.text
+    _mlflow._warned_moved.clear()
