@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray import tune
@@ -330,6 +331,95 @@ def _finish_parent(
     )
 
 
+def _check_before_start(cfg: ExperimentConfig, points: Sequence[GridPoint]) -> None:
+    """Every point's config and model (meta device) and the data, before Ray starts."""
+    validate_points(cfg, points, seeds=cfg.tune.seeds)
+    data_problems = preflight.check_data(cfg)
+    if data_problems:
+        lines = "\n".join(f"  - {p}" for p in data_problems)
+        raise preflight.PreflightError(f"the experiment cannot start:\n{lines}")
+
+
+def _experiment_name(cfg: ExperimentConfig, table: str, resume: bool) -> str:
+    """``run.name``, the newest restorable experiment of ``table`` (resume), or ``<table>-<UTC time>``.
+
+    Raises:
+        ValueError: nothing to resume, or a new experiment would overwrite an existing one.
+    """
+    storage = Path(cfg.run.storage_path)
+    name = cfg.run.name or None
+    if resume:
+        name = name or _latest_experiment(storage, table)
+        if name is None or not tune.Tuner.can_restore(storage / name):
+            raise ValueError(
+                f"--resume: no restorable experiment {name or table + '-*'} under "
+                f"run.storage_path={storage}; start a new one without --resume"
+            )
+        return name
+    name = name or f"{table}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    if tune.Tuner.can_restore(storage / name):
+        raise ValueError(
+            f"run.name={name!r} already exists under run.storage_path={storage}; pass --resume "
+            "to continue it, or choose another run.name"
+        )
+    return name
+
+
+def _build_tuner(cfg: ExperimentConfig, points: Sequence[GridPoint], name: str, parent: str | None, resume: bool,
+                 callbacks: Sequence[tune.Callback]) -> tune.Tuner:
+    """A new Tuner for the grid, or the experiment's own restored.
+
+    The typed config travels whole to every trial (also after a restore, where the identity check guaranteed
+    that it equals the experiment's own in everything that shapes a result). With one worker per trial the
+    trial trains in its own actor, which Tune reuses and retries from the trial's checkpoints.
+    """
+    storage = Path(cfg.run.storage_path)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), trial_resources(cfg))
+    if resume:
+        logger.info("resuming experiment %s from %s", name, storage / name)
+        return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
+    single = in_process(cfg)
+    concurrent = fitting_concurrency(cfg, ray.cluster_resources())
+    _announce_estimate(cfg, points, concurrent)
+    expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(points, seeds=cfg.tune.seeds, constants={"experiment": name, "parent_run_id": parent}),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrent,
+            scheduler=_scheduler(cfg),
+            reuse_actors=single,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(
+                max_failures=cfg.tune.trial_max_failures + (cfg.run.max_failures if single else 0)
+            ),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep) if single else None,
+            verbose=TUNE_VERBOSITY,
+            callbacks=[TrialStatusCallback(cfg, expected), *result_loggers(), *callbacks],
+        ),
+    )
+
+
+def _fit(tuner: tune.Tuner, tracking_cfg: TrackingConfig, name: str, parent: str | None) -> Any:
+    """``tuner.fit()``; if it raises (Ctrl-C, a driver error), the experiment's MLflow runs become KILLED."""
+    try:
+        with quiet_tune_console():
+            return tuner.fit()
+    except BaseException:
+        if parent is not None:
+            try:
+                _close_unfinished_runs(tracking_cfg, name)
+                tracking.set_run_status(tracking_cfg.uri, parent, "KILLED")
+            except Exception as exc:  # noqa: BLE001 - keep the original error
+                logger.warning("could not mark the MLflow runs of %s KILLED: %s", name, exc)
+        raise
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     points: Sequence[GridPoint],
@@ -359,27 +449,9 @@ def run_experiment(
     """
     started = time.monotonic()
     cfg = _absolute_paths(cfg)
-    validate_points(cfg, points, seeds=cfg.tune.seeds)  # every point's config and model (meta device)
-    data_problems = preflight.check_data(cfg)
-    if data_problems:
-        lines = "\n".join(f"  - {p}" for p in data_problems)
-        raise preflight.PreflightError(f"the experiment cannot start:\n{lines}")
+    _check_before_start(cfg, points)
+    name = _experiment_name(cfg, table, resume)
     storage = Path(cfg.run.storage_path)
-    name = cfg.run.name or None
-    if resume:
-        name = name or _latest_experiment(storage, table)
-        if name is None or not tune.Tuner.can_restore(storage / name):
-            raise ValueError(
-                f"--resume: no restorable experiment {name or table + '-*'} under "
-                f"run.storage_path={storage}; start a new one without --resume"
-            )
-    else:
-        name = name or f"{table}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-        if tune.Tuner.can_restore(storage / name):
-            raise ValueError(
-                f"run.name={name!r} already exists under run.storage_path={storage}; pass --resume "
-                "to continue it, or choose another run.name"
-            )
     cfg = init_ray(cfg, address)  # resources fitted (or refused) before anything is recorded or created
     settings = {
         **run_identity.identity(cfg.to_flat()),
@@ -388,76 +460,20 @@ def run_experiment(
     }
     run_identity.check_or_record(str(storage), name, settings, yaml_text=to_yaml(cfg), what="experiment")
     tracking_cfg = cfg.tracking
-    parent = (
-        _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None
-    )
-    # The typed config travels whole to every trial (also after a restore, where the identity check above
-    # guaranteed that it equals the experiment's own in everything that shapes a result).
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), trial_resources(cfg))
-    # one worker: the trial trains in its own actor, which Tune then reuses (and retries from its checkpoints)
-    single = in_process(cfg)
-    expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
-    if resume:
-        logger.info("resuming experiment %s from %s", name, storage / name)
-        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
-    else:
-        concurrent = fitting_concurrency(cfg, ray.cluster_resources())
-        _announce_estimate(cfg, points, concurrent)
-        constants = {
-            "experiment": name,
-            "parent_run_id": parent,
-        }
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(points, seeds=cfg.tune.seeds, constants=constants),
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=concurrent,
-                scheduler=_scheduler(cfg),
-                reuse_actors=single,
-                trial_name_creator=trial_name,
-                trial_dirname_creator=trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(storage),
-                failure_config=tune.FailureConfig(
-                    max_failures=cfg.tune.trial_max_failures + (cfg.run.max_failures if single else 0)
-                ),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep) if single else None,
-                verbose=TUNE_VERBOSITY,
-                callbacks=[TrialStatusCallback(cfg, expected), *result_loggers(), *callbacks],
-            ),
-        )
+    parent = _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None
     groups_before = _live_placement_groups()
-    try:
-        with quiet_tune_console():
-            results = tuner.fit()
-    except BaseException:
-        if parent is not None:
-            try:
-                _close_unfinished_runs(tracking_cfg, name)
-                tracking.set_run_status(tracking_cfg.uri, parent, "KILLED")
-            except Exception as exc:  # noqa: BLE001 - keep the original error
-                logger.warning("could not mark the MLflow runs of %s KILLED: %s", name, exc)
-        raise
+    results = _fit(_build_tuner(cfg, points, name, parent, resume, callbacks), tracking_cfg, name, parent)
     errors = results.num_errors
-    trials = max(expected, len(results))
+    trials = max(len(points) * cfg.tune.seeds, len(results))
     interrupted = results.num_terminated + errors < trials
     if interrupted:
         _release_leaked_placement_groups(groups_before)
-    outcome = ExperimentOutcome(
-        name, storage / name, parent, trials, errors, interrupted, time.monotonic() - started
-    )
+    outcome = ExperimentOutcome(name, storage / name, parent, trials, errors, interrupted, time.monotonic() - started)
     if parent is not None:
         try:
             _finish_parent(tracking_cfg, parent, outcome, collate_into)
         except Exception as exc:  # noqa: BLE001 - the trials are done; the tables can be rebuilt later
-            logger.warning(
-                "could not collate %s from MLflow (%s); rebuild the tables later with "
-                "python experiments/collate_tables.py --experiment %s",
-                name,
-                exc,
-                name,
-            )
+            logger.warning("could not collate %s from MLflow (%s); rebuild the tables later with "
+                           "python experiments/collate_tables.py --experiment %s", name, exc, name)
     outcome.seconds = time.monotonic() - started
     return outcome
