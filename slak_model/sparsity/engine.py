@@ -66,14 +66,18 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def layer_group(name: str) -> str:
-    """The metric group of a parameter name: ``stem``, ``stage1``..``stage4``, ``head`` or ``other``."""
+    """The metric group of a parameter name: ``stem``, ``stages.0``..``stages.3``, ``head`` or ``other``.
+
+    Groups are named like the modules that hold them, so a group in a metric key
+    (``sparsity/density/stages.0``) is the prefix of its layers' names.
+    """
     if name.startswith("stem."):
         return "stem"
     if name.startswith("head."):
         return "head"
     match = _STAGE_RE.match(name)
     if match:
-        return f"stage{int(match.group(1)) + 1}"
+        return f"stages.{int(match.group(1))}"
     return "other"
 
 
