@@ -19,7 +19,7 @@ from orchestrator import cli
 from orchestrator.config import ConfigError, load_config
 
 _SHOWN = ("epochs_done", "train/loss", "val/top1", "val/top5", "ema/top1", "ema/top5", "sparsity/density",
-          "sparsity/itop_rate", "perf/img_per_s", "data/skipped_images")
+          "sparsity/itop_rate", "sparsity/collapsed_layers", "perf/img_per_s", "data/skipped_images")
 
 #: Sections a single training run does not read.
 _UNUSED_SECTIONS = {"tune": "experiments/train.py runs one training job; tune.* configure the grid scripts "
@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in _SHOWN:
         if key in metrics:
             print(f"| {key} | {metrics[key]:.4g} |")
+    if metrics.get("sparsity/collapsed_layers"):
+        print(f"\nwarning: {int(metrics['sparsity/collapsed_layers'])} sparse layer(s) collapsed (density at or below "
+              f"sparse.collapse_threshold={cfg.sparse.collapse_threshold:g}); their names are in the run's tag "
+              "slak.collapsed_layers and the log. Set sparse.min_density (e.g. 0.05) to keep a floor in every layer")
     if cfg.tracking.enabled:
         from orchestrator import tracking
 

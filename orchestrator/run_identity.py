@@ -35,7 +35,8 @@ IDENTITY_FILE = "slak_run_config.json"
 CONFIG_FILE = "config.yaml"
 RUN_ONLY_SECTIONS = ("run.", "tracking.", "tune.")
 CHANGEABLE_ON_CONTINUE = frozenset(
-    {"data.workers", "train.log_every_steps", "train.checkpoint_every_steps", "train.eval_every_epochs"}
+    {"data.workers", "train.log_every_steps", "train.checkpoint_every_steps", "train.eval_every_epochs",
+     "sparse.collapse_threshold"}
 )
 _MISSING = "<not set>"
 #: Why a setting cannot change on a continuation, where that is not obvious.

@@ -31,11 +31,14 @@ from orchestrator.checkpoints import MANIFEST, load_checkpoint_dir, save_checkpo
 from orchestrator.config import to_yaml
 from orchestrator.loop import Trainer
 
-__all__ = ["FAULT_ENV", "InjectedFault", "ReportedCheckpoint", "TrainingWorker", "WorkerSession", "run_worker"]
+__all__ = ["COLLAPSE_TAG", "FAULT_ENV", "InjectedFault", "ReportedCheckpoint", "TrainingWorker", "WorkerSession",
+           "run_worker"]
 
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "SLAK_FAULT_INJECT"
+#: Run tag naming the sparse layers that collapsed (comma-separated); absent when none did.
+COLLAPSE_TAG = "slak.collapsed_layers"
 
 
 class InjectedFault(RuntimeError):
@@ -141,6 +144,8 @@ class TrainingWorker:
                 f"{k} {v:.2f} s" for k, v in phases.items() if k != "worker"))
         self._startup_reported = False
         self._masks_logged_at = self._updates()
+        self._collapse_tagged: list[str] = []
+        self._tag_collapse()
 
     def _updates(self) -> int:
         engine = self.trainer.engine
@@ -160,6 +165,31 @@ class TrainingWorker:
             report = {**self.last_metrics, **metrics, "epochs_done": float(trainer.epoch)}
             self._report(report, f"step_{step:08d}")
         self._maybe_fail(step)
+
+    def _collapsed_layers(self) -> list[str]:
+        engine = self.trainer.engine
+        return engine.collapsed_layers() if engine is not None and self.trainer.sparsity_ready else []
+
+    def _tag_collapse(self) -> None:
+        """Tag the run ``slak.collapsed_layers`` (comma-separated layer names) once layers collapse, so that
+        tables and the MLflow UI can mark it; a run without collapsed layers gets no such tag."""
+        collapsed = self._collapsed_layers()
+        if self.rank == 0 and collapsed and collapsed != self._collapse_tagged:
+            self.tracker.set_tags({COLLAPSE_TAG: ",".join(collapsed)})
+            self._collapse_tagged = collapsed
+
+    def _note_collapse(self) -> None:
+        """Say in the finished run's description and the log that its result comes from a model with empty
+        layers: the run is FINISHED like any other, so nothing else would tell."""
+        collapsed = self._collapsed_layers()
+        if self.rank != 0 or not collapsed:
+            return
+        s = self.cfg.sparse
+        note = (f"{len(collapsed)} sparse layer(s) collapsed (density <= sparse.collapse_threshold="
+                f"{s.collapse_threshold:g}), so this result is of a model without them: {', '.join(collapsed)}. "
+                "Set sparse.min_density (e.g. 0.05) to keep a floor in every layer.")
+        log.warning("run %s: %s", self.run_name, note)
+        self.tracker.set_tags({"mlflow.note.content": note})
 
     def _maybe_log_masks(self) -> None:
         every = self.cfg.tracking.masks_every_updates
@@ -216,6 +246,7 @@ class TrainingWorker:
                 metrics.update(trainer.evaluate_all(self.val_loader, self.train_loader
                                                     if cfg.train.bn_recalibration_batches else None))
             metrics.update(trainer.sparsity_metrics())
+            self._tag_collapse()
             if cfg.data.on_bad_image == "skip":
                 metrics["data/skipped_images"] = self._skipped_images()
             trainer.end_epoch()
@@ -262,6 +293,7 @@ class TrainingWorker:
     def _finish(self) -> None:
         if self.rank != 0:
             return
+        self._note_collapse()
         engine = self.trainer.engine
         if engine is not None and self.trainer.sparsity_ready:
             self.tracker.log_masks(engine.masks, self.trainer.step)

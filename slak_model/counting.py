@@ -8,9 +8,10 @@ per-token pointwise linears once per image). The count here is analytic: every c
 size follows from the module structure and the input size, so no forward pass runs and models built on
 the ``meta`` device count too (their weights are taken as dense).
 
-Stages: ``stem`` (stem conv + norm), ``stage1``..``stage4`` (``stages.{i}`` including its
-``downsample``: the 2x2 conv that enters stage i+1 is counted with stage i+1, as the paper's per-stage
-tables group it), ``head`` (final norm + classifier).
+Stages: ``stem`` (stem conv + norm), ``stages.0``..``stages.3`` (named like their modules
+``stages.{i}``, the names the parameters and the sparsity metrics use; each with its ``downsample``: the 2x2
+conv that enters a stage is counted with it, as the paper's per-stage tables group it), ``head`` (final
+norm + classifier).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Complexity:
         nonzero_params: Parameters that are nonzero (or unmasked); the paper's sparse "#Params".
         macs: Dense multiply-accumulates of convs and linears for one image.
         sparse_macs: The same on nonzero weights only; the paper's "FLOPs".
-        per_stage: ``stem``, ``stage1``..``stage4``, ``head`` -> :class:`StageComplexity`.
+        per_stage: ``stem``, ``stages.0``..``stages.3``, ``head`` -> :class:`StageComplexity`.
         image_size: Input (H, W) the MACs are for.
     """
 
@@ -81,7 +82,7 @@ def _stage_of(name: str) -> str:
     if name.startswith("stem"):
         return "stem"
     if name.startswith("stages."):
-        return f"stage{int(name.split('.')[1]) + 1}"
+        return f"stages.{int(name.split('.')[1])}"
     return "head"
 
 
@@ -93,7 +94,7 @@ def _spatial_sizes(model: nn.Module, image_size: tuple[int, int]) -> dict[str, t
     for i, stage in enumerate(model.stages):
         if not isinstance(stage.downsample, nn.Identity):
             h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
-        sizes[f"stage{i + 1}"] = (h, w)
+        sizes[f"stages.{i}"] = (h, w)
     sizes["head"] = (1, 1)
     return sizes
 

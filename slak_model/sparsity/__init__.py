@@ -22,7 +22,7 @@ from .config import GROWTH_MODES, INIT_MODES, PRUNE_MODES, TARGETS, SparsityConf
 
 if TYPE_CHECKING:
     from .collective import Collective, LocalCollective, TorchDistributedCollective
-    from .density import erk_densities, snip_densities, uniform_densities
+    from .density import allocate_counts, erk_densities, snip_densities, uniform_densities
     from .ema import MaskedModelEma
     from .engine import DynamicSparsity, layer_group
     from .grow import grow_, growth_scores, momentum_of
@@ -36,6 +36,7 @@ _LAZY: dict[str, str] = {
     "Collective": "collective",
     "LocalCollective": "collective",
     "TorchDistributedCollective": "collective",
+    "allocate_counts": "density",
     "erk_densities": "density",
     "snip_densities": "density",
     "uniform_densities": "density",
@@ -75,6 +76,7 @@ __all__ = [
     "MaskedModelEma",
     "SparsityConfig",
     "TorchDistributedCollective",
+    "allocate_counts",
     "cosine_prune_rate",
     "draw_exact_masks",
     "erk_densities",

@@ -61,6 +61,16 @@ class SparsityConfig:
             branches of each large-kernel module, the reference's ``--only-L``).
         dense_threshold: Layers whose density after initialisation is at or above this value
             stay dense and leave the mask set (0.99 in the reference), in (0, 1].
+        min_density: Floor of every targeted layer's density at initialisation, in [0, 1 - sparsity].
+            0 (the reference's behaviour and the paper presets') lets the SNIP ranking give a layer no
+            weights at all: on small or heavily sparsified models the stem, downsample and head layers,
+            whose |w * grad| dwarfs that of the blocks (layer scale 1e-6), can fill the whole budget. With
+            a floor, every layer keeps at least ``ceil(min_density * numel)`` active weights, the rest of
+            the budget is allocated by the init rule as before, and the total stays exactly
+            ``int(sparsity budget)``. Updates keep each layer's count, so the floor holds for the whole run.
+        collapse_threshold: A targeted layer whose density is at or below this value is reported as
+            collapsed (a warning naming it, ``sparsity/collapsed_layers``), in [0, 1). 0 = only layers
+            with no active weight at all.
         seed: Seed of the engine's private random generator (mask draws and random growth).
             Every rank must use the same seed.
     """
@@ -75,6 +85,8 @@ class SparsityConfig:
     stop_fraction: float = 1.0
     targets: str = "all"
     dense_threshold: float = 0.99
+    min_density: float = 0.0
+    collapse_threshold: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,6 +151,18 @@ class SparsityConfig:
             problems.append(f"stop_fraction={self.stop_fraction!r}: must lie in (0, 1] (1.0 = never stop updating)")
         if not (finite(self.dense_threshold) and 0.0 < self.dense_threshold <= 1.0):
             problems.append(f"dense_threshold={self.dense_threshold!r}: must lie in (0, 1] (reference: 0.99)")
+        density = 1.0 - self.sparsity if finite(self.sparsity) and 0.0 <= self.sparsity < 1.0 else 1.0
+        # a little slack, so that sparsity=0.9 with min_density=0.1 (1 - 0.9 = 0.0999...98) is accepted
+        if not (finite(self.min_density) and 0.0 <= self.min_density <= density + 1e-9):
+            problems.append(
+                f"min_density={self.min_density!r}: must lie in [0, 1 - sparsity = {density:g}] (0 = no floor, the "
+                "paper's behaviour; e.g. 0.05 keeps 5% of every layer)"
+            )
+        if not (finite(self.collapse_threshold) and 0.0 <= self.collapse_threshold < 1.0):
+            problems.append(
+                f"collapse_threshold={self.collapse_threshold!r}: must lie in [0, 1) (0 = a layer with no active "
+                "weight is collapsed)"
+            )
         return problems
 
     def _seed_problem(self) -> str | None:

@@ -30,6 +30,10 @@ Deliberate differences from the reference (spec section 3; each one fixes a list
       accumulation, including steps a GradScaler skipped (the loop calls it for every step).
     * Statistics are metrics (``stats()``), not prints; ``sparsity/itop_rate`` is the fraction of
       the masked layers' weights that have ever been active (dense layers excluded).
+    * A layer left with (next to) no weights is reported, not silent: after initialisation, after
+      every update and after loading a state, layers at or below ``collapse_threshold`` are named in
+      one warning (once per layer) and counted in ``sparsity/collapsed_layers``. The reference's SNIP
+      produces such layers on small models and at high sparsity; ``min_density`` prevents them.
     * Masks, the step counter, the ITOP record and the generator state are part of
       ``state_dict()``, so a resumed run continues bit-for-bit (the reference saves no masks).
 """
@@ -49,7 +53,7 @@ from torch import nn
 from .._wrappers import unwrap_model
 from .collective import Collective, LocalCollective
 from .config import SparsityConfig
-from .density import erk_densities, snip_densities, uniform_densities
+from .density import allocate_counts, erk_densities, snip_densities, uniform_densities
 from .grow import grow_, growth_scores, momentum_of
 from .masks import FlatMasks, draw_exact_masks, select_targets
 from .prune import magnitude_prune_, prune_count
@@ -66,14 +70,18 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def layer_group(name: str) -> str:
-    """The metric group of a parameter name: ``stem``, ``stage1``..``stage4``, ``head`` or ``other``."""
+    """The metric group of a parameter name: ``stem``, ``stages.0``..``stages.3``, ``head`` or ``other``.
+
+    Groups are named like the modules that hold them, so a group in a metric key
+    (``sparsity/density/stages.0``) is the prefix of its layers' names.
+    """
     if name.startswith("stem."):
         return "stem"
     if name.startswith("head."):
         return "head"
     match = _STAGE_RE.match(name)
     if match:
-        return f"stage{int(match.group(1)) + 1}"
+        return f"stages.{int(match.group(1))}"
     return "other"
 
 
@@ -131,6 +139,7 @@ class DynamicSparsity:
         self._dense: list[str] = []
         self._ever: torch.Tensor | None = None
         self._last: dict[str, Any] = {"pruned": 0, "grown": 0, "churn": 0.0}
+        self._collapse_reported: set[str] = set()
 
     # ------------------------------------------------------------------ setup
     def initialize(
@@ -157,15 +166,19 @@ class DynamicSparsity:
                 )
             # Every rank runs SNIP (so SyncBatchNorm's collectives inside the forward match up);
             # rank 0's densities are broadcast below and used everywhere.
-            densities = snip_densities(self.model, list(shapes), batch, loss_fn, cfg.density)
+            densities = snip_densities(self.model, list(shapes), batch, loss_fn, cfg.density, cfg.min_density)
         elif cfg.init == "erk":
-            densities = erk_densities(shapes, cfg.density)
+            densities = erk_densities(shapes, cfg.density, cfg.min_density)
         else:
             densities = uniform_densities(shapes, cfg.density)
         if self.collective.world_size > 1:
             densities = self.collective.broadcast_object(densities, src=0)
 
-        counts = {n: min(math.prod(s), round(densities[n] * math.prod(s))) for n, s in shapes.items()}
+        numels = {n: math.prod(s) for n, s in shapes.items()}
+        if cfg.min_density > 0.0:
+            counts = allocate_counts(densities, numels, int(sum(numels.values()) * cfg.density), cfg.min_density)
+        else:
+            counts = {n: min(numels[n], round(densities[n] * numels[n])) for n in shapes}
         self._dense = [n for n, s in shapes.items() if counts[n] >= cfg.dense_threshold * math.prod(s)]
         masked = [n for n in shapes if n not in self._dense]
         self._build(masked)
@@ -179,6 +192,7 @@ class DynamicSparsity:
             "sparsity init=%s: %d masked tensors, %d kept dense, overall density %.5f (target %.5f)",
             cfg.init, len(masked), len(self._dense), self.density(), cfg.density,
         )
+        self._report_collapse("initialisation")
 
     def _build(self, masked: list[str]) -> None:
         """Allocate the flat mask buffer for ``masked`` (in target order)."""
@@ -259,6 +273,7 @@ class DynamicSparsity:
         }
         log.debug("sparsity update %d at step %d: rate %.5f, %d weights moved", self.updates, self.step, rate,
                   removed_total)
+        self._report_collapse(f"the update at step {self.step}")
 
     def _reset_moments(self, optimizer: torch.optim.Optimizer, changed: torch.Tensor) -> None:
         """Zero optimizer moments at positions that were grown or pruned."""
@@ -325,6 +340,34 @@ class DynamicSparsity:
         out.update({n: nnz / numel for n, nnz, numel in zip(flat.names, self._nnz, flat.numels)})
         return {n: out[n] for n in self._targets if n in out}
 
+    def collapsed_layers(self) -> list[str]:
+        """Masked layers whose density is at or below ``collapse_threshold`` (by default: no active weight).
+
+        Such a layer passes nothing through its branch for the rest of the run (updates keep each layer's
+        count). No device sync: the counts are held on the host.
+        """
+        flat = self._require_init()
+        threshold = self.config.collapse_threshold
+        return [n for n, nnz, numel in zip(flat.names, self._nnz, flat.numels) if nnz <= threshold * numel]
+
+    def _report_collapse(self, when: str) -> None:
+        """Warn once per layer about collapsed layers, naming them and the fix (rank 0 only: every rank
+        holds the same masks)."""
+        collapsed = self.collapsed_layers()
+        new = [n for n in collapsed if n not in self._collapse_reported]
+        if not new or self.collective.rank != 0:
+            return
+        self._collapse_reported.update(new)
+        cfg = self.config
+        rule = "no active weight" if cfg.collapse_threshold == 0 else f"density <= {cfg.collapse_threshold:g}"
+        log.warning(
+            "sparsity: %d of %d targeted layers collapsed (%s) after %s (init=%s, sparsity=%g, min_density=%g); "
+            "they stay so for the whole run: %s. Set min_density (e.g. 0.05) to keep a floor in every layer, or "
+            "lower the sparsity.",
+            len(collapsed), len(self._targets), rule, when, cfg.init, cfg.sparsity, cfg.min_density,
+            ", ".join(collapsed),
+        )
+
     def density(self) -> float:
         """Overall density of the targeted weights (masked and dense ones), no device sync."""
         flat = self._require_init()
@@ -336,7 +379,10 @@ class DynamicSparsity:
         """Slash-scoped metrics: overall and per-group density, rate, last update's counts, churn, ITOP.
 
         ``sparsity/itop_rate`` is the fraction of the masked layers' weights that were ever active;
-        ``sparsity/churn`` the fraction of active weights that were inactive before the last update.
+        ``sparsity/churn`` the fraction of active weights that were inactive before the last update;
+        ``sparsity/collapsed_layers`` the number of :meth:`collapsed_layers` (0 when none);
+        ``sparsity/min_layer_density`` the lowest density of a masked layer; ``sparsity/density/<group>``
+        per :func:`layer_group` (``stem``, ``stages.0``..``stages.3``, ``head``).
         """
         flat = self._require_init()
         numel: dict[str, int] = {}
@@ -359,6 +405,9 @@ class DynamicSparsity:
             "sparsity/updates": float(self.updates),
             "sparsity/masked_layers": float(len(flat.names)),
             "sparsity/dense_layers": float(len(self._dense)),
+            "sparsity/collapsed_layers": float(len(self.collapsed_layers())),
+            "sparsity/min_layer_density": min(
+                (nnz / numel for nnz, numel in zip(self._nnz, flat.numels)), default=1.0),
         }
         for g in sorted(numel):
             out[f"sparsity/density/{g}"] = active[g] / numel[g]
@@ -440,3 +489,4 @@ class DynamicSparsity:
         if self.collective.world_size > 1:
             self.verify_consistency("load_state_dict")
         self.apply_masks()
+        self._report_collapse("loading the saved state")

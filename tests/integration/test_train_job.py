@@ -68,7 +68,7 @@ def test_smoke_job_end_to_end(reference) -> None:
     m = result.metrics
     assert m["epochs_done"] == 2 and m["step"] == 16
     for key in ("train/loss", "train/lr", "val/top1", "val/top5", "ema/top1", "perf/img_per_s", "sparsity/churn",
-                "sparsity/itop_rate", "sparsity/prune_rate", "sparsity/density/stage1"):
+                "sparsity/itop_rate", "sparsity/prune_rate", "sparsity/density/stages.0"):
         assert key in m and math.isfinite(m[key]), key
     # a sanity bound on the logged metric; exact per-layer counts are the sparsity engine tests' job
     assert m["sparsity/density"] == pytest.approx(0.6, abs=0.01)

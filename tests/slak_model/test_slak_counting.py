@@ -86,10 +86,10 @@ def test_slak_t_per_stage_parameters() -> None:
     # the reference's groups, with downsample i folded into stage i+1 and norm + head into head
     assert {k: v.params for k, v in per.items()} == {
         "stem": 6_324,
-        "stage1": 573_252,
-        "stage2": 124_001 + 1_883_187,
-        "stage3": 498_001 + 20_213_991,
-        "stage4": 1_994_004 + 24_410_082,
+        "stages.0": 573_252,
+        "stages.1": 124_001 + 1_883_187,
+        "stages.2": 498_001 + 20_213_991,
+        "stages.3": 1_994_004 + 24_410_082,
         "head": 1_996 + 999_000,
     }
 
@@ -177,7 +177,7 @@ def test_without_masks_the_weights_nonzeros_count() -> None:
     fc1 = model.stages[2].blocks[0].mlp.fc1.weight
     assert counts.params - counts.nonzero_params == fc1.numel() // 2
     assert counts.macs - counts.sparse_macs == (fc1.numel() // 2) * 4 * 4  # stage 3 is 4x4 at 64 px
-    assert counts.to_dict()["per_stage"]["stage3"]["params"] == counts.per_stage["stage3"].params
+    assert counts.to_dict()["per_stage"]["stages.2"]["params"] == counts.per_stage["stages.2"].params
 
 
 def test_merged_model_counts() -> None:

@@ -194,7 +194,7 @@ def test_stats_are_flat_slash_scoped_metrics(make_toy, toy_batch) -> None:
     train(model, engine, opt, range(4))
     s = engine.stats()
     assert all(isinstance(k, str) and k.startswith("sparsity/") and isinstance(v, float) for k, v in s.items())
-    for key in ("sparsity/density", "sparsity/density/stem", "sparsity/density/stage1", "sparsity/density/stage2",
+    for key in ("sparsity/density", "sparsity/density/stem", "sparsity/density/stages.0", "sparsity/density/stages.1",
                 "sparsity/density/head", "sparsity/prune_rate", "sparsity/pruned", "sparsity/grown",
                 "sparsity/churn", "sparsity/itop_rate"):
         assert key in s, key

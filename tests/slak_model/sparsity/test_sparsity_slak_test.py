@@ -88,4 +88,4 @@ def test_slak_test_trains_with_every_invariant_after_every_step(precision: str, 
         fc1 = "stages.0.blocks.0.mlp.fc1.weight"
         assert fc1 not in engine.masks and bool(torch.all(params[fc1] != 0))
         assert not torch.equal(params[fc1].detach(), untouched[fc1])
-    assert {f"sparsity/density/stage{i}" for i in range(1, 5)} <= set(engine.stats())
+    assert {f"sparsity/density/stages.{i}" for i in range(4)} <= set(engine.stats())
