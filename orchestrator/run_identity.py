@@ -25,7 +25,7 @@ from typing import Any
 
 from pyarrow import fs as pafs
 
-from orchestrator.config import ConfigError, expand_aliases
+from orchestrator.config import ConfigError, ExperimentConfig, expand_aliases
 
 __all__ = ["CHANGEABLE_ON_CONTINUE", "IDENTITY_FILE", "RunConfigMismatchError", "check_or_record", "identity"]
 
@@ -85,6 +85,18 @@ def _in_current_names(stored: dict[str, Any]) -> dict[str, Any]:
     return _json_ready(out)
 
 
+def _with_new_settings_at_default(stored: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded identity with the settings added to the project since it was recorded, at their defaults.
+
+    A run started before a setting existed was computed with that setting's default behaviour (a new
+    setting defaults to what the code did before it), so continuing it with the default changes nothing;
+    any other value is still a difference.
+    """
+    defaults = _json_ready(ExperimentConfig().to_flat())
+    added = {k: defaults[k] for k in new if k not in stored and k in defaults and k != "grid"}
+    return {**stored, **added}
+
+
 def _json_ready(value: Any) -> Any:
     """How a value reads back from JSON (tuples become lists), so stored and new values compare equal."""
     return json.loads(json.dumps(value, default=str))
@@ -123,7 +135,7 @@ def check_or_record(
         _write(filesystem, path, json.dumps(new, indent=1, sort_keys=True))
         _write(filesystem, f"{folder}/{CONFIG_FILE}", yaml_text)
         return []
-    stored = _in_current_names(stored)
+    stored = _with_new_settings_at_default(_in_current_names(stored), new)
     differing = sorted(k for k in set(stored) | set(new) if stored.get(k, _MISSING) != new.get(k, _MISSING))
     blocking = [k for k in differing if k not in CHANGEABLE_ON_CONTINUE]
     if blocking:

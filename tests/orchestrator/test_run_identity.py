@@ -89,3 +89,17 @@ def test_an_experiment_grid_recorded_with_the_shorthand_continues(tmp_path: Path
     current = {"train.seed": 0, "grid": [{**point, "model.stage_kernels": [15, 15, 13, 5], "model.short_edge": 3,
                                           "model.small_kernel": 3}]}
     assert check_or_record(str(tmp_path), "exp", current, yaml_text="", what="experiment") == []
+
+
+def test_a_run_recorded_before_a_setting_existed_continues_at_its_default(tmp_path: Path) -> None:
+    """A setting added to the project later was at its default (the old behaviour) in every older run."""
+    cfg = load_config(None, {"run.storage_path": str(tmp_path)})
+    recorded = {k: v for k, v in identity(cfg.to_flat()).items() if k != "sparse.min_density"}
+    folder = tmp_path / "older"
+    folder.mkdir()
+    (folder / IDENTITY_FILE).write_text(json.dumps(recorded))
+    assert check_or_record(str(tmp_path), "older", identity(cfg.to_flat()), yaml_text=to_yaml(cfg)) == []
+    (folder / IDENTITY_FILE).write_text(json.dumps(recorded))
+    changed = load_config(None, {"run.storage_path": str(tmp_path), "sparse.min_density": 0.05})
+    with pytest.raises(RunConfigMismatchError, match=r"sparse\.min_density: 0\.0 when it started, 0\.05 now"):
+        check_or_record(str(tmp_path), "older", identity(changed.to_flat()), yaml_text=to_yaml(changed))
