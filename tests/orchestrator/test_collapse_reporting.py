@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from orchestrator import cli, data, loop, tracking, worker
 from orchestrator.config import ExperimentConfig, load_config, replace
 from orchestrator.search_space import sparsity_width_grid
 from orchestrator.tracking import NullTracker
+from tests.orchestrator.sessions import CpuSession
 
 
 def _initialised_engines(base: ExperimentConfig) -> Iterator[tuple[str, Any]]:
@@ -64,27 +64,8 @@ class _RecordingTracker(NullTracker):
         self.metrics.append(dict(metrics))
 
 
-class _Session:
-    rank, world_size = 0, 1
-
-    def __init__(self) -> None:
-        self.reports: list[dict[str, float]] = []
-
-    def device(self, use_gpu: bool) -> torch.device:
-        return torch.device("cpu")
-
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def latest_checkpoint(self) -> None:
-        return None
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
-        self.reports.append(dict(metrics))
-
-
 def _run_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_density: float
-                ) -> tuple[_RecordingTracker, _Session]:
+                ) -> tuple[_RecordingTracker, CpuSession]:
     """One epoch of the embedded default's sparsest Table 8 point, tracked by a recording tracker."""
     base = load_config(None, {**cli.LAPTOP_DEFAULTS, "train.epochs": 1, "data.train_size": 64, "data.val_size": 32,
                               "run.num_workers": 1, "run.storage_path": str(tmp_path),
@@ -93,7 +74,7 @@ def _run_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_density: fl
     cfg = replace(base, dict(point.overrides))
     recorder = _RecordingTracker()
     monkeypatch.setattr(tracking, "create_tracker", lambda *args, **kwargs: recorder)
-    session = _Session()
+    session = CpuSession()
     with contextlib.chdir(tmp_path):
         worker.TrainingWorker({"experiment": cfg, "run_name": "collapse"}, session).run()
     return recorder, session

@@ -18,6 +18,7 @@ from orchestrator.tracking import MlflowTracker, NullTracker, Tracker, create_tr
 from orchestrator.tracking import journal as journal_module
 from orchestrator.tracking import tracker as tracker_module
 from slak_model.sparsity.masks import load_masks
+from tests.orchestrator.sessions import CpuSession
 
 
 @pytest.fixture(scope="module")
@@ -263,24 +264,6 @@ def test_tracker_accepts_the_typed_tracking_section_and_logs_the_flat_config(uri
     assert set(params) == set(cfg.to_flat()), "every dotted config name becomes one MLflow param"
 
 
-class _FailingSession:
-    """A one-process session whose first report fails, as a worker that dies after its first epoch."""
-
-    rank, world_size = 0, 1
-
-    def device(self, use_gpu: bool) -> torch.device:
-        return torch.device("cpu")
-
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def latest_checkpoint(self) -> None:
-        return None
-
-    def report(self, metrics: dict, checkpoint_dir: str | None, name: str) -> None:
-        raise RuntimeError("the worker dies here")
-
-
 def test_a_training_process_never_sets_its_runs_final_status(cfg: TrackingConfig, uri: str, tmp_path: Path) -> None:
     """The run's owner (the driver that created it) gives the final status once; a training process that
     fails only flushes what it logged, so a Ray Train retry does not flip the run FAILED -> RUNNING."""
@@ -293,7 +276,8 @@ def test_a_training_process_never_sets_its_runs_final_status(cfg: TrackingConfig
                              "tracking.offline_dir": cfg.offline_dir})
     run_id = tracking.find_or_create_run(exp.tracking, run_name="owned", tags={}, match_tag=("slak.run_name", "owned"))
     with pytest.raises(RuntimeError, match="the worker dies here"):
-        worker.run_worker({"experiment": exp, "run_name": "owned", "mlflow_run_id": run_id}, _FailingSession())
+        worker.run_worker({"experiment": exp, "run_name": "owned", "mlflow_run_id": run_id},
+                          CpuSession(fail_on_report=True))
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "RUNNING" and "val/top1" in run.data.metrics  # flushed, status left to the owner
     tracking.create_tracker(exp.tracking, run_id=run_id).end("FAILED")  # what the owner does
