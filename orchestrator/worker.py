@@ -196,6 +196,7 @@ class TrainingWorker:
         updates = self._updates()
         if self.rank == 0 and every and updates - self._masks_logged_at >= every:
             self.tracker.log_masks(self.trainer.engine.masks, self.trainer.step)
+            self.tracker.log_density_table(self.trainer.engine.layer_densities(), self.trainer.step)
             self._masks_logged_at = updates
 
     def _maybe_fail(self, step: int) -> None:
@@ -296,8 +297,7 @@ class TrainingWorker:
         self._note_collapse()
         engine = self.trainer.engine
         if engine is not None and self.trainer.sparsity_ready:
-            self.tracker.log_masks(engine.masks, self.trainer.step)
-            self.tracker.log_density_table(engine.layer_densities(), self.trainer.step)
+            self.tracker.log_final_sparsity(engine.masks, engine.layer_densities(), self.trainer.step)
         with tempfile.TemporaryDirectory(prefix="slak-final-") as tmp:
             state = self.trainer.state_dict()
             state["metrics"] = dict(self.last_metrics)

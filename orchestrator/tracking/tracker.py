@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,11 +63,20 @@ class Tracker(ABC):
 
     @abstractmethod
     def log_masks(self, masks: Mapping[str, torch.Tensor], step: int) -> None:
-        """Store bool masks bit-packed as ``masks/masks_step<step>.npz``."""
+        """Add one topology update's bool masks (bit-packed) to the run's mask history: one archive per
+        training process, ``masks/history_from_step<first>.zip`` holding ``masks_step<step>.npz`` members,
+        uploaded when the process closes its tracker (not one file per update)."""
 
     @abstractmethod
     def log_density_table(self, densities: Mapping[str, float], step: int) -> None:
-        """Store a per-layer density table the MLflow UI previews."""
+        """Add one update's per-layer densities to the history table ``masks/density_history_from_step<first>.json``
+        (columns layer, density, step; uploaded with the mask history)."""
+
+    @abstractmethod
+    def log_final_sparsity(self, masks: Mapping[str, torch.Tensor], densities: Mapping[str, float],
+                           step: int) -> None:
+        """The final masks and per-layer density table at fixed top-level paths, ``masks.npz`` and
+        ``density.json``: the same names in every run, so MLflow's compare view finds them."""
 
     @abstractmethod
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -117,6 +127,10 @@ class NullTracker(Tracker):
     def log_density_table(self, densities: Mapping[str, float], step: int) -> None:
         return None
 
+    def log_final_sparsity(self, masks: Mapping[str, torch.Tensor], densities: Mapping[str, float],
+                           step: int) -> None:
+        return None
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         return None
 
@@ -154,6 +168,9 @@ class MlflowTracker(Tracker):
         self.reconnect_interval_s = reconnect_interval_s
         self._client = _client(uri)
         self._staging: Path | None = None  # created on the first staged file, removed by end()
+        self._mask_history: Path | None = None  # this process's mask archive, uploaded by end()
+        self._density_history: list[tuple[str, float, int]] = []
+        self._density_history_from = 0
         self._journal: _Journal | None = None
         self._warned = self._ended = False
         self._next_probe = 0.0
@@ -241,6 +258,7 @@ class MlflowTracker(Tracker):
             return
         if status is not None and status not in _FINAL_STATUSES:
             raise ValueError(f"status={status!r} is not a final run status; use one of {_FINAL_STATUSES}")
+        self._upload_history()
         self._next_probe = 0.0  # probe once more: the server may be back
         journal = self._journal
         if journal is not None and journal.pending() and (self._online or self._maybe_reconnect()):
@@ -307,12 +325,37 @@ class MlflowTracker(Tracker):
     def log_masks(self, masks: Mapping[str, torch.Tensor], step: int) -> None:
         path = self._stage(f"masks_step{int(step):08d}.npz")
         _save_masks(masks, path)
-        self._emit_file(path, f"masks/{path.name}")
+        if self._mask_history is None:
+            self._mask_history = self._stage(f"history_from_step{int(step):08d}.zip")
+        with zipfile.ZipFile(self._mask_history, "a", compression=zipfile.ZIP_STORED) as archive:
+            archive.write(path, path.name)  # the npz inside is compressed already
+        path.unlink()
 
     def log_density_table(self, densities: Mapping[str, float], step: int) -> None:
+        if not self._density_history:
+            self._density_history_from = int(step)
+        self._density_history += [(name, float(value), int(step)) for name, value in densities.items()]
+
+    def log_final_sparsity(self, masks: Mapping[str, torch.Tensor], densities: Mapping[str, float],
+                           step: int) -> None:
+        path = self._stage("masks.npz")
+        _save_masks(masks, path)
+        self._emit_file(path, "masks.npz")
         names = list(densities)
         data = {"layer": names, "density": [float(densities[n]) for n in names], "step": [int(step)] * len(names)}
-        self._emit({"kind": "table", "data": data, "artifact_file": f"masks/density_step{int(step):08d}.json"})
+        self._emit({"kind": "table", "data": data, "artifact_file": "density.json"})
+
+    def _upload_history(self) -> None:
+        """The mask archive and the density table of this process, once, when the tracker closes."""
+        if self._mask_history is not None:
+            self._emit_file(self._mask_history, f"masks/{self._mask_history.name}")
+            self._mask_history = None
+        if self._density_history:
+            layer, density, step = (list(column) for column in zip(*self._density_history))
+            name = f"masks/density_history_from_step{self._density_history_from:08d}.json"
+            self._emit({"kind": "table", "data": {"layer": layer, "density": density, "step": step},
+                        "artifact_file": name})
+            self._density_history = []
 
 
 def create_tracker(tracking_cfg: TrackingConfig, *, run_id: str | None = None, run_name: str | None = None,

@@ -78,17 +78,15 @@ def test_params_metrics_and_masks_reach_the_server(server: MlflowServer, tmp_pat
         tr.log_params({"sparse.sparsity": 0.4, "model.width_factor": 1.3})
         for step in range(5):
             tr.log_metrics({"train/loss": 1.0 / (step + 1), "val/top1": 10.0 * step}, step=step)
-        tr.log_masks(masks, step=4)
-        tr.log_density_table({"stage0": 0.5, "stage2": 0.7}, step=4)
+        tr.log_final_sparsity(masks, {"stage0": 0.5, "stage2": 0.7}, step=4)
     client = MlflowClient(server.uri)
     run = client.get_run(tr.run_id)
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), "artifacts must be served by the server"
     assert run.data.params == {"sparse.sparsity": "0.4", "model.width_factor": "1.3"}
     assert _losses(client, tr.run_id) == [(s, 1.0 / (s + 1)) for s in range(5)]
-    assert sorted(a.path for a in client.list_artifacts(tr.run_id, "masks")) == [
-        "masks/density_step00000004.json", "masks/masks_step00000004.npz"]
-    loaded = load_masks(client.download_artifacts(tr.run_id, "masks/masks_step00000004.npz", str(tmp_path)))
+    assert {"density.json", "masks.npz"} <= {a.path for a in client.list_artifacts(tr.run_id)}
+    loaded = load_masks(client.download_artifacts(tr.run_id, "masks.npz", str(tmp_path)))
     assert all(torch.equal(loaded[k], v) for k, v in masks.items())
     assert not Path(_cfg(server.uri, tmp_path).offline_dir).exists(), "nothing should have gone offline"
     if server.backend_store_uri.startswith("postgresql"):
@@ -120,7 +118,7 @@ def test_server_outage_mid_run_loses_nothing(server: MlflowServer, tmp_path: Pat
     tr.end()
     client = MlflowClient(server.uri)
     assert _losses(client, tr.run_id) == [(s, float(s)) for s in range(7)]
-    assert [a.path for a in client.list_artifacts(tr.run_id, "masks")] == ["masks/masks_step00000005.npz"]
+    assert [a.path for a in client.list_artifacts(tr.run_id, "masks")] == ["masks/history_from_step00000005.zip"]
     assert client.get_run(tr.run_id).info.status == "FINISHED"
 
 
@@ -189,9 +187,9 @@ def test_smoke_training_job_logs_to_the_server(server: MlflowServer, ray_cluster
     # a sanity bound on the logged metric; exact per-layer counts are the sparsity engine tests' job
     assert hist["sparsity/density"][-1][1] == pytest.approx(0.6, abs=0.01)
     files = all_artifacts(client, run.info.run_id)
-    final_masks = sorted(f for f in files if f.startswith("masks/") and f.endswith(".npz"))[-1]
     assert "config/resolved.yaml" in files and "checkpoint/state.pt" in files, files
-    masks = load_masks(client.download_artifacts(run.info.run_id, final_masks, str(tmp_path)))
+    assert any(f.startswith("masks/history_from_step") for f in files), files  # the per-update masks, one archive
+    masks = load_masks(client.download_artifacts(run.info.run_id, "masks.npz", str(tmp_path)))
     ckpt_dir = sorted((tmp_path / "ray" / f"smoke-{server.port}").glob("epoch_*"))[-1]
     state, _ = checkpoints.load_checkpoint_dir(ckpt_dir)
     assert masks.keys() == state["sparsity"]["masks"].keys()
@@ -255,4 +253,4 @@ def test_training_job_survives_a_server_outage(server: MlflowServer, ray_cluster
         assert [s for s, _ in got[key]] == [s for s, _ in want[key]], key
     assert got["train/loss_step"] == want["train/loss_step"], "CPU training with fixed seeds is deterministic"
     files = all_artifacts(client, run.info.run_id)
-    assert any(f.startswith("masks/") and f.endswith(".npz") for f in files), files
+    assert "masks.npz" in files and any(f.startswith("masks/history_from_step") for f in files), files

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import socket
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,10 @@ def test_logs_params_metrics_masks_table_and_environment_tags(cfg: dict, uri: st
         tr.log_params({"model.kernel_size": [51, 49, 47, 13, 5], "sparse.sparsity": 0.4, "train.lr": 4e-3})
         for step in range(3):
             tr.log_metrics({"train/loss": 2.0 - step, "sparsity/density/stage0": 0.6}, step=step)
-        tr.log_masks(masks, step=2)
-        tr.log_density_table({"stage0": 0.6, "stage1": 0.3}, step=2)
+        for step in (2, 4):  # two topology updates: one archive, one history table
+            tr.log_masks(masks, step=step)
+            tr.log_density_table({"stage0": 0.6, "stage1": 0.3}, step=step)
+        tr.log_final_sparsity(masks, {"stage0": 0.6, "stage1": 0.3}, step=4)
         tr.log_dict({"model": {"variant": "slak_test"}}, "config/resolved.yaml")
         tr.log_text("hello", "notes/readme.txt")
     client = MlflowClient(uri)
@@ -76,15 +79,25 @@ def test_logs_params_metrics_masks_table_and_environment_tags(cfg: dict, uri: st
     assert "slak.devices" in tags and "slak.git.commit" in tags
 
     out = tmp_path / "dl"
-    local = Path(client.download_artifacts(tr.run_id, "masks/masks_step00000002.npz", str(out)))
-    loaded = load_masks(local)
+    top = sorted(a.path for a in client.list_artifacts(tr.run_id))
+    assert {"masks.npz", "density.json", "masks"} <= set(top)  # the final state at fixed top-level paths
+    assert sorted(a.path for a in client.list_artifacts(tr.run_id, "masks")) == [
+        "masks/density_history_from_step00000002.json", "masks/history_from_step00000002.zip"]
+    loaded = load_masks(Path(client.download_artifacts(tr.run_id, "masks.npz", str(out))))
     assert set(loaded) == set(masks)
     for name, mask in masks.items():
         assert torch.equal(loaded[name], mask), name
-    table = json.loads(Path(client.download_artifacts(tr.run_id, "masks/density_step00000002.json",
-                                                      str(out))).read_text())
+    archive = Path(client.download_artifacts(tr.run_id, "masks/history_from_step00000002.zip", str(out)))
+    with zipfile.ZipFile(archive) as z:
+        assert z.namelist() == ["masks_step00000002.npz", "masks_step00000004.npz"]
+        z.extract("masks_step00000004.npz", out / "x")
+    assert all(torch.equal(load_masks(out / "x" / "masks_step00000004.npz")[k], v) for k, v in masks.items())
+    table = json.loads(Path(client.download_artifacts(tr.run_id, "density.json", str(out))).read_text())
     assert table["columns"] == ["layer", "density", "step"]
     assert [row[:2] for row in table["data"]] == [["stage0", 0.6], ["stage1", 0.3]]
+    history = json.loads(Path(client.download_artifacts(
+        tr.run_id, "masks/density_history_from_step00000002.json", str(out))).read_text())
+    assert [row[2] for row in history["data"]] == [2, 2, 4, 4]
     yaml_text = Path(client.download_artifacts(tr.run_id, "config/resolved.yaml", str(out))).read_text()
     assert "variant: slak_test" in yaml_text
     assert Path(client.download_artifacts(tr.run_id, "notes/readme.txt", str(out))).read_text() == "hello"
@@ -124,7 +137,7 @@ def test_unreachable_server_keeps_everything_offline_then_sync_replays_once(
     assert run.data.tags["slak.offline_synced"] == "true"
     assert run.data.params["train.lr"] == "0.1"
     assert _history(client, run.info.run_id, "train/loss") == [(s, float(s)) for s in range(4)]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "masks")] == ["masks/masks_step00000003.npz"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "masks")] == ["masks/history_from_step00000003.zip"]
 
     again = sync_offline(cfg.offline_dir, uri)
     assert again[0]["applied"] == 0
