@@ -128,6 +128,7 @@ def tidy_runs(runs: pd.DataFrame, experiment: str, histories: pd.DataFrame | Non
             "row": _tag(mine, "slak.row"),
             "setting": _tag(mine, "slak.setting"),
             "point": _tag(mine, "slak.point"),
+            "axis": pd.to_numeric(_tag(mine, "slak.axis"), errors="coerce"),
             "seed_index": pd.to_numeric(_tag(mine, "slak.seed_index"), errors="coerce"),
             "trial_id": _tag(mine, "ray_trial_id"),
             "run_id": mine["run_id"],
@@ -252,13 +253,15 @@ def summarize(tidy: pd.DataFrame, table: str, published: pd.DataFrame | None = N
     extras = {
         key for key in zip(ours.get("row", []), ours.get("setting", []), strict=True) if key not in order
     }
-    order += sorted(extras, key=lambda key: _axis_key(table, *key))
+    axis = _axes(ours, published)
+    order += sorted(extras, key=lambda key: (math.isnan(axis.get(key, math.nan)), axis.get(key, 0.0), *key))
     paper_index = {key: i for i, key in enumerate(paper_keys)}
     lines = []
     for row, setting in order:
         group = ours[(ours["row"] == row) & (ours["setting"] == setting)] if len(ours) else ours
         done = group[group["status"] == "FINISHED"] if len(group) else group
-        line: dict[str, Any] = {"row": row, "setting": setting, "seeds": len(done)}
+        line: dict[str, Any] = {"row": row, "setting": setting, "axis": axis.get((row, setting), math.nan),
+                                "seeds": len(done)}
         for column, source in (
             ("top1", "top1_final"),
             ("top1_best", "top1_best"),
@@ -287,6 +290,7 @@ def summarize(tidy: pd.DataFrame, table: str, published: pd.DataFrame | None = N
     columns = [
         "row",
         "setting",
+        "axis",
         "top1",
         "top1_std",
         "top1_ci_low",
@@ -538,22 +542,19 @@ def to_latex(display: pd.DataFrame, title: str = "") -> str:
     return (f"% {title}\n" if title else "") + latex
 
 
-def _axis_key(table: str, row: str, setting: str) -> tuple[bool, float, str, str]:
-    """Sort key of a row: numeric axis value first (rows without one last), then the labels."""
-    x = _x_value(table, row)
-    return (math.isnan(x), 0.0 if math.isnan(x) else x, row, setting)
-
-
-def _x_value(table: str, row: str) -> float:
-    """The plotted x of a paper row: width, p, f, the stage-1 kernel, or N."""
-    try:
-        if table == "table8":
-            return float(row.split("/")[1].rstrip("x"))
-        if table in ("adapt_p", "adapt_f", "table9"):
-            return float(row.split("=")[1])
-        return float(row.split("-")[0])
-    except (IndexError, ValueError):
-        return math.nan
+def _axes(ours: pd.DataFrame, published: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """(row, setting) -> the cell's number on the table's axis (width, p, f, the stage-1 kernel, N): the typed
+    value the grid point carried into its runs' ``slak.axis`` tag, else the paper's own for unrun cells."""
+    out: dict[tuple[str, str], float] = {}
+    if "axis" in published:
+        for row, setting, value in zip(published["row"], published["setting"], published["axis"], strict=True):
+            if value is not None and pd.notna(value):
+                out[(row, setting)] = float(value)
+    if len(ours) and "axis" in ours:
+        for (row, setting), values in ours.groupby(["row", "setting"], sort=False)["axis"]:
+            if values.notna().any():
+                out[(row, setting)] = float(values.dropna().iloc[0])
+    return out
 
 
 _X_LABELS = {
@@ -578,7 +579,7 @@ def plot_table(summary: pd.DataFrame, table: str, path: Path, recipe: Recipe | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = summary.assign(x=[_x_value(table, r) for r in summary["row"]]).dropna(subset=["x", "top1"])
+    data = summary.assign(x=summary["axis"]).dropna(subset=["x", "top1"])
     if data.empty:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
@@ -593,15 +594,13 @@ def plot_table(summary: pd.DataFrame, table: str, path: Path, recipe: Recipe | N
             ax.plot(part["x"], part["top1"], marker="o", label=f"{setting}: {seeds} seed(s), no interval")
         if table == "table8":
             for x, y, row in zip(part["x"], part["top1"], part["row"], strict=True):
-                ax.annotate(
-                    f"s={row.split('/')[0]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
-                )
+                ax.annotate(row, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     collapsed = data[data["collapsed"].fillna(0) > 0]
     if len(collapsed):
         ax.scatter(collapsed["x"], collapsed["top1"], marker="x", s=90, color="red", zorder=5,
                    label="runs with collapsed layers")
     handles, labels = ax.get_legend_handles_labels()
-    paper_points = summary.assign(x=[_x_value(table, r) for r in summary["row"]]).dropna(
+    paper_points = summary.assign(x=summary["axis"]).dropna(
         subset=["x", "published_top1"])
     if len(paper_points) and (recipe is None or recipe.proxy):
         right = ax.twinx()

@@ -19,11 +19,11 @@ from slak_model import published
 
 __all__ = ["COLUMNS", "paper_recipe", "published_cells"]
 
-COLUMNS = ["row", "setting", "top1", "params_m", "flops_g"]
+COLUMNS = ["row", "setting", "top1", "params_m", "flops_g", "axis"]
 
 
 def published_cells(table: str) -> pd.DataFrame:
-    """Published cells of ``table`` as ``row, setting, top1, params_m, flops_g`` in the paper's order.
+    """Published cells of ``table`` as ``row, setting, top1, params_m, flops_g, axis`` in the paper's order.
 
     Tables without printed numbers (the adaptation sweeps, or any name the paper lacks) give an empty
     frame, so their collated cells show no published number rather than failing.

@@ -98,12 +98,15 @@ class GridPoint:
         row: the paper's row key (``"51-49-47-13"``, ``"0.20/1.1x"``, ``"N=5"``, ``"p=0.3"``).
         setting: the paper's column group (``"naive"``, ``"sparse_groups"``, ``"slak"``, ...).
         overrides: dotted config names -> values applied on top of the base config.
+        axis: the number the point stands for on its table's axis (width factor, p, f, the paper's
+            stage-1 kernel, N), typed here so that collation never parses it back out of ``row``.
     """
 
     table: str
     row: str
     setting: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    axis: float | None = None
 
     @property
     def label(self) -> str:
@@ -118,12 +121,13 @@ class GridPoint:
             "row": self.row,
             "setting": self.setting,
             "overrides": dict(self.overrides),
+            "axis": self.axis,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GridPoint:
-        """Inverse of :meth:`to_dict`."""
-        return cls(data["table"], data["row"], data["setting"], dict(data["overrides"]))
+        """Inverse of :meth:`to_dict` (points of experiments recorded before ``axis`` existed have none)."""
+        return cls(data["table"], data["row"], data["setting"], dict(data["overrides"]), data.get("axis"))
 
 
 def _odd_round(value: float) -> int:
@@ -160,7 +164,7 @@ def _kernel(base: ExperimentConfig, size: int, short_edge: int = SLAK_SHORT_EDGE
 
 
 def _kernel_row(size: int) -> str:
-    return "-".join(str(k) for k in PAPER_KERNELS[size])
+    return published.kernel_row(PAPER_KERNELS[size])
 
 
 def sparsity_width_grid(
@@ -181,7 +185,7 @@ def sparsity_width_grid(
             "model.kernel_mode": "decomposed",
             **_kernel(base, SLAK_KERNEL),
         }
-        points.append(GridPoint("table8", published.table8_row(sparsity, width), "slak", overrides))
+        points.append(GridPoint("table8", published.table8_row(sparsity, width), "slak", overrides, axis=width))
     return points
 
 
@@ -203,7 +207,7 @@ def kernel_size_grid(
                 if mode == "replknet" and size == 7:
                     continue
                 overrides = {**dense, "model.kernel_mode": mode, **_kernel(base, size)}
-                points.append(GridPoint(table, _kernel_row(size), mode, overrides))
+                points.append(GridPoint(table, _kernel_row(size), mode, overrides, axis=PAPER_KERNELS[size][0]))
     elif table == "table2":
         settings = {
             "decomposed": dense,
@@ -225,7 +229,7 @@ def kernel_size_grid(
                     "model.kernel_mode": "decomposed",
                     **_kernel(base, size),
                 }
-                points.append(GridPoint(table, _kernel_row(size), setting, overrides))
+                points.append(GridPoint(table, _kernel_row(size), setting, overrides, axis=PAPER_KERNELS[size][0]))
     elif table == "table9":
         for n in short_edges:
             overrides = {
@@ -235,7 +239,7 @@ def kernel_size_grid(
                 "model.kernel_mode": "decomposed",
                 **_kernel(base, SLAK_KERNEL, short_edge=int(n)),
             }
-            points.append(GridPoint(table, f"N={n}", "slak", overrides))
+            points.append(GridPoint(table, f"N={n}", "slak", overrides, axis=int(n)))
     else:
         raise ValueError(f"table={table!r} is not a kernel-size table; allowed: 'table1', 'table2', 'table9'")
     return points
@@ -263,6 +267,7 @@ def adaptation_grid(
                 f"p={p:g}",
                 "slak",
                 {**recipe, "sparse.prune_rate": float(p), "sparse.update_frequency": ADAPTATION_FIXED_F},
+                axis=float(p),
             )
             for p in grid
         ]
@@ -274,6 +279,7 @@ def adaptation_grid(
                 f"f={int(f)}",
                 "slak",
                 {**recipe, "sparse.prune_rate": ADAPTATION_FIXED_P, "sparse.update_frequency": int(f)},
+                axis=int(f),
             )
             for f in grid
         ]

@@ -123,6 +123,7 @@ def trial_identity(config: Mapping[str, Any], trial_id: str) -> tuple[str, dict[
         "slak.row": point.row,
         "slak.setting": point.setting,
         "slak.point": point.label,
+        **({"slak.axis": repr(float(point.axis))} if point.axis is not None else {}),
         "slak.seed_index": str(seed_index),
         "ray_trial_id": trial_id,
     }

@@ -22,7 +22,7 @@ import torch
 import kernels
 
 from .counting import count_complexity
-from .published import PUBLISHED, PublishedResult
+from .published import PUBLISHED, TABLE8_PAIRS, PublishedResult, table8_row
 from .variants import VARIANTS, create_model
 
 __all__ = ["InfoRow", "format_rows", "info_rows", "main", "paper_configs"]
@@ -93,12 +93,11 @@ def paper_configs() -> list[tuple[PublishedResult | None, str, dict[str, Any], f
     for model, variant in (("SLaK-T", "slak_tiny"), ("SLaK-S", "slak_small"), ("SLaK-B", "slak_base")):
         out.append((cells[("table3", model, "224")], variant, {}, 0.4))
     out.append((cells[("table3", "SLaK-B", "384")], "slak_base", {}, 0.4))
-    for cell in (c for c in PUBLISHED if c.table == "table8"):
-        sparsity, width = cell.row.rstrip("x").split("/")
-        out.append((cell, "slak_tiny", {"width_factor": float(width)}, float(sparsity)))
+    for sparsity, width in TABLE8_PAIRS:
+        out.append((cells[("table8", table8_row(sparsity, width), "slak")], "slak_tiny", {"width_factor": width},
+                    sparsity))
     for cell in (c for c in PUBLISHED if c.table == "table9"):
-        n = int(cell.row.split("=")[1])
-        out.append((cell, "slak_tiny", {"kernel_size": [51, 49, 47, 13, n]}, 0.4))
+        out.append((cell, "slak_tiny", {"short_edge": int(cell.axis), "small_kernel": int(cell.axis)}, 0.4))
     return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["PUBLISHED", "TABLE8_PAIRS", "TABLES", "PublishedResult", "published", "table8_row"]
+__all__ = ["PUBLISHED", "TABLE8_PAIRS", "TABLES", "PublishedResult", "kernel_row", "published", "table8_row"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class PublishedResult:
     dense_flops_g: float | None = None
     epochs: int = 120
     image_size: int = 224
+    #: The number the row stands for on its table's axis (the stage-1 kernel, the width factor, N), so
+    #: that nobody has to parse it back out of ``row``; None where the table has no numeric axis.
+    axis: float | None = None
 
     def to_dict(self) -> dict:
         """Plain dict (e.g. one row of a data frame)."""
@@ -53,32 +56,37 @@ TABLES: dict[str, str] = {
 }
 
 
+def kernel_row(stage_kernels: tuple[int, ...]) -> str:
+    """Tables 1/2's row key of a set of stage kernels, e.g. ``"51-49-47-13"`` (grid points use the same)."""
+    return "-".join(str(k) for k in stage_kernels)
+
+
 def _t1() -> list[PublishedResult]:
     rows = [
-        ("7-7-7-7", (81.0, 29, 4.5), None),
-        ("31-29-27-13", (80.5, 32, 6.5), (81.5, 32, 6.1)),
-        ("51-49-47-13", (80.4, 38, 9.4), (81.3, 38, 9.3)),
-        ("61-59-57-13", (80.3, 43, 11.6), (81.3, 43, 11.5)),
+        ((7, 7, 7, 7), (81.0, 29, 4.5), None),
+        ((31, 29, 27, 13), (80.5, 32, 6.5), (81.5, 32, 6.1)),
+        ((51, 49, 47, 13), (80.4, 38, 9.4), (81.3, 38, 9.3)),
+        ((61, 59, 57, 13), (80.3, 43, 11.6), (81.3, 43, 11.5)),
     ]
     out = []
-    for kernel, naive, rep in rows:
-        out.append(PublishedResult("table1", kernel, "naive", *naive))
+    for kernels, naive, rep in rows:
+        out.append(PublishedResult("table1", kernel_row(kernels), "naive", *naive, axis=kernels[0]))
         if rep is not None:
-            out.append(PublishedResult("table1", kernel, "replknet", *rep))
+            out.append(PublishedResult("table1", kernel_row(kernels), "replknet", *rep, axis=kernels[0]))
     return out
 
 
 def _t2() -> list[PublishedResult]:
     rows = {
-        "7-7-7-7": ((81.0, 29, 4.5), (80.0, 17, 2.6), (81.1, 29, 4.5)),
-        "31-29-27-13": ((81.3, 30, 5.0), (80.4, 18, 2.9), (81.5, 30, 4.8)),
-        "51-49-47-13": ((81.5, 31, 5.4), (80.5, 18, 3.1), (81.6, 30, 5.0)),
-        "61-59-57-13": ((81.4, 31, 5.6), (80.4, 19, 3.2), (81.5, 31, 5.2)),
+        (7, 7, 7, 7): ((81.0, 29, 4.5), (80.0, 17, 2.6), (81.1, 29, 4.5)),
+        (31, 29, 27, 13): ((81.3, 30, 5.0), (80.4, 18, 2.9), (81.5, 30, 4.8)),
+        (51, 49, 47, 13): ((81.5, 31, 5.4), (80.5, 18, 3.1), (81.6, 30, 5.0)),
+        (61, 59, 57, 13): ((81.4, 31, 5.6), (80.4, 19, 3.2), (81.5, 31, 5.2)),
     }
     out = []
-    for kernel, cells in rows.items():
+    for kernels, cells in rows.items():
         for setting, cell in zip(("decomposed", "sparse_groups", "sparse_groups_wide"), cells, strict=True):
-            out.append(PublishedResult("table2", kernel, setting, *cell))
+            out.append(PublishedResult("table2", kernel_row(kernels), setting, *cell, axis=kernels[0]))
     return out
 
 
@@ -134,12 +142,12 @@ def table8_row(sparsity: float, width: float) -> str:
 
 
 def _t8() -> list[PublishedResult]:
-    return [PublishedResult("table8", table8_row(s, w), "slak", top1, p, f) for (s, w), p, f, top1 in _TABLE8]
+    return [PublishedResult("table8", table8_row(s, w), "slak", top1, p, f, axis=w) for (s, w), p, f, top1 in _TABLE8]
 
 
 def _t9() -> list[PublishedResult]:
     return [
-        PublishedResult("table9", f"N={n}", "slak", top1) for n, top1 in ((3, 81.5), (5, 81.6), (7, 81.4))
+        PublishedResult("table9", f"N={n}", "slak", top1, axis=n) for n, top1 in ((3, 81.5), (5, 81.6), (7, 81.4))
     ]
 
 

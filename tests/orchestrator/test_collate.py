@@ -18,6 +18,7 @@ PUBLISHED8 = pd.DataFrame(
         "top1": [81.3, 81.6, 81.7],
         "params_m": [29.0, 30.0, 30.0],
         "flops_g": [5.0, 5.0, 4.9],
+        "axis": [1.1, 1.3, 1.5],
     }
 )
 
@@ -34,7 +35,10 @@ def _run(
     experiment: str = EXP,
     stopped: bool = False,
     width: str = "1.1",
+    axis: float | None = None,
 ) -> dict:
+    """One trial run as MLflow lists it; ``axis`` is what the trial driver tags (Table 8: the width)."""
+    axis = float(width) if axis is None and table == "table8" else axis
     record = {
         "run_id": run_id,
         "status": status,
@@ -45,6 +49,7 @@ def _run(
         "tags.slak.row": row,
         "tags.slak.setting": setting,
         "tags.slak.point": f"{row}__{setting}",
+        "tags.slak.axis": None if axis is None else repr(float(axis)),
         "tags.slak.seed_index": str(seed),
         "tags.ray_trial_id": f"t_{run_id}",
         "tags.mlflow.runName": run_id,
@@ -189,7 +194,7 @@ def test_find_experiment_picks_the_newest_parent_of_a_table(runs: pd.DataFrame) 
 
 def test_rows_without_published_cells_follow_the_numeric_axis() -> None:
     runs = pd.DataFrame(
-        [_run(r, f"f={f}", 0, table="adapt_f") for r, f in (("a", 1000), ("b", 100), ("c", 20))]
+        [_run(r, f"f={f}", 0, table="adapt_f", axis=f) for r, f in (("a", 1000), ("b", 100), ("c", 20))]
     )
     summary = collate.summarize(collate.tidy_runs(runs, EXP), "adapt_f", None)
     assert list(summary["row"]) == ["f=20", "f=100", "f=1000"]
@@ -297,3 +302,19 @@ def test_summary_metrics_name_every_cell_with_allowed_characters() -> None:
     metrics = collate.summary_metrics(collate.summarize(collate.tidy_runs(runs, EXP), "table9", None), "table9")
     assert metrics["table9/slak/N_5/top1_mean"] == pytest.approx(51.0)
     assert metrics["table9/slak/N_5/seeds"] == 2 and "table9/slak/N_5/top1_ci_low" in metrics
+
+
+def test_the_axis_comes_typed_from_the_grid_point_not_from_the_row_label() -> None:
+    """Rows sort and plot by the number the trial driver tagged (``slak.axis``), whatever the label says."""
+    from orchestrator.config import load_config
+    from orchestrator.search_space import GridPoint, sparsity_width_grid
+    from orchestrator.tune_trial import trial_identity
+
+    point = sparsity_width_grid(load_config(None, {}))[1]
+    assert point.axis == 1.3 and GridPoint.from_dict(point.to_dict()) == point
+    _, tags = trial_identity({"point": point.to_dict(), "seed_index": 0, "experiment": EXP}, "t1")
+    assert float(tags["slak.axis"]) == 1.3
+    runs = pd.DataFrame([_run(r, label, 0, table="adapt_f", axis=x)
+                         for r, label, x in (("a", "late", 500), ("b", "early", 20), ("c", "middle", 100))])
+    summary = collate.summarize(collate.tidy_runs(runs, EXP), "adapt_f", None)
+    assert list(summary["row"]) == ["early", "middle", "late"] and list(summary["axis"]) == [20, 100, 500]
