@@ -53,7 +53,11 @@ TUNE_VERBOSITY = 0
 #: ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``: Tune adds no logger callbacks of its own, so it writes no
 #: TensorBoard event files (MLflow is this project's tracker) and prints no hint to open them; the CSV and
 #: JSON result files it would add are passed explicitly (:func:`result_loggers`).
-TUNE_CONSOLE_ENV: dict[str, str] = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+#: ``TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0``: single-worker trials keep
+#: ``run.checkpoints_to_keep`` Tune checkpoints, which makes Tune snapshot the experiment state at each
+#: checkpoint (small JSON files on the driver) and warn about it several times a minute; the snapshots stay.
+TUNE_CONSOLE_ENV: dict[str, str] = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+                                    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 def result_loggers() -> list[tune.Callback]:

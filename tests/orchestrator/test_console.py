@@ -131,6 +131,7 @@ class _Results:
 
 def test_run_experiment_starts_tune_quietly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    monkeypatch.delenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", raising=False)
     cfg = load_config(None, {"tracking.enabled": False, "run.storage_path": str(tmp_path)})
     monkeypatch.setattr(tune_runner, "init_ray", lambda c, address: ray_cluster.fit_resources(
         c, {"CPU": 4.0}, trial_driver_cpus=1, announce=False))
@@ -145,4 +146,5 @@ def test_run_experiment_starts_tune_quietly(monkeypatch: pytest.MonkeyPatch, tmp
     assert run_config.verbose == tune_runner.TUNE_VERBOSITY == 0
     assert {CSVLoggerCallback, JsonLoggerCallback} <= {type(c) for c in run_config.callbacks}
     assert tuner.env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"
+    assert tuner.env["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] == "0"  # snapshot warnings
     assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
