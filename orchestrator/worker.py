@@ -233,7 +233,6 @@ class TrainingWorker:
         trainer, cfg = self.trainer, self.cfg
         if trainer.done:  # re-run of a finished job: report its final state once, train nothing
             self.session.report(dict(self.last_metrics), None, "final")
-            self.tracker.close()  # the run's owner marks it FINISHED again (opening it made it RUNNING)
             return
         while not trainer.done:
             started = time.perf_counter()
@@ -304,13 +303,13 @@ class TrainingWorker:
             path = save_checkpoint_dir(state, tmp, extra={"name": "final", "run": self.run_name})
             self.tracker.log_artifact(path, "checkpoint")
             self.tracker.log_artifact(Path(tmp) / MANIFEST, "checkpoint")
-        self.tracker.close()
 
 
 def run_worker(config: dict[str, Any], session: WorkerSession,
                on_ready: Callable[[TrainingWorker], None] | None = None) -> None:
-    """Build the worker and train to the end. The MLflow run's final status is its owner's to set (the
-    driver that created it), also when training raises: this process only flushes what it logged."""
+    """Build the worker and train to the end, then flush what it logged (also when training raises). The
+    MLflow run's final status is its owner's to set: the driver that created it, which also marks a re-run
+    of a finished job FINISHED again (opening the run made it RUNNING)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = TrainingWorker(config, session)
     if on_ready is not None:
