@@ -200,7 +200,7 @@ def test_feature_map_needs_the_spatial_map_not_pooled_features() -> None:
 
 def test_feature_map_turns_a_channels_last_map_around() -> None:
     class ChannelsLast(nn.Module):
-        feature_info = [{"num_chs": 3, "reduction": 1, "module": "x"}]
+        feature_info = ({"num_chs": 3, "reduction": 1, "module": "x"},)
 
         def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             return x.permute(0, 2, 3, 1)
