@@ -2,7 +2,7 @@
 
     python experiments/erf.py --model slak_tiny --checkpoint SLaK_tiny.pth --data /data/imagenet/val
     python experiments/erf.py --model resnet101.tv_in1k --pretrained --data /data/imagenet/val
-    python experiments/erf.py --model slak_tiny model.kernel_mode=replknet model.kernel_size=[31,29,27,13,5] \\
+    python experiments/erf.py --model slak_tiny model.kernel_mode=replknet model.stage_kernels=[31,29,27,13] \\
         model.width_factor=1.0 --checkpoint convnext_31.pth --data /data/imagenet/val     # "ConvNeXt-T (RepLKNet)"
     python experiments/erf.py --benchmark --model slak_tiny          # time per image at 1024 px on CUDA
 
@@ -24,7 +24,7 @@ from slak_model import CheckpointMismatchError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="model.* settings of a SLaK variant (e.g. model.kernel_size=[31,29,27,13,5]) and "
+                   help="model.* settings of a SLaK variant (e.g. model.stage_kernels=[31,29,27,13]) and "
                         "tracking.experiment / tracking.offline_dir")
     p.add_argument("--model", required=True, help="a SLaK variant (slak_tiny, slak_small, slak_base, slak_test) or a "
                    "timm model (resnet101, resnet152, convnext_tiny, with an optional .tag)")

@@ -108,6 +108,7 @@ class ErfSettings:
         out: Output folder.
         label: Name of this model's row and files.
         model_overrides: ``model.*`` settings of a SLaK variant (training-config names).
+        slak_config: The :class:`slak_model.SLaKConfig` they give (None for timm models).
         tracking: MLflow settings, or None for no MLflow run.
         benchmark_precisions: The precisions :func:`run_benchmark` times.
     """
@@ -126,6 +127,7 @@ class ErfSettings:
     out: str = "erf_results"
     label: str = ""
     model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    slak_config: Any = None
     tracking: TrackingConfig | None = None
     benchmark_precisions: tuple[str, ...] = ("fp32",)
 
@@ -189,15 +191,16 @@ def _slak_config(model: str, model_overrides: Mapping[str, Any]) -> Any:
     return slak_model.variant_config(model, **fields)
 
 
-def _default_label(model: str, model_overrides: Mapping[str, Any]) -> str:
-    """The model's name; with ``model.*`` settings also its kernels, short edge and width, and any other setting
-    given (``use_bn``, ``layer_scale_init``, ``num_classes``), so that two different networks never share a row."""
+def _default_label(model: str, model_overrides: Mapping[str, Any], cfg: Any) -> str:
+    """The model's name; with ``model.*`` settings also its kernel mode and sizes (short edge N when decomposed)
+    and width, and any other setting given (``use_bn``, ``layer_scale_init``, ``num_classes``), so that two
+    different networks never share a row."""
     if not model_overrides:
         return model
     from slak_model.published import kernel_row
 
-    cfg = _slak_config(model, model_overrides)
-    label = f"{model}-{cfg.kernel_mode}-{kernel_row(cfg.stage_kernels)}-N{cfg.short_edge}-w{cfg.width_factor:g}"
+    kernels = kernel_row(cfg.stage_kernels) + (f"-N{cfg.short_edge}" if cfg.kernel_mode == "decomposed" else "")
+    label = f"{model}-{cfg.kernel_mode}-{kernels}-w{cfg.width_factor:g}"
     for key in ("model.use_bn", "model.layer_scale_init", "model.num_classes"):
         if key in model_overrides:
             label += f"-{key.split('.')[1]}={model_overrides[key]}"
@@ -267,9 +270,10 @@ def make_settings(
     if model_over and not is_slak:
         problems.append(f"{', '.join(sorted(model_over))}: model.* settings shape a SLaK variant; {model!r} is a "
                         "timm model, whose architecture is fixed by its name")
-    if model_over and is_slak:
+    slak_config = None
+    if is_slak:
         try:
-            _slak_config(model, model_over)
+            slak_config = _slak_config(model, model_over)
         except ConfigError as err:
             problems += err.problems
         except ValueError as err:  # the architecture's own checks (e.g. a short edge longer than a kernel)
@@ -327,8 +331,8 @@ def make_settings(
         model=model, checkpoint=checkpoint, pretrained=pretrained, random_init=random_init, data=data,
         images=images, size=size, batch_size=batch_size, precision=resolved, device=resolved_device,
         workers=(min(4, os.cpu_count() or 1) if workers is None else workers) if data is not None else 0,
-        out=out or "erf_results", label=name or _default_label(model, model_over),
-        model_overrides=model_over, tracking=tracking, benchmark_precisions=bench_precisions,
+        out=out or "erf_results", label=name or _default_label(model, model_over, slak_config),
+        model_overrides=model_over, slak_config=slak_config, tracking=tracking, benchmark_precisions=bench_precisions,
     )
 
 
@@ -472,7 +476,7 @@ def build_erf_model(settings: ErfSettings) -> tuple[Any, _ModelInfo]:
 
     torch.manual_seed(RANDOM_SEED)
     if settings.is_slak:
-        model = slak_model.SLaK(_slak_config(settings.model, settings.model_overrides))
+        model = slak_model.SLaK(settings.slak_config)
         if settings.checkpoint:
             from slak_model.checkpoint import load_official_checkpoint, read_checkpoint
 
