@@ -32,6 +32,7 @@ import math
 import os
 import re
 import statistics
+import textwrap
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -587,7 +588,7 @@ def run_erf(settings: ErfSettings) -> ErfResult:
     out.mkdir(parents=True, exist_ok=True)
     map_path, png_path, row_path = (out / f"{settings.label}{s}" for s in (".npy", ".png", _ROW_SUFFIX))
     np.save(map_path, measurement.mean_map.astype(np.float32))
-    title = (f"{settings.label}: {settings.weights_text()}, {measurement.images} image(s) at {settings.size} px, "
+    title = (f"{settings.label}\n{settings.weights_text()}, {measurement.images} image(s) at {settings.size} px, "
              f"{settings.precision}")
     save_heatmap(erf.log_scaled(measurement.mean_map), png_path, title, ratios)
     row_path.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
@@ -627,7 +628,8 @@ def _log_to_mlflow(settings: ErfSettings, row: Mapping[str, Any], files: Sequenc
 
 def save_heatmap(scaled: Any, path: Path, title: str, ratios: Sequence[Any] = ()) -> Path:
     """The log-scaled map as an image: the upper half of a red-yellow-green scale over [0, 1], RepLKNet's look
-    (its heat-map centres the diverging scale at 0), with a colour bar and the ratios under the title."""
+    (its heat-map centres the diverging scale at 0), with a colour bar and the ratios under the title (its
+    lines wrapped, since labels with ``model.*`` settings run long)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -641,7 +643,8 @@ def save_heatmap(scaled: Any, path: Path, title: str, ratios: Sequence[Any] = ()
     ax.set_xticks([])
     ax.set_yticks([])
     subtitle = ", ".join(f"r({_pct(r.threshold)} %) = {100 * r.ratio:.1f} %" for r in ratios if r.ratio is not None)
-    ax.set_title(f"{title}\n{subtitle}" if subtitle else title, fontsize=9)
+    lines = [*title.splitlines(), subtitle] if subtitle else title.splitlines()
+    ax.set_title("\n".join(textwrap.fill(line, 72) for line in lines), fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="log10(1 + contribution), scaled to [0, 1]")
     fig.tight_layout()
     fig.savefig(path)
