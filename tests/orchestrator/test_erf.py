@@ -14,6 +14,8 @@ from PIL import Image
 
 from orchestrator import erf
 from orchestrator.config import ConfigError
+from orchestrator.erf import images as erf_images
+from orchestrator.erf import models as erf_models
 from slak_model import CheckpointMismatchError, create_model, variant_config
 
 
@@ -149,7 +151,7 @@ def test_transform_is_the_references(tmp_path: Path) -> None:
                                     transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     with Image.open(path) as im:
         expected = reference(im.convert("RGB"))
-    ours, error = erf._ImageFolder([path], 64)[0]
+    ours, error = erf_images.ImageFolder([path], 64)[0]
     assert error == "" and ours.shape == (3, 64, 64)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
@@ -198,16 +200,16 @@ def test_timm_checkpoints_load_through_timm(images: Path, tmp_path: Path) -> Non
 
 
 def test_which_published_row_a_model_is() -> None:
-    assert erf._slak_paper_row(variant_config("slak_tiny")) == "SLaK-T"
-    assert erf._slak_paper_row(variant_config("slak_small")) is None
-    assert erf._slak_paper_row(variant_config("slak_tiny", kernel_mode="replknet", kernel_size=[31, 29, 27, 13, 5],
+    assert erf_models.slak_paper_row(variant_config("slak_tiny")) == "SLaK-T"
+    assert erf_models.slak_paper_row(variant_config("slak_small")) is None
+    assert erf_models.slak_paper_row(variant_config("slak_tiny", kernel_mode="replknet", kernel_size=[31, 29, 27, 13, 5],
                                               width_factor=1.0)) == "ConvNeXt-T (RepLKNet)"
-    assert erf._slak_paper_row(variant_config("slak_tiny", kernel_mode="naive", kernel_size=[7, 7, 7, 7, 100],
+    assert erf_models.slak_paper_row(variant_config("slak_tiny", kernel_mode="naive", kernel_size=[7, 7, 7, 7, 100],
                                               width_factor=1.0)) == "ConvNeXt-T"
-    assert erf._slak_paper_row(variant_config("slak_tiny", width_factor=1.0)) is None
-    assert erf._timm_paper_row("resnet101.tv_in1k") == ("3-3-3-3", "ResNet-101")
-    assert erf._timm_paper_row("convnext_tiny") == ("7-7-7-7", "ConvNeXt-T")
-    assert erf._timm_paper_row("resnet50") == ("-", None)
+    assert erf_models.slak_paper_row(variant_config("slak_tiny", width_factor=1.0)) is None
+    assert erf_models.timm_paper_row("resnet101.tv_in1k") == ("3-3-3-3", "ResNet-101")
+    assert erf_models.timm_paper_row("convnext_tiny") == ("7-7-7-7", "ConvNeXt-T")
+    assert erf_models.timm_paper_row("resnet50") == ("-", None)
 
 
 # ---------------------------------------------------------------------------------- the job
