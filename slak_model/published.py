@@ -14,13 +14,27 @@ orchestrator's result collation can put our measured numbers beside them. Conven
   ``setting`` = input size.
 - Table 2's second row is printed as "31-29-37-13" in the paper; every other place (text, README,
   released checkpoints) says 31-29-27-13, which is what is stored here.
+- Table 10 (effective receptive field) holds area ratios, not accuracies: its rows are
+  :class:`PublishedErf` in :data:`TABLE10`, apart from the top-1 cells of :data:`PUBLISHED`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["PUBLISHED", "TABLE8_PAIRS", "TABLES", "PublishedResult", "kernel_row", "published", "table8_row"]
+__all__ = [
+    "ERF_THRESHOLDS",
+    "PUBLISHED",
+    "TABLE8_PAIRS",
+    "TABLE10",
+    "TABLE10_CAPTION",
+    "TABLES",
+    "PublishedErf",
+    "PublishedResult",
+    "kernel_row",
+    "published",
+    "table8_row",
+]
 
 
 @dataclass(frozen=True)
@@ -166,3 +180,38 @@ def published(table: str | None = None) -> list[PublishedResult]:
     if table not in TABLES:
         raise ValueError(f"table={table!r} is not a published table; choose one of {sorted(TABLES)}")
     return [r for r in PUBLISHED if r.table == table]
+
+
+#: The thresholds t of Table 10: the share of the total contribution the centred square must exceed.
+ERF_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
+
+TABLE10_CAPTION = (
+    "Effective receptive field: high-contribution area ratio r (% of the input area) at thresholds t, "
+    "1024x1024 inputs, 50 ImageNet validation images"
+)
+
+
+@dataclass(frozen=True)
+class PublishedErf:
+    """One row of Table 10: the area ratios r, in % of the input area, at each of :data:`ERF_THRESHOLDS`."""
+
+    model: str
+    kernel: str
+    ratios_pct: tuple[float, ...]
+    image_size: int = 1024
+    images: int = 50
+
+    def ratio_pct(self, threshold: float) -> float:
+        """r at ``threshold`` (one of :data:`ERF_THRESHOLDS`), in %."""
+        return dict(zip(ERF_THRESHOLDS, self.ratios_pct, strict=True))[threshold]
+
+
+#: Table 10's rows in the paper's order. ``model`` names are the paper's; "ConvNeXt-T (RepLKNet)" is
+#: ConvNeXt-T with RepLKNet-style 31-29-27-13 kernels (plus the 5x5 small kernel).
+TABLE10: tuple[PublishedErf, ...] = (
+    PublishedErf("ResNet-101", "3-3-3-3", (0.9, 1.5, 3.2, 22.4)),
+    PublishedErf("ResNet-152", "3-3-3-3", (1.1, 1.8, 3.9, 34.4)),
+    PublishedErf("ConvNeXt-T", "7-7-7-7", (2.0, 3.6, 7.7, 55.5)),
+    PublishedErf("ConvNeXt-T (RepLKNet)", "31-29-27-13", (4.0, 9.1, 19.1, 97.5)),
+    PublishedErf("SLaK-T", "51-49-47-13", (6.9, 11.5, 23.4, 97.5)),
+)
