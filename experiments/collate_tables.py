@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from orchestrator import collate, tracking
-from orchestrator.config import load_config
+from orchestrator.config.loading import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,8 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator import collate, estimate, preflight, ray_cluster, run_identity, tracking
-from orchestrator.config import ExperimentConfig, TrackingConfig, replace, to_yaml
+from orchestrator.config.loading import replace, to_yaml
+from orchestrator.config.schema import ExperimentConfig, TrackingConfig
 from orchestrator.search_space import GridPoint, param_space, validate_points
 from orchestrator.tune_trial import (
     METRIC,

@@ -306,7 +306,7 @@ def test_summary_metrics_name_every_cell_with_allowed_characters() -> None:
 
 def test_the_axis_comes_typed_from_the_grid_point_not_from_the_row_label() -> None:
     """Rows sort and plot by the number the trial driver tagged (``slak.axis``), whatever the label says."""
-    from orchestrator.config import load_config
+    from orchestrator.config.loading import load_config
     from orchestrator.search_space import GridPoint, sparsity_width_grid
     from orchestrator.tune_trial import trial_identity
 
