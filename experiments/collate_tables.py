@@ -14,8 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestrator import collate, tracking
-from orchestrator.config import load_config
+from orchestrator import tracking
+from orchestrator.collate.experiment import collate_experiment
+from orchestrator.collate.runs import find_experiment
+from orchestrator.config.loading import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     uri, mlflow_experiment = cfg.tracking.uri, cfg.tracking.experiment
-    name = args.experiment or collate.find_experiment(
+    name = args.experiment or find_experiment(
         tracking.runs_dataframe(uri, mlflow_experiment), args.table
     )
     if name is None:
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    result = collate.collate_experiment(
+    result = collate_experiment(
         uri, mlflow_experiment, name, Path(args.out) / name, log_to_parent=not args.no_log
     )
     print(result.markdown)

@@ -29,7 +29,8 @@ import torch
 
 from kernels import environment
 from orchestrator import data  # data first: installs the torchvision guard before timm
-from orchestrator.config import ExperimentConfig, load_config, parse_overrides, replace
+from orchestrator.config.loading import load_config, parse_overrides, replace
+from orchestrator.config.schema import ExperimentConfig
 from orchestrator.loop import Trainer, build_model, param_groups
 
 

@@ -22,7 +22,8 @@ import time
 from collections import defaultdict
 
 from orchestrator import cli
-from orchestrator.config import ConfigError, load_config, replace
+from orchestrator.config.loading import load_config, replace
+from orchestrator.config.validation import ConfigError
 
 DEFAULT_CONFIG = "experiments/configs/paper_slak_tiny_120ep.yaml"
 

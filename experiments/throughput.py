@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 import kernels
 from kernels import environment
 from orchestrator import data  # installs the torchvision guard before timm, registers the SLaK variants
-from orchestrator.config import DataConfig
+from orchestrator.config.schema import DataConfig
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -16,7 +16,8 @@ import logging
 import sys
 
 from orchestrator import cli
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config.loading import load_config
+from orchestrator.config.validation import ConfigError
 
 _SHOWN = ("epochs_done", "train/loss", "val/top1", "val/top5", "ema/top1", "ema/top5", "sparsity/density",
           "sparsity/itop_rate", "sparsity/collapsed_layers", "perf/img_per_s", "data/skipped_images")

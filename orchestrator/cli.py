@@ -7,7 +7,8 @@ import argparse
 import logging
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.config import ExperimentConfig, load_config, parse_overrides
+from orchestrator.config.loading import load_config, parse_overrides
+from orchestrator.config.schema import ExperimentConfig
 
 if TYPE_CHECKING:
     from orchestrator.tune_runner import ExperimentOutcome

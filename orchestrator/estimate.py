@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.config import ExperimentConfig, replace
+from orchestrator.config.loading import replace
+from orchestrator.config.schema import ExperimentConfig
 from orchestrator.search_space import GridPoint
 
 __all__ = ["GridEstimate", "estimate_grid"]

@@ -38,7 +38,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 # isort: on
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config.schema import ExperimentConfig
 from slak_model.sparsity import DynamicSparsity, MaskedModelEma, TorchDistributedCollective
 
 __all__ = [

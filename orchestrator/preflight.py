@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from orchestrator import data
-from orchestrator.config import ExperimentConfig
+from orchestrator.config.schema import ExperimentConfig
 from orchestrator.loop import build_meta_model
 
 __all__ = ["PreflightError", "check_before_start", "check_data", "check_model"]

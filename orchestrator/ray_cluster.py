@@ -23,13 +23,10 @@ from pathlib import Path
 
 import ray
 
-from orchestrator.config import (
-    CPU_DEFAULT_WORKERS,
-    ConfigError,
-    ExperimentConfig,
-    replace,
-    warn_newly_ignored,
-)
+from orchestrator.config.ignored import warn_newly_ignored
+from orchestrator.config.loading import replace
+from orchestrator.config.schema import CPU_DEFAULT_WORKERS, ExperimentConfig
+from orchestrator.config.validation import ConfigError
 
 __all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "check_local_machine", "fit_resources", "how_many",
            "init_ray",

@@ -34,7 +34,8 @@ import ray.train.torch
 import torch
 
 from orchestrator import preflight, ray_cluster, run_identity, tracking, worker
-from orchestrator.config import ExperimentConfig, to_yaml
+from orchestrator.config.loading import to_yaml
+from orchestrator.config.schema import ExperimentConfig
 from orchestrator.worker import FAULT_ENV
 
 __all__ = [

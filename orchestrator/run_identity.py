@@ -25,7 +25,9 @@ from typing import Any
 
 from pyarrow import fs as pafs
 
-from orchestrator.config import ConfigError, ExperimentConfig, expand_aliases
+from orchestrator.config.loading import expand_aliases
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.validation import ConfigError
 
 __all__ = ["CHANGEABLE_ON_CONTINUE", "IDENTITY_FILE", "RunConfigMismatchError", "check_or_record", "identity"]
 

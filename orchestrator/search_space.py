@@ -28,7 +28,10 @@ from typing import Any
 import yaml
 from ray import tune
 
-from orchestrator.config import ConfigError, ExperimentConfig, ignored_settings, replace, validate
+from orchestrator.config.ignored import ignored_settings
+from orchestrator.config.loading import replace
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.validation import ConfigError, validate
 from orchestrator.loop import build_meta_model
 from slak_model import published
 

@@ -24,8 +24,10 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator import collate, estimate, preflight, ray_cluster, run_identity, tracking
-from orchestrator.config import ExperimentConfig, TrackingConfig, replace, to_yaml
+from orchestrator import estimate, preflight, ray_cluster, run_identity, tracking
+from orchestrator.collate.experiment import CollatedExperiment, collate_experiment
+from orchestrator.config.loading import replace, to_yaml
+from orchestrator.config.schema import ExperimentConfig, TrackingConfig
 from orchestrator.search_space import GridPoint, param_space, validate_points
 from orchestrator.tune_trial import (
     METRIC,
@@ -89,7 +91,7 @@ class ExperimentOutcome:
     errors: int
     interrupted: bool
     seconds: float
-    collated: collate.CollatedExperiment | None = None
+    collated: CollatedExperiment | None = None
     files: list[Path] = field(default_factory=list)
 
 
@@ -325,7 +327,7 @@ def _finish_parent(
             outcome.name,
         )
     out_dir = Path(collate_into) if collate_into else outcome.path / "tables"
-    outcome.collated = collate.collate_experiment(
+    outcome.collated = collate_experiment(
         tracking_cfg.uri, tracking_cfg.experiment, outcome.name, out_dir
     )
     outcome.files = list(outcome.collated.files)

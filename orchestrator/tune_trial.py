@@ -39,7 +39,8 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking, worker
-from orchestrator.config import ExperimentConfig, TrackingConfig, replace
+from orchestrator.config.loading import replace
+from orchestrator.config.schema import ExperimentConfig, TrackingConfig
 from orchestrator.loop import build_meta_model
 from orchestrator.search_space import GridPoint
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from orchestrator import tracking
 from orchestrator.checkpoints import MANIFEST, load_checkpoint_dir, save_checkpoint_dir
-from orchestrator.config import to_yaml
+from orchestrator.config.loading import to_yaml
 from orchestrator.loop import Trainer
 
 __all__ = ["COLLAPSE_TAG", "FAULT_ENV", "InjectedFault", "ReportedCheckpoint", "TrainingWorker", "WorkerSession",

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.default_context import DefaultRunContext
 from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
-from orchestrator.config import TrackingConfig
+from orchestrator.config.schema import TrackingConfig
 from orchestrator.tracking._mlflow import _FINAL_STATUSES, _apply, _client, _experiment_id, _is_http
 
 __all__ = [

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.config import TrackingConfig
+from orchestrator.config.schema import TrackingConfig
 from orchestrator.tracking._mlflow import (
     _FINAL_STATUSES,
     _MAX_TAG_LEN,

@@ -260,7 +260,7 @@ def test_docs_name_the_same_services_ports_commands_and_say_what_was_not_run() -
 
 def test_kuberay_and_docs_commands_are_valid_configs() -> None:
     """The dotted overrides and presets the deployment files use are accepted by the real config loader."""
-    from orchestrator.config import load_config
+    from orchestrator.config.loading import load_config
 
     entry = _kuberay()["spec"]["entrypoint"].split()
     preset = entry[entry.index("--config") + 1]

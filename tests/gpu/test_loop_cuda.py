@@ -21,7 +21,7 @@ DEVICE = "cuda"
 
 
 def _cfg(**extra):
-    from orchestrator.config import load_config
+    from orchestrator.config.loading import load_config
 
     base = {"run.num_workers": 1, "run.use_gpu": True, "train.global_batch_size": 32,
             "train.micro_batch_size": MICRO, "train.epochs": 2, "train.warmup_epochs": 0.5,

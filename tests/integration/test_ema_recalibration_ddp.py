@@ -20,7 +20,7 @@ BATCHES = 2  # per rank
 
 
 def _cfg(batches: int):
-    from orchestrator.config import load_config
+    from orchestrator.config.loading import load_config
 
     return load_config(None, {"run.num_workers": WORLD, "train.global_batch_size": 16, "train.micro_batch_size": 8,
                               "train.epochs": 1, "train.bn_recalibration_batches": batches,

@@ -16,7 +16,7 @@ from job_helpers import all_artifacts, load_train_cli
 from mlflow import MlflowClient
 from servers import MlflowServer, ServerUnavailable, managed_mlflow_server, postgres_reason, process_alive
 
-from orchestrator.config import TrackingConfig
+from orchestrator.config.schema import TrackingConfig
 from orchestrator.tracking import create_tracker
 from slak_model.sparsity.masks import load_masks
 

@@ -21,7 +21,7 @@ mlflow_tracking = pytest.importorskip("mlflow.tracking")
 from job_helpers import all_artifacts, load_train_cli  # noqa: E402
 
 from orchestrator import checkpoints, ray_train  # noqa: E402
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config.loading import load_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE = REPO_ROOT / "experiments" / "configs" / "smoke.yaml"
@@ -157,7 +157,7 @@ def test_a_missing_data_folder_exits_2_in_seconds_without_ray(tmp_path: Path, ca
 def test_same_run_name_with_other_settings_exits_2_before_ray(tmp_path: Path, capsys) -> None:
     """A second job under an existing run.name with a different sparsity must not resume the first one."""
     from orchestrator import run_identity
-    from orchestrator.config import to_yaml
+    from orchestrator.config.loading import to_yaml
 
     storage = tmp_path / "ray"
     first = load_config(str(SMOKE), {"run.name": "collide", "run.storage_path": str(storage)})

@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
 from orchestrator import cli, run_identity, search_space, tracking, tune_runner, tune_trial  # noqa: E402
-from orchestrator.config import load_config, replace  # noqa: E402
+from orchestrator.config.loading import load_config, replace  # noqa: E402
 from orchestrator.search_space import GridPoint  # noqa: E402
 
 

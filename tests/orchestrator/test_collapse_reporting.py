@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from orchestrator import cli, data, loop, tracking, worker
-from orchestrator.config import ExperimentConfig, load_config, replace
+from orchestrator.config.loading import load_config, replace
+from orchestrator.config.schema import ExperimentConfig
 from orchestrator.search_space import sparsity_width_grid
 from orchestrator.tracking import NullTracker
 from tests.orchestrator.sessions import CpuSession

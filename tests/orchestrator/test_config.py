@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, ExperimentConfig, load_config, parse_overrides, replace, to_yaml
+from orchestrator.config.loading import load_config, parse_overrides, replace, to_yaml
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.validation import ConfigError
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.yaml"))
 
@@ -21,6 +23,15 @@ FIXED_NAMES = [
 def test_fixed_dotted_names_exist() -> None:
     flat = ExperimentConfig().to_flat()
     assert [n for n in FIXED_NAMES if n not in flat] == []
+
+
+def test_the_package_face_names_only_what_building_a_config_takes() -> None:
+    """``orchestrator.config`` re-exports four names for code outside the project, each the defining module's."""
+    import orchestrator.config as face
+
+    assert sorted(face.__all__) == ["ConfigError", "ExperimentConfig", "load_config", "replace"]
+    assert (face.ConfigError, face.ExperimentConfig, face.load_config, face.replace) == (
+        ConfigError, ExperimentConfig, load_config, replace)
 
 
 def test_flat_round_trip_is_exact_and_json_friendly() -> None:

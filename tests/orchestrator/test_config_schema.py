@@ -22,7 +22,9 @@ import yaml
 import slak_model.config as slak_config
 import slak_model.sparsity.config as sparsity_config
 from orchestrator import cli, loop
-from orchestrator.config import ConfigError, ExperimentConfig, ModelConfig, load_config, replace
+from orchestrator.config.loading import load_config, replace
+from orchestrator.config.schema import ExperimentConfig, ModelConfig
+from orchestrator.config.validation import ConfigError
 from slak_model import SLaKConfig
 from slak_model.sparsity import SparsityConfig
 from slak_model.variants import variant_config

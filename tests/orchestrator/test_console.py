@@ -25,7 +25,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCall
 from ray.tune.utils.callback import _create_default_callbacks
 
 from orchestrator import ray_cluster, search_space, tune_runner
-from orchestrator.config import load_config
+from orchestrator.config.loading import load_config
 
 
 def _fake_local_ray(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:

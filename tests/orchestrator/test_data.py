@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from orchestrator import data
-from orchestrator.config import ExperimentConfig, load_config
+from orchestrator.config.loading import load_config
+from orchestrator.config.schema import ExperimentConfig
 from orchestrator.datasets_procedural import ShapesDataset, SyntheticDataset
 
 

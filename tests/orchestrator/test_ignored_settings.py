@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli
-from orchestrator.config import ConfigError, ExperimentConfig, load_config, replace
+from orchestrator.config.loading import load_config, replace
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.validation import ConfigError
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.yaml"))
 SMOKE = PRESETS[0].parent / "smoke.yaml"

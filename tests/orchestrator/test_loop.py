@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from orchestrator import data
-from orchestrator.config import load_config
+from orchestrator.config.loading import load_config
 from orchestrator.loop import Trainer, cosine_schedule
 from tests.numerics import rel_error, rel_tol
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.config import load_config
+from orchestrator.config.loading import load_config
 from orchestrator.preflight import PreflightError, check_before_start
 
 

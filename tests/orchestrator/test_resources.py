@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config.loading import load_config  # noqa: E402
 from orchestrator.ray_cluster import ResourceError, fit_resources  # noqa: E402
 from orchestrator.tune_runner import fitting_concurrency  # noqa: E402
 

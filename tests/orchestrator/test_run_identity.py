@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config, to_yaml
+from orchestrator.config.loading import load_config, to_yaml
 from orchestrator.run_identity import IDENTITY_FILE, RunConfigMismatchError, check_or_record, identity
 
 SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.yaml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator import search_space as ss
-from orchestrator.config import load_config
+from orchestrator.config.loading import load_config
 from orchestrator.search_space import GridError, GridPoint
 
 
@@ -196,7 +196,7 @@ def test_settings_every_point_overrides_are_named(grid: str, kwargs: dict, name:
 
 
 def test_the_parent_run_logs_the_grids_axes_not_the_base_values(base) -> None:
-    from orchestrator.config import replace
+    from orchestrator.config.loading import replace
     from orchestrator.tune_runner import grid_params
 
     cfg = replace(base, {"tune.seeds": 3, "train.seed": 5})
@@ -210,7 +210,7 @@ def test_the_parent_run_logs_the_grids_axes_not_the_base_values(base) -> None:
 
 
 def test_the_estimate_times_each_point_on_cpu(base) -> None:
-    from orchestrator.config import replace
+    from orchestrator.config.loading import replace
     from orchestrator.estimate import estimate_grid
 
     cfg = replace(base, {"run.use_gpu": False, "run.num_workers": 1, "data.image_size": 32, "train.epochs": 2,

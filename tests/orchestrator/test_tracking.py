@@ -14,7 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from orchestrator import tracking
-from orchestrator.config import TrackingConfig
+from orchestrator.config.schema import TrackingConfig
 from orchestrator.tracking import MlflowTracker, NullTracker, Tracker, create_tracker, sync_offline
 from orchestrator.tracking import journal as journal_module
 from orchestrator.tracking import tracker as tracker_module
@@ -264,7 +264,7 @@ def test_environment_tags_fall_back_to_the_commit_baked_into_an_image(monkeypatc
 
 
 def test_tracker_accepts_the_typed_tracking_section_and_logs_the_flat_config(uri: str, tmp_path: Path) -> None:
-    from orchestrator.config import load_config
+    from orchestrator.config.loading import load_config
 
     smoke = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.yaml"
     cfg = load_config(smoke if smoke.exists() else None,
@@ -281,7 +281,7 @@ def test_a_training_process_never_sets_its_runs_final_status(cfg: TrackingConfig
     """The run's owner (the driver that created it) gives the final status once; a training process that
     fails only flushes what it logged, so a Ray Train retry does not flip the run FAILED -> RUNNING."""
     from orchestrator import worker
-    from orchestrator.config import load_config
+    from orchestrator.config.loading import load_config
 
     exp = load_config(None, {"run.num_workers": 1, "run.use_gpu": False, "train.epochs": 2, "data.train_size": 64,
                              "data.val_size": 16, "train.global_batch_size": 16, "run.storage_path": str(tmp_path),
