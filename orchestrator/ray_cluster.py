@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import ray
@@ -28,9 +29,19 @@ from orchestrator.config.loading import replace
 from orchestrator.config.schema import CPU_DEFAULT_WORKERS, ExperimentConfig
 from orchestrator.config.validation import ConfigError
 
-__all__ = ["LOCAL_HOST", "PROJECT_ROOT", "ResourceError", "check_local_machine", "fit_resources", "how_many",
-           "init_ray",
-           "local_num_cpus", "worker_env"]
+__all__ = [
+    "LOCAL_HOST",
+    "PROJECT_ROOT",
+    "ResourceError",
+    "check_local_machine",
+    "fit_resources",
+    "fit_resources_waiting",
+    "how_many",
+    "init_ray",
+    "local_num_cpus",
+    "warn_if_wait_has_no_effect",
+    "worker_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -227,3 +238,74 @@ def fit_resources(cfg: ExperimentConfig, cluster: Mapping[str, float], *, trial_
         log.info("resources: %d %s worker(s) per trial (%s); the cluster has %g CPUs, %g GPUs", workers,
                  "GPU" if use_gpu else "CPU", each, cpus, gpus)
     return resolved
+
+
+def _request_bundles(cfg: ExperimentConfig, trial_driver_cpus: int) -> list[dict[str, float]]:
+    """One trial's resource bundles as the autoscaler takes them: a driver CPU and one bundle per worker."""
+    r = cfg.run
+    workers = r.num_workers or 1
+    use_gpu = r.use_gpu is True
+    each = {"CPU": float(r.cpus_per_worker), **({"GPU": float(r.gpus_per_worker)} if use_gpu else {})}
+    return ([{"CPU": float(trial_driver_cpus)}] if trial_driver_cpus else []) + [dict(each)] * workers
+
+
+def _ask_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Tell a cluster's autoscaler what one trial needs (a no-op on a cluster without one)."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as exc:  # noqa: BLE001 - asking is a courtesy; waiting works without it
+        log.debug("could not ask the autoscaler for %s: %s", bundles, exc)
+
+
+def fit_resources_waiting(
+    cfg: ExperimentConfig,
+    *,
+    trial_driver_cpus: int = 0,
+    wait_s: float | None = None,
+    poll_s: float = 15.0,
+    cluster_resources: Callable[[], Mapping[str, float]] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    ask_autoscaler: Callable[[list[dict[str, float]]], None] = _ask_autoscaler,
+) -> ExperimentConfig:
+    """:func:`fit_resources` against a cluster that may grow (an autoscaling Ray cluster).
+
+    ``wait_s`` defaults to ``run.wait_for_resources_s``. With 0 this is :func:`fit_resources` on the cluster as it is, and a refusal adds how to wait.
+    Otherwise a request that does not fit yet is shown to the autoscaler (``request_resources``), and the
+    cluster's resources are read again every ``poll_s`` seconds, each time with one line saying what is
+    missing and how long is left, until one trial fits or ``wait_s`` has passed.
+
+    Raises:
+        ResourceError: still does not fit after ``wait_s`` seconds.
+    """
+    read = cluster_resources or ray.cluster_resources
+    wait_s = float(cfg.run.wait_for_resources_s if wait_s is None else wait_s)
+    deadline = clock() + wait_s
+    asked = False
+    while True:
+        try:
+            return fit_resources(cfg, read(), trial_driver_cpus=trial_driver_cpus)
+        except ResourceError as exc:
+            left = deadline - clock()
+            if wait_s <= 0:
+                raise ResourceError(
+                    f"{exc}. If this cluster autoscales, set run.wait_for_resources_s (e.g. 900) to wait for "
+                    "it to grow") from None
+            if left <= 0:
+                raise ResourceError(f"{exc} (still, after waiting {wait_s:g} s for the cluster to grow: "
+                                    "run.wait_for_resources_s)") from None
+            if not asked:
+                ask_autoscaler(_request_bundles(cfg, trial_driver_cpus))
+                asked = True
+            log.warning("waiting for the cluster to grow (%.0f s left of run.wait_for_resources_s=%g): %s",
+                        left, wait_s, exc)
+            sleep(min(poll_s, left))
+
+
+def warn_if_wait_has_no_effect(cfg: ExperimentConfig, address: str | None) -> None:
+    """``run.wait_for_resources_s`` waits for a cluster to grow; a local Ray never does."""
+    if address is None and cfg.run.wait_for_resources_s > 0:
+        log.warning("run.wait_for_resources_s=%g has no effect on a local Ray (this machine cannot grow): "
+                    "drop it, or join an autoscaling cluster with --address", cfg.run.wait_for_resources_s)

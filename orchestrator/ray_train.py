@@ -127,7 +127,8 @@ def _ensure_ray(cfg: ExperimentConfig, address: str | None) -> ExperimentConfig:
     if address is None and not ray.is_initialized():
         ray_cluster.check_local_machine(cfg, num_cpus=num_cpus)
     ray_cluster.init_ray(address=address, num_cpus=num_cpus, extra_env=extra)
-    return ray_cluster.fit_resources(cfg, ray.cluster_resources())
+    ray_cluster.warn_if_wait_has_no_effect(cfg, address)
+    return ray_cluster.fit_resources_waiting(cfg)
 
 
 def failure_summary(error: BaseException) -> str:

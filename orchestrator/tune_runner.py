@@ -116,7 +116,8 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> ExperimentCon
         object_store_memory=512 * 2**20,
         log_to_driver=False,
     )
-    return ray_cluster.fit_resources(cfg, ray.cluster_resources(), trial_driver_cpus=1)
+    ray_cluster.warn_if_wait_has_no_effect(cfg, address)
+    return ray_cluster.fit_resources_waiting(cfg, trial_driver_cpus=1)
 
 
 def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> int:

@@ -172,7 +172,8 @@ class RunConfig:
     ``use_gpu`` "auto" takes GPUs when the cluster has them; ``num_workers`` None fits the resources: one
     worker per GPU on GPUs (one per trial when ``gpus_per_worker`` < 1 shares a GPU between trials),
     ``CPU_DEFAULT_WORKERS`` on CPUs. Both are resolved against the cluster before any trial starts
-    (``orchestrator.ray_cluster.fit_resources``); a request that can never fit is an error.
+    (``orchestrator.ray_cluster.fit_resources``); a request that can never fit is an error, unless
+    ``wait_for_resources_s`` > 0 on a joined cluster: an autoscaling cluster is then given that long to grow.
     """
 
     name: str = ""
@@ -183,6 +184,7 @@ class RunConfig:
     storage_path: str = field(default_factory=lambda: _cwd_path("ray_results"))
     max_failures: int = 0
     checkpoints_to_keep: int = 2
+    wait_for_resources_s: float = 0.0
 
 
 @dataclass(frozen=True)

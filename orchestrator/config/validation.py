@@ -180,6 +180,8 @@ def _run_tracking_tune_problems(c: _Checks) -> None:
         c.out.append(f"run.name={r.name!r}: must not contain '/', '\\' or spaces (it is a folder name)")
     c.rng("run.max_failures", -1, None, why="-1 = retry forever")
     c.rng("run.checkpoints_to_keep", 1, None)
+    c.rng("run.wait_for_resources_s", 0, None, why="seconds an autoscaling cluster (--address) gets to grow; 0 = "
+          "refuse at once what does not fit")
 
     if k.enabled and not k.uri:
         c.out.append("tracking.uri='': set an MLflow URI (sqlite:///abs/path/mlflow.db or http://host:5000) "

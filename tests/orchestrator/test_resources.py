@@ -106,3 +106,62 @@ def test_a_local_request_that_cannot_fit_is_refused_before_ray_starts(monkeypatc
         ray_train.run_training(cfg)
     assert not started
     ray_cluster.check_local_machine(load_config(None, {"run.use_gpu": True, "run.num_workers": 1}), num_cpus=4)
+
+
+class _GrowingCluster:
+    """A fake autoscaling cluster: ``CPU_BOX`` until ``grows_at`` seconds of a fake clock, then one GPU."""
+
+    def __init__(self, grows_at: float) -> None:
+        self.now, self.grows_at, self.asked, self.reads = 0.0, grows_at, [], 0
+
+    def resources(self) -> dict:
+        self.reads += 1
+        return ONE_GPU if self.now >= self.grows_at else CPU_BOX
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _fit_waiting(cluster: _GrowingCluster, wait_s: float, **overrides):
+    from orchestrator.ray_cluster import fit_resources_waiting
+
+    cfg = load_config(None, {"train.global_batch_size": 48, "run.use_gpu": True, **overrides})
+    return fit_resources_waiting(cfg, trial_driver_cpus=1, wait_s=wait_s, poll_s=10,
+                                 cluster_resources=cluster.resources, sleep=cluster.sleep,
+                                 clock=lambda: cluster.now, ask_autoscaler=cluster.asked.append)
+
+
+def test_a_growing_cluster_is_waited_for_and_shown(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = _GrowingCluster(grows_at=25)
+    with caplog.at_level("WARNING", logger="orchestrator.ray_cluster"):
+        cfg = _fit_waiting(cluster, wait_s=60)
+    assert (cfg.run.use_gpu, cfg.run.num_workers) == (True, 1)
+    assert cluster.reads == 4 and cluster.now == 30  # read at 0, 10, 20 (still no GPU), 30
+    assert cluster.asked == [[{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]]  # asked once, for one trial's bundles
+    waits = [r.getMessage() for r in caplog.records if "waiting for the cluster to grow" in r.getMessage()]
+    assert len(waits) == 3 and "60 s left" in waits[0] and "no GPUs" in waits[0]
+
+
+def test_waiting_gives_up_after_the_set_time_with_the_reason() -> None:
+    cluster = _GrowingCluster(grows_at=1e9)
+    with pytest.raises(ResourceError, match=r"no GPUs .*after waiting 45 s .*run.wait_for_resources_s"):
+        _fit_waiting(cluster, wait_s=45)
+    assert cluster.now == 45
+
+
+def test_without_waiting_a_refusal_says_how_to_wait_for_an_autoscaler() -> None:
+    cluster = _GrowingCluster(grows_at=5)
+    with pytest.raises(ResourceError, match=r"no GPUs .*If this cluster autoscales, set run.wait_for_resources_s"):
+        _fit_waiting(cluster, wait_s=0)
+    assert cluster.reads == 1 and cluster.asked == []
+
+
+def test_waiting_on_a_local_ray_is_named_as_without_effect(caplog: pytest.LogCaptureFixture) -> None:
+    from orchestrator.ray_cluster import warn_if_wait_has_no_effect
+
+    cfg = load_config(None, {"run.wait_for_resources_s": 600})
+    with caplog.at_level("WARNING", logger="orchestrator.ray_cluster"):
+        warn_if_wait_has_no_effect(cfg, address="auto")
+        assert not caplog.records
+        warn_if_wait_has_no_effect(cfg, address=None)
+    assert "run.wait_for_resources_s=600 has no effect on a local Ray" in caplog.text
