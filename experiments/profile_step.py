@@ -37,15 +37,16 @@ _OPTIMIZERS = ("foreach", "fused")
 
 # Kernel-name patterns, first match wins; names are CUDA kernel symbols (or CPU op names on CPU).
 _CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
-    ("ours: depthwise", re.compile(r"forward_kernel|forward_plane|wgrad_|finish_wgrad|slak::|dwconv", re.I)),
-    ("optimizer", re.compile(r"adam|multi_tensor|foreach|_fused_", re.I)),
-    ("conv (cuDNN)", re.compile(r"conv|cudnn|implicit_gemm|winograd|fprop|dgrad|wgrad", re.I)),
-    ("gemm (MLP, head)", re.compile(r"gemm|matmul|addmm|\bmm\b|cutlass|sm90_xmma|nvjet|linear", re.I)),
-    ("batchnorm", re.compile(r"batch_norm|batchnorm|bn_", re.I)),
-    ("layernorm", re.compile(r"layer_norm|layernorm", re.I)),
-    ("reduction", re.compile(r"reduce|softmax|nll|cross_entropy|sum_", re.I)),
-    ("copy / layout", re.compile(r"copy|transpose|permute|contiguous|cat|fill|memset|memcpy", re.I)),
-    ("element-wise (GELU, add, mul, ...)", re.compile(r"elementwise|vectorized|unrolled|gelu|add|mul|triton", re.I)),
+    ("ours: depthwise", re.compile(r"slak_dw|slak::", re.IGNORECASE)),  # our kernels live in namespace slak_dw
+    ("Inductor-fused (triton)", re.compile(r"^triton_", re.IGNORECASE)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.IGNORECASE)),
+    ("batchnorm", re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|\bbn_", re.IGNORECASE)),  # before conv: cuDNN BN kernels
+    ("layernorm", re.compile(r"layer_norm|layernorm", re.IGNORECASE)),
+    ("conv (cuDNN)", re.compile(r"conv|cudnn|implicit_gemm|winograd|fprop|dgrad|wgrad", re.IGNORECASE)),
+    ("gemm (MLP, head)", re.compile(r"gemm|matmul|addmm|\bmm\b|cutlass|xmma|nvjet|linear", re.IGNORECASE)),
+    ("reduction", re.compile(r"reduce|softmax|nll|cross_entropy|sum_", re.IGNORECASE)),
+    ("copy / layout", re.compile(r"copy|transpose|permute|contiguous|cat|fill|memset|memcpy", re.IGNORECASE)),
+    ("element-wise (GELU, add, mul, ...)", re.compile(r"elementwise|vectorized|unrolled|gelu|add|mul", re.IGNORECASE)),
 ]
 
 
@@ -215,8 +216,8 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 def render(rows: list[dict[str, Any]]) -> str:
     """The timing table, then one breakdown table per profiled row."""
-    out = ["| model | mode | optimizer | img/s (median) | step ms median / min / max | warm-up (incl. compile) s "
-           "| peak GiB | note |", "|" + "---|" * 8]
+    out = [("| model | mode | optimizer | img/s (median) | step ms median / min / max | warm-up (incl. compile) s "
+           "| peak GiB | note |"), "|" + "---|" * 8]
     for r in rows:
         out.append(
             f"| {r['model']} | {r['mode']} | {r['optimizer']} | {_fmt(r.get('img_s_median'), 0)} | "
@@ -227,10 +228,10 @@ def render(rows: list[dict[str, Any]]) -> str:
         prof = r.get("profile")
         if not prof:
             continue
-        out += ["", f"**{r['model']}, {r['mode']}, {r['optimizer']} AdamW**: {prof['wall_ms_per_step']:.1f} ms "
+        out += ["", (f"**{r['model']}, {r['mode']}, {r['optimizer']} AdamW**: {prof['wall_ms_per_step']:.1f} ms "
                 f"per profiled step, kernels {prof['busy_ms_per_step']:.1f} ms, GPU idle "
                 f"{_fmt(None if prof['idle_share'] is None else 100 * prof['idle_share'])} %, "
-                f"{prof['launches_per_step']:.0f} kernels per step", "",
+                f"{prof['launches_per_step']:.0f} kernels per step"), "",
                 "| category | ms per step | share of kernel time |", "|---|---|---|"]
         for cat, ms in prof["categories_ms"].items():
             out.append(f"| {cat} | {ms:.2f} | {100 * ms / max(prof['busy_ms_per_step'], 1e-9):.1f} % |")

@@ -35,3 +35,30 @@ def test_loop_overhead_smoke_prints_its_attribution_table(capsys: pytest.Capture
     assert rc == 0
     assert "| bare step (batch on the device, fwd + bwd + AdamW) |" in out
     assert out.count("%") >= 7  # every row with its share of the bare step
+
+
+def test_profile_step_reports_every_bad_argument_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _script("profile_step").main(["--variant", "slak_tny", "--modes", "eager,fast", "--optimizers", "sgd",
+                                       "--batch", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    for fragment in ("--variant='slak_tny': not a timm model", "--modes: fast", "--optimizers: sgd", "--batch=0"):
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize(
+    "kernel,category",
+    [
+        ("void slak_dw::(anonymous namespace)::wgrad_kernel<__nv_bfloat16, 5>(...)", "ours: depthwise"),
+        ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv (cuDNN)"),
+        ("void cudnn::bn_fw_tr_1C11_singleread_spec<__nv_bfloat16, 512, true, 1, 2, 0>(...)", "batchnorm"),
+        ("void at::native::batch_norm_collect_statistics_kernel<...>", "batchnorm"),
+        ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<...>", "layernorm"),
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "gemm (MLP, head)"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...AdamW...>", "optimizer"),
+        ("triton_per_fused__native_batch_norm_legit_functional_add_0", "Inductor-fused (triton)"),
+        ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl...>", "element-wise (GELU, add, mul, ...)"),
+    ],
+)
+def test_profile_step_puts_each_kernel_in_its_category(kernel: str, category: str) -> None:
+    assert _script("profile_step").categorise(kernel) == category
