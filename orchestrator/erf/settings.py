@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import slak_model  # cheap (settings only); installs the torchvision guard before any timm import below
-from orchestrator.config import ConfigError, ModelConfig, TrackingConfig, load_config, parse_overrides
+from orchestrator.config.loading import load_config, parse_overrides
+from orchestrator.config.schema import ModelConfig, TrackingConfig
+from orchestrator.config.validation import ConfigError
 
 __all__ = [
     "BENCHMARK_PRECISIONS",
@@ -139,7 +141,7 @@ def _timm_model_problem(name: str) -> str | None:
         return None
     import difflib
 
-    from orchestrator.config import MODEL_VARIANTS
+    from orchestrator.config.validation import MODEL_VARIANTS
 
     close = difflib.get_close_matches(name, [*MODEL_VARIANTS, *timm.list_models()], n=3)
     hint = f" (similar: {', '.join(close)})" if close else ""
