@@ -256,8 +256,11 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if t.compile else self.model
         seed_everything(t.seed + self.rank)
 
+        # On CUDA the fused AdamW (one kernel for every parameter) saves 1 ms of an 86 ms SLaK-T step and
+        # 9 ms of a 45 ms ConvNeXt-T step on an H100 (experiments/profile_step.py); CPU keeps foreach.
         self.optimizer = torch.optim.AdamW(param_groups(self.module, t.weight_decay), lr=t.lr,
-                                           betas=tuple(t.opt_betas), eps=t.opt_eps)
+                                           betas=tuple(t.opt_betas), eps=t.opt_eps,
+                                           **({"fused": True} if self.device.type == "cuda" else {}))
         warmup = round(t.warmup_epochs * steps_per_epoch)
         self.lr_values = cosine_schedule(t.lr, t.min_lr, t.epochs, steps_per_epoch, warmup)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
