@@ -11,6 +11,7 @@ from .dispatch import (
     dwconv2d,
     requested_backend,
     set_backend,
+    shared_input,
     use_backend,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "backend_report",
     "requested_backend",
     "set_backend",
+    "shared_input",
     "use_backend",
     "BackendUnavailableError",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "backend_report",
     "requested_backend",
     "set_backend",
+    "shared_input",
     "use_backend",
 ]
 
@@ -170,6 +171,23 @@ def backend_report(device: torch.device | str | None = None, build: bool = False
     if active_error:
         rows.append({"backend": "error", "available": False, "active": False, "reason": active_error})
     return rows
+
+
+def shared_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` converted once as :func:`dwconv2d` would convert it, for several convs that read the same input.
+
+    Under autocast every call casts its input to the autocast dtype, and the ``cuda``/``numba`` backends
+    read NCHW-contiguous tensors, so k parallel branches on one (fp32, channels-last strided) activation
+    would cast and copy it k times in the forward pass and copy it again for each weight gradient. After
+    this one conversion the calls' own are no-ops. The branches' input gradients then add up in the
+    autocast dtype before the single cast back. Without autocast and with a layout the backend reads,
+    ``x`` itself is returned.
+    """
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    reads_nchw = dtype in _KERNEL_DTYPES and active_backend(x.device) != "torch"
+    fmt = torch.contiguous_format if reads_nchw else torch.preserve_format
+    return x.to(dtype=dtype, memory_format=fmt)
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):  # noqa: ANN202

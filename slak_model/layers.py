@@ -159,6 +159,8 @@ class LargeKernelConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = self._active()
+        if len(branches) > 1:
+            x = kernels.shared_input(x)  # cast and lay out once for all branches, not once per branch
         out = branches[0](x)
         for branch in branches[1:]:
             out = out + branch(x)

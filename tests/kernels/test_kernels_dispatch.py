@@ -129,3 +129,29 @@ def test_auto_falls_back_to_torch_for_unsupported_calls(monkeypatch: pytest.Monk
     assert out.dtype == torch.float64
     with kernels.use_backend("cuda"), pytest.raises(kernels.BackendUnavailableError, match="float64"):
         kernels.dwconv2d(x, torch.randn(2, 1, 3, 3, dtype=torch.float64))
+
+
+def _channels_last_fp32() -> torch.Tensor:
+    return torch.randn(2, 6, 9, 11).contiguous(memory_format=torch.channels_last)
+
+
+def test_shared_input_is_the_input_itself_when_nothing_needs_converting() -> None:
+    x = _channels_last_fp32()
+    assert kernels.shared_input(x) is x  # torch backend reads any layout; no autocast: no cast
+
+
+def test_shared_input_casts_once_to_the_autocast_dtype_keeping_the_layout_torch_reads() -> None:
+    x = _channels_last_fp32()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.shared_input(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, x.to(torch.bfloat16))
+
+
+def test_shared_input_is_nchw_contiguous_for_a_backend_that_reads_nchw(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "active_backend", lambda device=None: "cuda")
+    x = _channels_last_fp32()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dispatch.shared_input(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous()
+    assert torch.equal(y, x.to(torch.bfloat16))

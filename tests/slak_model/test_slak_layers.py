@@ -116,3 +116,25 @@ def test_merge_matches_the_branches_in_eval_mode(mode, small, short_edge, use_bn
     assert_rel_close(lk(x), before, tol, "merged twice vs branches")
     assert before.abs().max() > 1.0  # the check is not vacuous
     assert lk.deploy_wide is None or lk.deploy_wide.bias is None
+
+
+def test_branches_share_one_converted_input_with_the_same_result_under_autocast() -> None:
+    """The input is cast once for the three branches: forward bitwise as when each branch cast it, input
+    gradient equal up to the bf16 sum of the branches' gradients."""
+    torch.manual_seed(0)
+    lk = LargeKernelConv(8, 13, 3, 5, "decomposed").train()
+    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    seen: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda _m, a: seen.append(a[0])) for b in (lk.tall, lk.wide, lk.small)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lk(x)
+        for h in hooks:
+            h.remove()
+        ref = lk.tall(x_ref) + lk.wide(x_ref) + lk.small(x_ref)  # each branch casts x itself
+    assert len(seen) == 3 and seen[0] is seen[1] is seen[2] and seen[0].dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=2e-2, atol=2e-2)
