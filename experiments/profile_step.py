@@ -65,6 +65,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    "compiled rows also compile here")
     p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (eager rows; 0 = none)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--gemm-alignment", action="store_true",
+                   help="also time each stage's MLP (Linear C->4C->C, fwd + bwd) at the model's width and at the "
+                   "width rounded up to a multiple of 8 (tensor-core alignment)")
     p.add_argument("--json", default=None, help="also write rows and environment here")
     return p.parse_args(argv)
 
@@ -210,6 +213,59 @@ def bench(name: str, mode: str, optimizer: str, args: argparse.Namespace, device
     return row
 
 
+def _stage_widths(model: torch.nn.Module) -> list[int]:
+    """In-features of each stage's first MLP layer (the stage width), in order, without repeats."""
+    out: list[int] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith("mlp.fc1") and module.in_features not in out:
+            out.append(module.in_features)
+    return out
+
+
+def gemm_alignment_rows(model_name: str, args: argparse.Namespace, device: torch.device, size: int) -> list[dict]:
+    """Time one block's MLP per stage (tokens x C -> 4C -> C, forward and backward under the row's autocast)
+    at the stage's own width C and at C rounded up to a multiple of 8.
+
+    SLaK-T's widths (124, 249, 499, 998) give Linear layers of 249/996/499/1996 features; cuBLAS's tensor-core
+    GEMMs want 16-byte aligned rows. The gap between the two columns is what padding inside the computation
+    could win (the checkpoint's widths cannot change).
+    """
+    import timm
+
+    with torch.device("meta"):
+        widths = _stage_widths(timm.create_model(model_name, pretrained=False))
+    dtype = _DTYPES[args.precision]
+    rows = []
+    for stage, width in enumerate(widths):
+        side = size // (4 * 2**stage)
+        tokens = args.batch * side * side
+        timings = {}
+        for label, c in (("own", width), ("aligned", -(-width // 8) * 8)):
+            mlp = torch.nn.Sequential(torch.nn.Linear(c, 4 * c), torch.nn.GELU(), torch.nn.Linear(4 * c, c)).to(device)
+            x = torch.randn(tokens, c, device=device, requires_grad=True)
+
+            def step(mlp: torch.nn.Module = mlp, x: torch.Tensor = x) -> None:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    y = mlp(x)
+                y.float().sum().backward()
+
+            _time(step, 3, device)
+            timings[label] = (c, statistics.median(_time(step, max(args.steps, 5), device)))
+        (c0, t0), (c1, t1) = timings["own"], timings["aligned"]
+        rows.append({"model": model_name, "stage": stage, "tokens": tokens, "width": c0, "aligned_width": c1,
+                     "ms_own": t0, "ms_aligned": t1})
+    return rows
+
+
+def render_gemm(rows: list[dict]) -> str:
+    out = ["| model | stage | tokens | width -> aligned | MLP fwd+bwd ms (own width) | ms (aligned) | own / aligned |",
+           "|---|---|---|---|---|---|---|"]
+    out += [f"| {r['model']} | {r['stage']} | {r['tokens']} | {r['width']} -> {r['aligned_width']} | "
+            f"{r['ms_own']:.2f} | {r['ms_aligned']:.2f} | {r['ms_own'] / max(r['ms_aligned'], 1e-9):.2f}x |"
+            for r in rows]
+    return "\n".join(out)
+
+
 def _fmt(v: Any, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
@@ -274,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{environment.summary_line(env)} | timm {env['timm']} | depthwise backend {env['kernel_backend']} | "
           f"{args.precision}, batch {args.batch}, {size} px, channels_last={args.channels_last}\n")
     print(render(rows))
+    gemm = gemm_alignment_rows(args.variant, args, device, size) if args.gemm_alignment else []
+    if gemm:
+        print("\n" + render_gemm(gemm))
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows,
+                                               "gemm_alignment": gemm}, indent=2))
     return 0
 
 

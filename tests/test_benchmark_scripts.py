@@ -62,3 +62,21 @@ def test_profile_step_reports_every_bad_argument_at_once(capsys: pytest.CaptureF
 )
 def test_profile_step_puts_each_kernel_in_its_category(kernel: str, category: str) -> None:
     assert _script("profile_step").categorise(kernel) == category
+
+
+def test_profile_step_finds_slak_tiny_stage_widths_the_gemm_check_pads() -> None:
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        widths = _script("profile_step")._stage_widths(timm.create_model("slak_tiny"))
+    assert widths == [124, 249, 499, 998]  # int(1.3 x (96, 192, 384, 768)): 249 and 499 are odd
+
+
+def test_profile_step_gemm_alignment_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _script("profile_step").main(["--device", "cpu", "--variant", "slak_test", "--baseline", "none", "--batch",
+                                       "1", "--image-size", "32", "--steps", "1", "--modes", "eager", "--optimizers",
+                                       "foreach", "--profile-steps", "0", "--gemm-alignment"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| slak_test | 3 | 1 | 32 -> 32 |" in out
