@@ -252,3 +252,24 @@ def test_an_unknown_timm_student_fails_preflight_with_the_nearest_names() -> Non
     cfg = _cfg(**{"model.variant": "convnext_tinny", "sparse.enabled": False})
     with pytest.raises(PreflightError, match="did you mean 'convnext_tiny'"):
         check_before_start(cfg)
+
+
+# ---------------------------------------------------------------------- presets
+CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+
+@pytest.mark.parametrize("name,student,teacher,batch,accumulation", [
+    ("distill_slak_tiny_to_convnext_tiny", "convnext_tiny", "slak_tiny", 2048, 8),
+    ("distill_slak_small_to_convnext_small", "convnext_small", "slak_small", 4096, 16),
+])
+def test_the_distillation_presets_are_the_official_recipe(name: str, student: str, teacher: str, batch: int,
+                                                          accumulation: int) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert (cfg.model.variant, cfg.distill.teacher, cfg.sparse.enabled) == (student, teacher, False)
+    d = cfg.distill
+    assert (d.loss, d.temperature, d.gamma, d.weights(), d.teacher_ema) == ("nkd", 1.0, 1.0, (0.0, 1.0), False)
+    t = cfg.train
+    assert (t.epochs, t.global_batch_size, cfg.accumulation_steps, t.lr, t.warmup_epochs) == (300, batch,
+                                                                                             accumulation, 4e-3, 20)
+    assert (cfg.model.drop_path_rate, t.ema, t.ema_decay, t.precision) == (0.1, True, 0.9999, "fp32")
+    assert (cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob) == (0.8, 1.0, 0.1, 0.25)
