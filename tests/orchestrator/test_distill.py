@@ -103,10 +103,10 @@ def test_the_teacher_logits_get_no_gradient() -> None:
 def test_distillation_loss_weights_default_to_the_official_recipe() -> None:
     ce = torch.nn.CrossEntropyLoss()
     s, t, y = torch.tensor(S, dtype=torch.float64), torch.tensor(T_, dtype=torch.float64), torch.tensor(Y)
-    total, ce_part, kd_part = distill.DistillationLoss(DistillConfig(teacher="x", temperature=3.0), ce)(s, t, y)
+    total, ce_part, _ = distill.DistillationLoss(DistillConfig(teacher="x", temperature=3.0), ce)(s, t, y)
     assert total.item() == pytest.approx(_nkd_by_hand(3.0, 1.0), rel=1e-6)  # NKD alone
     assert ce_part.item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
-    total, ce_part, kd_part = distill.DistillationLoss(DistillConfig(teacher="x", loss="kd", temperature=3.0), ce)(
+    total, ce_part, _ = distill.DistillationLoss(DistillConfig(teacher="x", loss="kd", temperature=3.0), ce)(
         s, t, y)
     assert total.item() == pytest.approx(0.9 * ce_part.item() + 0.1 * _kd_by_hand(3.0), rel=1e-6)
     total, *_ = distill.DistillationLoss(DistillConfig(teacher="x", ce_weight=1.0, gamma=1.5), ce)(s, t, y)
