@@ -273,3 +273,35 @@ def test_the_distillation_presets_are_the_official_recipe(name: str, student: st
                                                                                              accumulation, 4e-3, 20)
     assert (cfg.model.drop_path_rate, t.ema, t.ema_decay, t.precision) == (0.1, True, 0.9999, "fp32")
     assert (cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob) == (0.8, 1.0, 0.1, 0.25)
+
+
+# ---------------------------------------------------------------------- collation
+def test_students_are_collated_beside_the_published_l2s_numbers() -> None:
+    import pandas as pd
+
+    from orchestrator.collate.distillation import distillation_table, to_markdown
+
+    def run(name: str, student: str, teacher: str | None, top1: float, source: str = "imagenet", epochs: int = 300):
+        params = {"params.model.variant": student, "params.data.source": source, "params.train.epochs": str(epochs),
+                  "params.data.image_size": "224", "params.distill.loss": "nkd", "params.distill.temperature": "1.0"}
+        if teacher is not None:
+            params["params.distill.teacher"] = teacher
+        return {"run_id": name, "status": "FINISHED", "tags.slak.run_name": name, "metrics.val/top1": top1,
+                "metrics.ema/top1": top1 - 0.1, "metrics.teacher/top1": 82.5 if teacher else float("nan"), **params}
+
+    runs = pd.DataFrame([run("l2s-t", "convnext_tiny", "slak_tiny", 83.0), run("base-t", "convnext_tiny", None, 82.0),
+                         run("proxy", "test_convnext", "slak_test", 40.0, source="shapes", epochs=2),
+                         run("unrelated", "slak_tiny", None, 82.4)])
+    table = distillation_table(runs)
+    by = {(r.student, r.teacher, r.run): r for r in table.itertuples(index=False)}
+    assert by[("ConvNeXt-T", "SLaK-T", "l2s-t")].published_top1 == 83.1
+    assert by[("ConvNeXt-T", "SLaK-T", "l2s-t")].delta == pytest.approx(-0.1)
+    assert by[("ConvNeXt-T", "none", "base-t")].published_top1 == 82.1
+    proxy = by[("test_convnext", "slak_test", "proxy")]
+    assert math.isnan(proxy.published_top1) and math.isnan(proxy.delta)
+    missing = table[table["status"] == "missing"]
+    assert {(r.student, r.teacher) for r in missing.itertuples()} == {("ConvNeXt-S", "none"), ("ConvNeXt-S", "SLaK-S")}
+    assert "unrelated" not in set(table["run"])
+    assert list(table["student"][:2]) == ["ConvNeXt-T", "ConvNeXt-T"]  # the published order first
+    text = to_markdown(table)
+    assert "| ConvNeXt-T | SLaK-T | l2s-t | FINISHED | nkd |" in text and "84.3" in text
