@@ -165,6 +165,9 @@ def test_the_teacher_is_frozen_outside_the_student_and_its_optimizer(teacher_dir
     state = tr.state_dict()
     assert state["teacher"]["sha256"] == teacher.identity.sha256
     assert not any(k.startswith("teacher") for k in state["model"])
+    again = Trainer(cfg, steps_per_epoch=tr.steps_per_epoch, num_classes=CLASSES)
+    again.load_state_dict(state)  # the epoch's loss parts continue with the run
+    assert torch.equal(again._distill_sums, tr._distill_sums) and again._distill_sums.sum() > 0
 
 
 def test_a_resume_with_another_teacher_file_is_refused(teacher_dir: Path, tmp_path: Path) -> None:
@@ -200,6 +203,13 @@ def test_an_official_slak_state_dict_loads_as_teacher(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- refusals before Ray
+def test_a_relative_teacher_checkpoint_is_taken_from_the_current_directory(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(**{"model.variant": "test_convnext", "sparse.enabled": False, "distill.teacher": "slak_test",
+                  "distill.teacher_checkpoint": "runs/teacher/epoch_0002"})
+    assert cfg.distill.teacher_checkpoint == str(tmp_path / "runs" / "teacher" / "epoch_0002")
+
+
 def test_distill_settings_without_a_teacher_are_one_error() -> None:
     with pytest.raises(ConfigError) as err:
         _cfg(**{"distill.loss": "kd", "distill.temperature": 3.0})
