@@ -235,7 +235,11 @@ def _trainer_teacher(cfg: DistillConfig, state: dict[str, Any], num_classes: int
     fields = {name.split(".", 1)[1]: value for name, value in flat.items()
               if name.startswith("model.") and name.split(".", 1)[1] in ModelConfig.__dataclass_fields__}
     fields["stage_kernels"] = list(fields["stage_kernels"]) if fields.get("stage_kernels") else None
-    model = networks.build_network(ModelConfig(**fields), fields.get("num_classes") or num_classes)
+    classes = fields.get("num_classes") or flat.get("data.num_classes") or num_classes
+    if classes != num_classes:
+        raise TeacherError(f"distill.teacher_checkpoint={cfg.teacher_checkpoint!r} predicts {classes} classes (its "
+                           f"run's), the student {num_classes}; distil on the teacher's dataset")
+    model = networks.build_network(ModelConfig(**fields), classes)
     key = "ema" if cfg.teacher_ema else "model"
     weights = state.get(key)
     if weights is None:

@@ -246,6 +246,12 @@ def test_a_teacher_checkpoint_of_another_variant_fails_preflight(teacher_dir: Pa
     assert "holds a 'slak_test'" in str(err.value) and "distill.teacher=slak_test" in str(err.value)
 
 
+def test_a_teacher_of_another_class_count_fails_preflight(teacher_dir: Path) -> None:
+    cfg = _student_cfg(teacher_dir, **{"data.num_classes": 10})
+    with pytest.raises(PreflightError, match="predicts 4 classes"):
+        check_before_start(cfg)
+
+
 def test_an_official_checkpoint_of_another_variant_fails_preflight(tmp_path: Path) -> None:
     import slak_model
     from slak_model.checkpoint import to_reference_state_dict
