@@ -5,6 +5,7 @@ Examples::
     python experiments/collate_tables.py                              # newest experiment in ./mlflow.db
     python experiments/collate_tables.py --table table8 --out results/
     python experiments/collate_tables.py --experiment table8-20261122-190000 --tracking-uri http://HOST:5000
+    python experiments/collate_tables.py --distillation tracking.experiment=slak-distill   # students vs L2S
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-log", action="store_true", help="do not attach the files to the parent MLflow run"
     )
+    parser.add_argument(
+        "--distillation", action="store_true",
+        help="the distillation runs of tracking.experiment beside the published large-to-small numbers",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
@@ -44,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     uri, mlflow_experiment = cfg.tracking.uri, cfg.tracking.experiment
+    if args.distillation:
+        return _distillation(uri, mlflow_experiment, Path(args.out))
     name = args.experiment or find_experiment(
         tracking.runs_dataframe(uri, mlflow_experiment), args.table
     )
@@ -59,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(result.markdown)
     print(f"{len(result.tidy)} trial run(s); files in {Path(args.out) / name}")
+    return 0
+
+
+def _distillation(uri: str, mlflow_experiment: str, out: Path) -> int:
+    from orchestrator.collate import distillation
+
+    table = distillation.distillation_table(tracking.runs_dataframe(uri, mlflow_experiment))
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "l2s.csv", index=False)
+    print(distillation.to_markdown(table))
+    runs = int((table["status"] != "missing").sum())
+    print(f"{runs} run(s) of MLflow experiment {mlflow_experiment!r}; table in {out / 'l2s.csv'}")
     return 0
 
 

@@ -1,8 +1,10 @@
-"""Train one SLaK model as a Ray Train DDP job, tracked in MLflow.
+"""Train one model (a SLaK variant, or a timm student distilled from a teacher) as a Ray Train DDP job, in MLflow.
 
     python experiments/train.py --config experiments/configs/smoke.yaml
     python experiments/train.py --config experiments/configs/paper_slak_tiny_300ep.yaml --address auto \\
         --tracking-uri http://HOST:5000 data.path=/data/imagenet run.storage_path=/shared/ray_results
+    python experiments/train.py --config experiments/configs/distill_slak_tiny_to_convnext_tiny.yaml \
+        data.path=/data/imagenet distill.teacher_checkpoint=/checkpoints/SLaK_tiny_checkpoint.pth
 
 Every setting is a dotted ``key=value`` override of the config (``train.epochs=10 sparse.sparsity=0.5``).
 Running the same command again continues the same run (``run.name``, default derived from the config)
@@ -19,7 +21,7 @@ from orchestrator import cli
 from orchestrator.config.loading import load_config
 from orchestrator.config.validation import ConfigError
 
-_SHOWN = ("epochs_done", "train/loss", "val/top1", "val/top5", "ema/top1", "ema/top5", "sparsity/density",
+_SHOWN = ("epochs_done", "train/loss", "train/loss_ce", "train/loss_kd", "teacher/top1", "val/top1", "val/top5", "ema/top1", "ema/top5", "sparsity/density",
           "sparsity/itop_rate", "sparsity/collapsed_layers", "perf/img_per_s", "data/skipped_images")
 
 #: Sections a single training run does not read.

@@ -11,14 +11,15 @@ cosine schedule with linear warm-up (``lr[0] = 0``); gradient accumulation deriv
 batch, the micro batch and the worker count (DDP ``no_sync`` on all but the last micro-batch); the
 sparsity engine is stepped after *every* optimizer step in every precision mode (the reference
 forgot it under AMP); a mask-aware EMA is updated after each step; top-1/top-5 for model and EMA,
-optionally after recomputing the EMA's BatchNorm statistics on training batches.
+optionally after recomputing the EMA's BatchNorm statistics on training batches. With ``distill.teacher``
+set, a frozen teacher (``orchestrator.distill``) gives logits on each micro-batch the student sees and the
+loss is the distillation loss.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import math
 import random
@@ -33,11 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 # isort: off
-import slak_model  # installs the torchvision guard before the first timm import
+import slak_model  # noqa: F401 - installs the torchvision guard before the first timm import
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 # isort: on
 
+from orchestrator import distill, networks
 from orchestrator.config.schema import ExperimentConfig
 from slak_model.sparsity import DynamicSparsity, MaskedModelEma, TorchDistributedCollective
 
@@ -95,19 +97,10 @@ class StepMetrics(Mapping[str, float]):
 
 # ---------------------------------------------------------------------- building blocks
 def build_model(cfg: ExperimentConfig, num_classes: int | None = None) -> nn.Module:
-    """The configured SLaK variant; ``num_classes`` (from the data) unless ``model.num_classes`` is set.
-
-    Every ``model.*`` field but ``variant`` is the ``SLaKConfig`` field of the same name; a None value
-    leaves the variant's own (the library would read ``small_kernel=None`` as "no small branch").
-    """
+    """The configured SLaK variant or timm model (:func:`orchestrator.networks.build_network`);
+    ``num_classes`` (from the data) unless ``model.num_classes`` is set."""
     m = cfg.model
-    overrides: dict[str, Any] = {
-        f.name: getattr(m, f.name)
-        for f in dataclasses.fields(m)
-        if f.name != "variant" and getattr(m, f.name) is not None
-    }
-    overrides["num_classes"] = m.num_classes or num_classes or cfg.data.num_classes
-    return slak_model.create_model(m.variant, **overrides)
+    return networks.build_network(m, m.num_classes or num_classes or cfg.data.num_classes)
 
 
 def build_meta_model(cfg: ExperimentConfig) -> nn.Module:
@@ -268,6 +261,14 @@ class Trainer:
         self.train_loss_fn: nn.Module = (SoftTargetCrossEntropy() if mixup is not None
                                          else LabelSmoothingCrossEntropy(cfg.data.smoothing)
                                          if cfg.data.smoothing > 0 else nn.CrossEntropyLoss())
+        self.teacher: distill.Teacher | None = None  # outside self.module: DDP and the optimizer never see it
+        self.distill_loss: distill.DistillationLoss | None = None
+        if cfg.distill.enabled:
+            with torch.random.fork_rng(devices=[]):  # building it draws no number the student's streams use
+                self.teacher = distill.load_teacher(cfg.distill, cfg.model.num_classes or num_classes, self.device)
+            if t.channels_last:
+                self.teacher.model.to(memory_format=torch.channels_last)
+            self.distill_loss = distill.DistillationLoss(cfg.distill, self.train_loss_fn)
         self.engine: DynamicSparsity | None = None
         self.sparsity_ready = False
         if cfg.sparse.enabled:
@@ -285,6 +286,7 @@ class Trainer:
         """Running sums of the current epoch on this rank; the loss sum lives on the device (float64) so
         that a step never waits for the GPU just to add its loss."""
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._distill_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # CE, KD (distillation only)
         return {"micro": 0.0, "images": 0.0, "seconds": 0.0}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -356,16 +358,29 @@ class Trainer:
             self._sums["seconds"] += time.perf_counter() - t0
         s = self._sums
         counts = torch.tensor([s["micro"], s["images"]], dtype=torch.float64, device=self.device)
-        totals = torch.cat([self._loss_sum.reshape(1), counts])
+        totals = torch.cat([self._loss_sum.reshape(1), counts, self._distill_sums])
         if self.world_size > 1:  # the metric describes the whole job, not rank 0's shard
             dist.all_reduce(totals)
-        loss, micro, images = totals.tolist()
+        loss, micro, images, loss_ce, loss_kd = totals.tolist()
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"train/loss is {loss} in epoch {self.epoch + 1} (up to optimizer step {self.step}); lower train.lr, "
                 "set train.clip_grad, or use train.precision=fp32")
-        return {"train/loss": loss / max(micro, 1), "train/lr": self.lr_values[self.step - 1].item(),
-                "perf/img_per_s": images / max(s["seconds"], 1e-9)}
+        out = {"train/loss": loss / max(micro, 1), "train/lr": self.lr_values[self.step - 1].item(),
+               "perf/img_per_s": images / max(s["seconds"], 1e-9)}
+        if self.teacher is not None:
+            out.update({"train/loss_ce": loss_ce / max(micro, 1), "train/loss_kd": loss_kd / max(micro, 1)})
+        return out
+
+    def _loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one micro-batch: the label loss, or the distillation loss with the teacher's
+        logits on the same (mixed) input ``x``, its parts added to the epoch's sums."""
+        if self.teacher is None:
+            return self.train_loss_fn(logits, y)
+        assert self.distill_loss is not None
+        loss, ce, kd = self.distill_loss(logits, self.teacher(x), y)
+        self._distill_sums += torch.stack([ce, kd]).double()
+        return loss
 
     def _optimizer_step(self, it: Iterator) -> StepMetrics:
         lr = float(self.lr_values[self.step])
@@ -382,7 +397,7 @@ class Trainer:
             sync = self.model.no_sync() if ddp and not last else contextlib.nullcontext()
             with sync:
                 with self._autocast():
-                    loss = self.train_loss_fn(self.forward_model(x), y)
+                    loss = self._loss(self.forward_model(x), x, y)
                 self.scaler.scale(loss / self.accumulation).backward()
             step_loss += loss.detach().float()
             images += x.shape[0]
@@ -477,7 +492,10 @@ class Trainer:
     def local_rng(self) -> dict[str, Any]:
         """What differs between ranks: RNG streams now and at the start of the epoch, and the running
         epoch sums of this rank's shard (gather these across ranks for a checkpoint)."""
-        return {"now": rng_state(), "epoch": self._epoch_rng, "sums": {**self._sums, "loss": float(self._loss_sum)}}
+        sums = {**self._sums, "loss": float(self._loss_sum)}
+        if self.teacher is not None:
+            sums["distill"] = self._distill_sums.tolist()
+        return {"now": rng_state(), "epoch": self._epoch_rng, "sums": sums}
 
     def state_dict(self, rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything needed to continue bitwise: weights, EMA, optimizer, scaler, schedule position,
@@ -497,6 +515,8 @@ class Trainer:
             "step": self.step,
             "step_in_epoch": self.step_in_epoch,
             "rng": rng_states if rng_states is not None else [self.local_rng()],
+            "teacher": ({"variant": self.teacher.identity.variant, "sha256": self.teacher.identity.sha256}
+                        if self.teacher is not None else None),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -509,6 +529,12 @@ class Trainer:
                 f"checkpoint was made for {total} optimizer steps, this run has {self.total_steps} "
                 "(train.epochs, train.global_batch_size, run.num_workers or the dataset changed); resume with the "
                 "same settings or start a new run.name")
+        recorded, teacher = state.get("teacher"), self.teacher
+        if teacher is not None and recorded and recorded["sha256"] != teacher.identity.sha256:
+            raise ValueError(
+                f"the run was distilled from a teacher checkpoint with SHA-256 {recorded['sha256'][:12]}..., and "
+                f"{teacher.identity.checkpoint} now has {teacher.identity.sha256[:12]}...; restore that file or "
+                "start a new run.name")
         self.module.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
@@ -526,5 +552,6 @@ class Trainer:
         self._epoch_rng = mine["epoch"]
         sums = dict(mine["sums"])
         self._loss_sum = torch.tensor(float(sums.pop("loss")), dtype=torch.float64, device=self.device)
+        self._distill_sums = torch.tensor(sums.pop("distill", [0.0, 0.0]), dtype=torch.float64, device=self.device)
         self._sums = sums
         set_rng_state(mine["now"])

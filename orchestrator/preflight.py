@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 
-from orchestrator import data
+from orchestrator import data, distill
 from orchestrator.config.schema import ExperimentConfig
 from orchestrator.loop import build_meta_model
 
-__all__ = ["PreflightError", "check_before_start", "check_data", "check_model"]
+__all__ = ["PreflightError", "check_before_start", "check_data", "check_model", "check_teacher"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ def check_model(cfg: ExperimentConfig) -> list[str]:
     return []
 
 
+def check_teacher(cfg: ExperimentConfig) -> list[str]:
+    """Problems loading the distillation teacher (its checkpoint, network and class count), loaded on the CPU."""
+    if not cfg.distill.enabled:
+        return []
+    classes = cfg.model.num_classes or cfg.data.num_classes
+    return [f"teacher: {p}" for p in distill.teacher_problems(cfg.distill, classes)]
+
+
 def check_data(cfg: ExperimentConfig) -> list[str]:
     """Problems of the configured dataset on disk (none for generated sources); logs sample-image warnings."""
     try:
@@ -46,7 +54,7 @@ def check_data(cfg: ExperimentConfig) -> list[str]:
 
 def check_before_start(cfg: ExperimentConfig) -> None:
     """Raise :class:`PreflightError` listing every model and data problem of ``cfg``."""
-    problems = check_model(cfg) + check_data(cfg)
+    problems = check_model(cfg) + check_teacher(cfg) + check_data(cfg)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise PreflightError(f"the job cannot start ({len(problems)} problem{'s' if len(problems) > 1 else ''}):"

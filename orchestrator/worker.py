@@ -137,6 +137,10 @@ class TrainingWorker:
             self.tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
         self.mlflow_run_id = getattr(self.tracker, "run_id", None)
         phases["tracking"] = time.perf_counter() - t
+        if self.trainer.teacher is not None:
+            t = time.perf_counter()
+            self._start_distillation(first_start=checkpoint is None)
+            phases["teacher_eval"] = time.perf_counter() - t
         phases["worker"] = time.perf_counter() - started
         self.startup = {f"perf/startup/{k}_s": float(v) for k, v in phases.items()}
         if self.rank == 0:
@@ -146,6 +150,23 @@ class TrainingWorker:
         self._masks_logged_at = self._updates()
         self._collapse_tagged: list[str] = []
         self._tag_collapse()
+
+    def _start_distillation(self, first_start: bool) -> None:
+        """Tag the run with the teacher's identity and, on a run's first start, measure the teacher on the
+        validation set (``teacher/top1``, ``teacher/top5``): what the student is distilled from, in numbers."""
+        teacher = self.trainer.teacher
+        assert teacher is not None
+        if self.rank == 0:
+            self.tracker.set_tags(teacher.identity.tags())
+        if not first_start:
+            return
+        measured = self.trainer.evaluate(self.val_loader, teacher.model)  # every rank: the sums are all-reduced
+        metrics = {f"teacher/{k}": float(v) for k, v in measured.items()}
+        self.last_metrics.update(metrics)
+        if self.rank == 0:
+            self.tracker.log_metrics(metrics, 0)
+            log.info("teacher %s: val top-1 %.2f %%, top-5 %.2f %%", teacher.identity.variant, metrics["teacher/top1"],
+                     metrics["teacher/top5"])
 
     def _updates(self) -> int:
         engine = self.trainer.engine

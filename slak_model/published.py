@@ -16,6 +16,10 @@ orchestrator's result collation can put our measured numbers beside them. Conven
   released checkpoints) says 31-29-27-13, which is what is stored here.
 - Table 10 (effective receptive field) holds area ratios, not accuracies: its rows are
   :class:`PublishedErf` in :data:`TABLE10`, apart from the top-1 cells of :data:`PUBLISHED`.
+- ``l2s`` is the repository's second paper (Huang et al., "Are Large Kernels Better Teachers than
+  Transformers for ConvNets?", ICML 2023) as its README tabulates it: ConvNeXt students distilled from
+  SLaK teachers with NKD for 300 epochs; ``row`` = student, ``setting`` = teacher (``"none"`` for the
+  students trained on labels alone, the ConvNeXt paper's numbers).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 __all__ = [
     "ERF_THRESHOLDS",
+    "L2S_STUDENTS",
+    "L2S_TEACHERS",
     "PUBLISHED",
     "TABLE8_PAIRS",
     "TABLE10",
@@ -67,7 +73,12 @@ TABLES: dict[str, str] = {
     "table3": "300 epochs, ImageNet-1K (SLaK: sparse / dense-equivalent counts)",
     "table8": "SLaK-T, 120 epochs: paired (sparsity, width) trade-off",
     "table9": "SLaK-T, 120 epochs: short edge N of the decomposed kernels",
+    "l2s": "ConvNeXt students distilled from SLaK teachers (NKD), 300 epochs (ICML 2023)",
 }
+
+#: The ``l2s`` student rows -> the timm model of that architecture, and the teacher settings -> our variant.
+L2S_STUDENTS: dict[str, str] = {"ConvNeXt-T": "convnext_tiny", "ConvNeXt-S": "convnext_small"}
+L2S_TEACHERS: dict[str, str] = {"SLaK-T": "slak_tiny", "SLaK-S": "slak_small"}
 
 
 def kernel_row(stage_kernels: tuple[int, ...]) -> str:
@@ -165,12 +176,19 @@ def _t9() -> list[PublishedResult]:
     ]
 
 
-#: Every published cell, in the paper's order (Tables 1, 2, 3, 8, 9).
-PUBLISHED: tuple[PublishedResult, ...] = tuple(_t1() + _t2() + _t3() + _t8() + _t9())
+def _l2s() -> list[PublishedResult]:
+    rows = (("ConvNeXt-T", "none", 82.1, 29, 4.5), ("ConvNeXt-T", "SLaK-T", 83.1, 29, 4.5),
+            ("ConvNeXt-S", "none", 83.1, 50, 8.7), ("ConvNeXt-S", "SLaK-S", 84.3, 50, 8.7))
+    return [PublishedResult("l2s", row, setting, top1, params, flops, epochs=300)
+            for row, setting, top1, params, flops in rows]
+
+
+#: Every published cell, in the papers' order (Tables 1, 2, 3, 8, 9, then the distillation's).
+PUBLISHED: tuple[PublishedResult, ...] = tuple(_t1() + _t2() + _t3() + _t8() + _t9() + _l2s())
 
 
 def published(table: str | None = None) -> list[PublishedResult]:
-    """The published cells of ``table`` (``"table1"`` ... ``"table9"``), or all of them.
+    """The published cells of ``table`` (``"table1"`` ... ``"table9"``, ``"l2s"``), or all of them.
 
     Raises:
         ValueError: ``table`` is not one of :data:`TABLES`.

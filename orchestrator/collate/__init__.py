@@ -10,6 +10,7 @@ dropped. Its modules, one job each, in the order the data flows:
 - ``recipe``: what the trials ran on, and so what the paper's column can be compared with;
 - ``display``: the paper's layout as strings, Markdown and LaTeX;
 - ``plot``: our top-1 against the table's axis as a PNG;
+- ``distillation``: single distillation runs (not grids) beside the published large-to-small numbers;
 - ``experiment``: :func:`~orchestrator.collate.experiment.collate_experiment`, the only I/O (read runs
   through ``orchestrator.tracking``, write parquet / Markdown / LaTeX / CSV / PNG, attach them to the
   experiment's parent run).

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Collection, Iterable, Mapping
 
 from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.validation import is_slak_variant
 
 __all__ = ["ignored_settings", "unused_section_settings", "warn_newly_ignored"]
 
@@ -27,6 +28,12 @@ _IMAGE_FOLDER_ONLY: tuple[str, ...] = ("data.auto_augment", "data.interpolation"
                                        "data.on_bad_image")
 #: Sizes of the generated sources; an image folder has the images it has.
 _GENERATED_ONLY: tuple[str, ...] = ("data.train_size", "data.val_size")
+#: ``model.*`` fields of the SLaK geometry: a timm baseline has its own architecture.
+_SLAK_ONLY_MODEL: tuple[str, ...] = ("model.width_factor", "model.stage_kernels", "model.short_edge",
+                                     "model.small_kernel", "model.kernel_mode", "model.use_bn")
+_DISTILL_OPTIONS: tuple[str, ...] = ("distill.teacher_checkpoint", "distill.teacher_ema", "distill.loss",
+                                     "distill.temperature", "distill.gamma", "distill.ce_weight",
+                                     "distill.kd_weight")
 _TRACKING_OPTIONS: tuple[str, ...] = ("tracking.uri", "tracking.experiment", "tracking.log_every_steps",
                                       "tracking.masks_every_updates", "tracking.offline_dir")
 
@@ -89,10 +96,24 @@ def ignored_settings(cfg: ExperimentConfig, preset_only: Collection[str] = ()) -
         if cfg.tracking.enabled:
             flag(warnings, ["tracking.masks_every_updates"], "sparse.enabled=false trains dense, so there "
                  "are no masks to log; drop it or set sparse.enabled=true")
-    if cfg.model.kernel_mode != "decomposed":
+    variant = cfg.model.variant
+    if isinstance(variant, str) and not is_slak_variant(variant):
+        flag(errors, _SLAK_ONLY_MODEL, f"model.variant={variant!r} is a timm model with its own architecture; "
+             "these settings shape SLaK variants only; drop it, or train a SLaK variant")
+        if not variant.startswith("convnext_"):
+            flag(errors, ["model.layer_scale_init"], f"model.variant={variant!r} takes no layer-scale init (timm's "
+                 "ConvNeXt models do); drop it")
+    if not cfg.distill.enabled:
+        flag(errors, _DISTILL_OPTIONS, "distill.teacher is not set, so nothing is distilled and the job trains on "
+             "labels alone; set distill.teacher=<variant> and distill.teacher_checkpoint=PATH, or drop it")
+    elif cfg.distill.loss != "nkd":
+        flag(warnings, ["distill.gamma"], f"it weights NKD's non-target term and distill.loss={cfg.distill.loss!r}; "
+             "drop it or set distill.loss=nkd")
+    slak = not isinstance(variant, str) or is_slak_variant(variant)
+    if slak and cfg.model.kernel_mode != "decomposed":
         flag(warnings, ["model.short_edge"], f"model.kernel_mode={cfg.model.kernel_mode!r} has square "
              "kernels; the short edge of the strips applies to kernel_mode=decomposed only")
-    if cfg.model.kernel_mode == "naive":
+    if slak and cfg.model.kernel_mode == "naive":
         flag(warnings, ["model.small_kernel"], "model.kernel_mode='naive' has no small-kernel branch; use "
              "kernel_mode=replknet or decomposed for one")
     if cfg.run.use_gpu is False:

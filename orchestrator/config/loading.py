@@ -153,7 +153,17 @@ def _build(flat: Mapping[str, Any], problems: list[str] | None = None, *,
         raise ConfigError(problems)
     for line in warnings:
         logger.warning("%s", line)
-    return cfg
+    return _absolute_paths(cfg)
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with a relative ``distill.teacher_checkpoint`` taken from the current directory, as the user
+    meant it: the job's workers run elsewhere (other directories, other machines)."""
+    path = cfg.distill.teacher_checkpoint
+    if not path or Path(path).expanduser().is_absolute():
+        return cfg
+    absolute = str(Path(path).absolute())
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_checkpoint=absolute))
 
 
 def _default_flat(defaults: Mapping[str, Any]) -> dict[str, Any]:

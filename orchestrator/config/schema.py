@@ -27,9 +27,11 @@ from slak_model.sparsity.config import SparsityConfig
 
 __all__ = [
     "CPU_DEFAULT_WORKERS",
+    "DISTILL_LOSS_WEIGHTS",
     "MODEL_ALIASES",
     "SECTIONS",
     "DataConfig",
+    "DistillConfig",
     "ExperimentConfig",
     "ModelConfig",
     "RunConfig",
@@ -63,6 +65,10 @@ class ModelConfig:
     The reference's five numbers ``kernel_size: [M1, M2, M3, M4, N]`` are accepted as input (YAML, CLI,
     grid points; see :data:`MODEL_ALIASES`) and set ``stage_kernels``, ``short_edge`` and ``small_kernel``
     (= N), as ``SLaKConfig`` does; the flat form and MLflow show the three fields.
+
+    ``variant`` may also name a timm model (``convnext_tiny``, ``test_convnext``): a baseline such as a
+    distillation student (``orchestrator.networks``). It takes ``drop_path_rate``, ``num_classes`` and, for
+    ConvNeXt, ``layer_scale_init``; the SLaK geometry fields and dynamic sparsity do not apply to it.
     """
 
     variant: str = "slak_test"
@@ -161,6 +167,48 @@ class TrainConfig:
     eval_every_epochs: int = 1
 
 
+#: Official values of each distillation loss where ``distill.ce_weight`` / ``distill.kd_weight`` are None:
+#: the SLaK repository's NKD is the NKD loss alone (its target term is the cross-entropy with the true
+#: class, weighted by the teacher's confidence); its KD is ``alpha * KD + (1 - alpha) * CE`` with alpha 0.1.
+DISTILL_LOSS_WEIGHTS: dict[str, tuple[float, float]] = {"nkd": (0.0, 1.0), "kd": (0.9, 0.1)}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (``orchestrator.distill``); off while ``teacher`` is None.
+
+    The student is ``model.*``; the teacher is ``teacher`` (a SLaK variant or a timm model name) with the
+    weights of ``teacher_checkpoint``: an official SLaK checkpoint, a checkpoint folder or ``state.pt`` of
+    this project's training runs (whose ``model.*`` settings rebuild the teacher), or a timm weights file.
+    ``teacher_ema`` takes the checkpoint's EMA weights instead of its model weights (the official
+    large-to-small runs use the model weights).
+
+    The loss is ``ce_weight * CE(student, labels) + kd_weight * D(student, teacher)``, with ``D`` the
+    ``loss``: ``nkd`` (Normalized KD: the teacher-weighted target-class term plus ``gamma * T^2`` times the
+    cross-entropy of the normalised non-target distributions at temperature ``T``) or ``kd`` (Hinton's
+    ``T^2 * KL``). ``ce_weight`` / ``kd_weight`` None take the loss's official values
+    (:data:`DISTILL_LOSS_WEIGHTS`); CE is the job's usual criterion (soft targets under Mixup).
+    """
+
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_ema: bool = False
+    loss: str = "nkd"
+    temperature: float = 1.0
+    gamma: float = 1.0
+    ce_weight: float | None = None
+    kd_weight: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+    def weights(self) -> tuple[float, float]:
+        """``(ce_weight, kd_weight)`` with the loss's official values for those left None."""
+        ce, kd = DISTILL_LOSS_WEIGHTS.get(self.loss, (0.0, 1.0))
+        return (ce if self.ce_weight is None else self.ce_weight, kd if self.kd_weight is None else self.kd_weight)
+
+
 #: Workers of a CPU job when ``run.num_workers`` is left to fit the cluster.
 CPU_DEFAULT_WORKERS = 2
 
@@ -217,6 +265,7 @@ SECTIONS: dict[str, type] = {
     "sparse": SparseConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "distill": DistillConfig,
     "run": RunConfig,
     "tracking": TrackingConfig,
     "tune": TuneConfig,
@@ -232,6 +281,7 @@ class ExperimentConfig:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

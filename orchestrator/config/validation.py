@@ -21,11 +21,13 @@ from slak_model.config import KERNEL_MODES
 __all__ = [
     "BAD_IMAGE_POLICIES",
     "DATA_SOURCES",
+    "DISTILL_LOSSES",
     "INTERPOLATIONS",
     "MODEL_VARIANTS",
     "PRECISIONS",
     "ConfigError",
     "invalid_settings",
+    "is_slak_variant",
     "validate",
 ]
 
@@ -35,6 +37,13 @@ DATA_SOURCES: tuple[str, ...] = ("shapes", "synthetic", "imagenet")
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "random")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+DISTILL_LOSSES: tuple[str, ...] = ("nkd", "kd")
+
+
+def is_slak_variant(name: str) -> bool:
+    """Whether ``name`` is one of our SLaK variants; any other model name is a timm model (checked by building
+    it, before Ray starts)."""
+    return name in MODEL_VARIANTS
 
 
 class ConfigError(ValueError):
@@ -85,7 +94,14 @@ class _Checks:
 
 def _model_problems(c: _Checks) -> None:
     m = c.cfg.model
-    c.choice("model.variant", MODEL_VARIANTS)
+    if not isinstance(m.variant, str) or not m.variant:
+        c.out.append(f"model.variant={m.variant!r}: name a SLaK variant {list(MODEL_VARIANTS)} or a timm model "
+                     "(e.g. convnext_tiny)")
+    elif m.variant.lower().startswith("slak"):
+        c.choice("model.variant", MODEL_VARIANTS)
+    elif c.cfg.sparse.enabled:
+        c.out.append(f"model.variant={m.variant!r} is a timm baseline and sparse.enabled=true: dynamic sparsity "
+                     "works on SLaK's large kernels; set sparse.enabled=false (or train a SLaK variant)")
     c.rng("model.width_factor", 0, None, lo_open=True, optional=True, why="stage widths are int(dim * width_factor); paper: 1.3")
     ks = m.stage_kernels
     if ks is not None and (len(ks) != 4 or not all(_odd_positive(k_) for k_ in ks)):
@@ -195,10 +211,31 @@ def _run_tracking_tune_problems(c: _Checks) -> None:
     c.rng("tune.trial_max_failures", -1, None)
 
 
+def _distill_problems(c: _Checks) -> None:
+    d = c.cfg.distill
+    if d.teacher is not None and (not isinstance(d.teacher, str) or not d.teacher.strip()):
+        c.out.append(f"distill.teacher={d.teacher!r}: name the teacher, a SLaK variant {list(MODEL_VARIANTS)} or "
+                     "a timm model, or null for no distillation")
+    elif d.teacher and d.teacher.lower().startswith("slak") and not is_slak_variant(d.teacher):
+        close = difflib.get_close_matches(d.teacher.lower(), MODEL_VARIANTS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        c.out.append(f"distill.teacher={d.teacher!r}: must be one of {list(MODEL_VARIANTS)} or a timm model{hint}")
+    if d.enabled and not d.teacher_checkpoint:
+        c.out.append(f"distill.teacher={d.teacher!r} needs distill.teacher_checkpoint=PATH (the teacher's trained "
+                     "weights: an official SLaK checkpoint, a checkpoint of our runs or a timm weights file)")
+    c.choice("distill.loss", DISTILL_LOSSES)
+    c.rng("distill.temperature", 0, None, lo_open=True, why="softens both distributions; official NKD runs 1")
+    c.rng("distill.gamma", 0, None, why="weight of NKD's non-target term; official SLaK 1.0, NKD paper 1.5")
+    c.rng("distill.ce_weight", 0, None, optional=True, why="null = the loss's official value (nkd 0, kd 0.9)")
+    c.rng("distill.kd_weight", 0, None, lo_open=True, optional=True,
+          why="null = the loss's official value (nkd 1, kd 0.1)")
+
+
 def invalid_settings(cfg: ExperimentConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one line each: name, value, what is allowed, the fix."""
     checks = _Checks(cfg)
-    for section in (_model_problems, _data_problems, _train_problems, _run_tracking_tune_problems):
+    for section in (_model_problems, _data_problems, _train_problems, _distill_problems,
+                    _run_tracking_tune_problems):
         section(checks)
     return checks.out
 
