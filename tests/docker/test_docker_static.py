@@ -99,6 +99,14 @@ def test_dockerfile_has_one_stage_on_a_base_given_as_argument_and_no_registry_st
     assert re.search(r"^ARG PIP_INDEX_URL=https://pypi\.org/simple$", text, re.M)
 
 
+def test_the_commit_argument_comes_after_every_run_step() -> None:
+    """A build argument that changes busts the cache of every RUN after its declaration: the commit, which
+    changes with every build, must not make a code change reinstall the requirements."""
+    text = DOCKERFILE.read_text()
+    declared = text.index("ARG SLAK_GIT_COMMIT")
+    assert "\nRUN " not in text[declared:] and text.count("ARG SLAK_GIT_COMMIT") == 1
+
+
 def test_dockerfile_pins_bases_python_arches_and_builds_the_extension() -> None:
     text = DOCKERFILE.read_text()
     bases = re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
