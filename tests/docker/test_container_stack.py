@@ -108,8 +108,8 @@ def test_grid_on_the_cluster_puts_one_rank_in_each_worker_and_lands_in_mlflow(st
     grid = run("exec", "-T", "ray-head", "python", "experiments/tune_sparsity_width.py", "--address", "auto",
                "--tracking-uri", "http://mlflow:5000", "train.epochs=2", "data.train_size=256",
                "data.val_size=64", "tune.seeds=1", "run.num_workers=2", "run.cpus_per_worker=2",
-               "run.use_gpu=false", "run.storage_path=/mnt/slak/storage", "tracking.experiment=container-test",
-               timeout=900, check=False)
+               "run.use_gpu=false", "run.storage_path=/mnt/slak/storage",
+               "tracking.experiment=container-test", timeout=900, check=False)
     assert grid.returncode == 0, grid.stdout[-3000:] + grid.stderr[-3000:]
     assert "5 trial(s), 0 failed, complete" in grid.stdout
 
@@ -117,7 +117,8 @@ def test_grid_on_the_cluster_puts_one_rank_in_each_worker_and_lands_in_mlflow(st
     for service in ("ray-head", "ray-worker"):
         names = subprocess.run([engine, "ps", "--filter", f"label=com.docker.compose.project={project}",
                                 "--filter", f"label=com.docker.compose.service={service}",
-                                "--format", "{{.Names}}"], capture_output=True, text=True, check=True).stdout.split()
+                                "--format", "{{.Names}}"],
+                               capture_output=True, text=True, check=True).stdout.split()
         hosts[service] = {subprocess.run([engine, "exec", n, "hostname"], capture_output=True, text=True,
                                          check=True).stdout.strip() for n in names}
     assert len(hosts["ray-head"]) == 1 and len(hosts["ray-worker"]) == 2, hosts
