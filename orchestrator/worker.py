@@ -15,6 +15,7 @@ checkpoint and every rank's RNG streams go into it. Nothing here imports Ray.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import tempfile
 import time
@@ -136,6 +137,7 @@ class TrainingWorker:
             self.tracker.log_params(cfg.to_flat())
             self.tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
         self.mlflow_run_id = getattr(self.tracker, "run_id", None)
+        self._tag_hosts()
         phases["tracking"] = time.perf_counter() - t
         if self.trainer.teacher is not None:
             t = time.perf_counter()
@@ -167,6 +169,18 @@ class TrainingWorker:
             self.tracker.log_metrics(metrics, 0)
             log.info("teacher %s: val top-1 %.2f %%, top-5 %.2f %%", teacher.identity.variant, metrics["teacher/top1"],
                      metrics["teacher/top5"])
+
+    def _tag_hosts(self) -> None:
+        """Record which host each rank runs on (``slak.rank_hostnames``: ``rank:host`` by rank), so a
+        multi-node run shows where its ranks were placed; rewritten after a restart moves them."""
+        hosts: list[Any] = [socket.gethostname()]
+        if self.world_size > 1:
+            hosts = [None] * self.world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+        if self.rank == 0:
+            placed = ",".join(f"{rank}:{host}" for rank, host in enumerate(hosts))
+            self.tracker.set_tags({"slak.rank_hostnames": placed})
+            log.info("ranks on hosts: %s", placed)
 
     def _updates(self) -> int:
         engine = self.trainer.engine

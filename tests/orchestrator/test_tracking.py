@@ -293,6 +293,9 @@ def test_a_training_process_never_sets_its_runs_final_status(cfg: TrackingConfig
                           CpuSession(fail_on_report=True))
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "RUNNING" and "val/top1" in run.data.metrics  # flushed, status left to the owner
+    import socket
+
+    assert run.data.tags["slak.rank_hostnames"] == f"0:{socket.gethostname()}"  # where each rank ran
     tracking.create_tracker(exp.tracking, run_id=run_id).end("FAILED")  # what the owner does
     assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
 
