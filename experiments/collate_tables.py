@@ -5,6 +5,7 @@ Examples::
     python experiments/collate_tables.py                              # newest experiment in ./mlflow.db
     python experiments/collate_tables.py --table table8 --out results/
     python experiments/collate_tables.py --experiment table8-20261122-190000 --tracking-uri http://HOST:5000
+    python experiments/collate_tables.py --evaluations --out results/   # every evaluate.py run beside the paper
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from orchestrator import tracking
+from orchestrator.collate.evaluations import evaluation_markdown, evaluation_table
 from orchestrator.collate.experiment import collate_experiment
 from orchestrator.collate.runs import find_experiment
 from orchestrator.config.loading import load_config
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-log", action="store_true", help="do not attach the files to the parent MLflow run"
     )
+    parser.add_argument(
+        "--evaluations", action="store_true",
+        help="the table of checkpoint evaluations (experiments/evaluate.py) beside the paper's numbers",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
@@ -44,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     uri, mlflow_experiment = cfg.tracking.uri, cfg.tracking.experiment
+    if args.evaluations:
+        table = evaluation_table(tracking.runs_dataframe(uri, mlflow_experiment))
+        if table.empty:
+            print(f"error: no evaluation run in MLflow experiment {mlflow_experiment!r} at {uri}; run "
+                  "experiments/evaluate.py first", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = evaluation_markdown(table)
+        (out / "evaluations.md").write_text(text + "\n", encoding="utf-8")
+        table.to_csv(out / "evaluations.csv", index=False)
+        print(text)
+        print(f"{len(table)} evaluation run(s); files in {out}")
+        return 0
     name = args.experiment or find_experiment(
         tracking.runs_dataframe(uri, mlflow_experiment), args.table
     )

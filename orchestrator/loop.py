@@ -47,6 +47,7 @@ __all__ = [
     "build_meta_model",
     "build_model",
     "cosine_schedule",
+    "evaluate_model",
     "param_groups",
     "rng_state",
     "seed_everything",
@@ -188,6 +189,37 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     top = logits.topk(k, dim=1).indices
     hits = top.eq(target.view(-1, 1))
     return hits[:, :1].sum(), hits.sum()
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: Iterable, *, device: torch.device,
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   channels_last: bool = False) -> dict[str, float]:
+    """Top-1/top-5 (%) and mean cross-entropy of ``model`` over ``loader``, summed over every rank.
+
+    Each rank reads a disjoint shard (``orchestrator.data.ShardSampler``): the counts are summed, so the
+    result is exactly that of one process reading the whole split, whatever the number of ranks.
+    """
+    rank_world = _world()
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(x)
+        top1, top5 = _accuracy(logits.float(), y)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        sums += torch.stack([loss.double(), top1.double(), top5.double(),
+                             torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
+    if rank_world[1] > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, top1, top5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -409,27 +441,10 @@ class Trainer:
         self._epoch_rng = None
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> dict[str, float]:
         """Top-1/top-5 (%) and loss over this worker's shard, summed over all ranks."""
-        model = self.forward_model if model is None else model
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
-        for x, y in loader:
-            x, y = self._to_device(x, y)
-            with self._autocast():
-                logits = model(x)
-            top1, top5 = _accuracy(logits.float(), y)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            sums += torch.stack([loss.double(), top1.double(), top5.double(),
-                                 torch.tensor(float(y.shape[0]), dtype=torch.float64, device=self.device)])
-        if self.world_size > 1:
-            dist.all_reduce(sums)
-        model.train(was_training)
-        loss, top1, top5, n = sums.tolist()
-        n = max(n, 1.0)
-        return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+        return evaluate_model(self.forward_model if model is None else model, loader, device=self.device,
+                              autocast=self._autocast, channels_last=self.cfg.train.channels_last)
 
     @torch.no_grad()
     def recalibrated_ema(self, loader: Iterable) -> nn.Module:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__package__)
 #: Generated sources (``orchestrator.datasets_procedural``) render their images: no file is read and
 #: none of timm's transforms run, so these settings apply to ``data.source=imagenet`` only.
 _IMAGE_FOLDER_ONLY: tuple[str, ...] = ("data.auto_augment", "data.interpolation", "data.crop_pct",
-                                       "data.on_bad_image")
+                                       "data.crop_mode", "data.on_bad_image")
 #: Sizes of the generated sources; an image folder has the images it has.
 _GENERATED_ONLY: tuple[str, ...] = ("data.train_size", "data.val_size")
 _TRACKING_OPTIONS: tuple[str, ...] = ("tracking.uri", "tracking.experiment", "tracking.log_every_steps",

@@ -127,6 +127,7 @@ class DataConfig:
     reprob: float = 0.25
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    crop_mode: str = "center"
     mixup: float = 0.8
     cutmix: float = 1.0
     smoothing: float = 0.1

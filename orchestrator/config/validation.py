@@ -20,6 +20,7 @@ from slak_model.config import KERNEL_MODES
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
+    "CROP_MODES",
     "DATA_SOURCES",
     "INTERPOLATIONS",
     "MODEL_VARIANTS",
@@ -34,6 +35,10 @@ MODEL_VARIANTS: tuple[str, ...] = ("slak_test", "slak_tiny", "slak_small", "slak
 DATA_SOURCES: tuple[str, ...] = ("shapes", "synthetic", "imagenet")
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "random")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
+#: timm's eval crops: resize the short side to ``image_size / crop_pct`` and centre-crop (``center``, the
+#: reference below 384 px), resize to the square (``squash``, the reference at 384 px with crop_pct 1), or
+#: crop a fixed border (``border``).
+CROP_MODES: tuple[str, ...] = ("center", "squash", "border")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 
@@ -118,6 +123,7 @@ def _data_problems(c: _Checks) -> None:
     c.rng("data.reprob", 0, 1)
     c.choice("data.interpolation", INTERPOLATIONS)
     c.rng("data.crop_pct", 0, 1, lo_open=True)
+    c.choice("data.crop_mode", CROP_MODES)
     for name in ("data.mixup", "data.cutmix", "data.smoothing"):
         c.rng(name, 0, None)
     c.rng("data.smoothing", 0, 1, hi_open=True)
