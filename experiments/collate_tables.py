@@ -5,7 +5,7 @@ Examples::
     python experiments/collate_tables.py                              # newest experiment in ./mlflow.db
     python experiments/collate_tables.py --table table8 --out results/
     python experiments/collate_tables.py --experiment table8-20261122-190000 --tracking-uri http://HOST:5000
-    python experiments/collate_tables.py --evaluations --out results/   # every evaluate.py run beside the paper
+    python experiments/collate_tables.py --evaluations --out results/  # evaluations beside the paper
 """
 
 from __future__ import annotations

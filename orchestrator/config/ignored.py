@@ -89,6 +89,17 @@ def ignored_settings(cfg: ExperimentConfig, preset_only: Collection[str] = ()) -
         if cfg.tracking.enabled:
             flag(warnings, ["tracking.masks_every_updates"], "sparse.enabled=false trains dense, so there "
                  "are no masks to log; drop it or set sparse.enabled=true")
+    f = cfg.finetune
+    if f.checkpoint is None:
+        flag(warnings, ["finetune.weights", "finetune.masks"], "finetune.checkpoint is not set, so the job trains "
+             "from scratch; set finetune.checkpoint=PATH or drop it")
+    elif not cfg.sparse.enabled:
+        flag(warnings, ["finetune.masks"], "sparse.enabled=false fine-tunes every weight (dense); drop it or set "
+             "sparse.enabled=true")
+    elif f.masks == "keep":
+        flag(warnings, ["sparse.sparsity", "sparse.init", "sparse.min_density"], "finetune.masks=keep continues "
+             "from the checkpoint's sparse pattern, which fixes every layer's density; drop it or set "
+             "finetune.masks=reinit")
     if cfg.model.kernel_mode != "decomposed":
         flag(warnings, ["model.short_edge"], f"model.kernel_mode={cfg.model.kernel_mode!r} has square "
              "kernels; the short edge of the strips applies to kernel_mode=decomposed only")

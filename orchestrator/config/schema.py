@@ -31,6 +31,7 @@ __all__ = [
     "SECTIONS",
     "DataConfig",
     "ExperimentConfig",
+    "FinetuneConfig",
     "ModelConfig",
     "RunConfig",
     "SparseConfig",
@@ -59,6 +60,8 @@ class ModelConfig:
     ``num_classes`` None takes the dataset's. ``stage_kernels`` are the four long edges M1..M4, ``short_edge``
     the N of the decomposed ``M x N`` strips, ``small_kernel`` the side of the parallel square kernel (a
     stage gets it only when it is smaller than the stage's M; ``kernel_mode=naive`` has none).
+    ``head_init_scale`` multiplies the classifier's initial weights (ConvNeXt's fine-tunes use 0.001 for a
+    new head); a head loaded from ``finetune.checkpoint`` is not rescaled.
 
     The reference's five numbers ``kernel_size: [M1, M2, M3, M4, N]`` are accepted as input (YAML, CLI,
     grid points; see :data:`MODEL_ALIASES`) and set ``stage_kernels``, ``short_edge`` and ``small_kernel``
@@ -74,6 +77,7 @@ class ModelConfig:
     use_bn: bool = True
     drop_path_rate: float = 0.0
     layer_scale_init: float = 1e-6
+    head_init_scale: float = 1.0
     num_classes: int | None = None
 
 
@@ -138,7 +142,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation recipe (spec section 4). ``micro_batch_size`` None = no accumulation."""
+    """Optimisation recipe (spec section 4). ``micro_batch_size`` None = no accumulation.
+
+    ``layer_decay`` < 1 scales each parameter's learning rate by ``layer_decay ** (13 - layer)``, the
+    ConvNeXt fine-tuning rule over 14 depth groups (stem 0 ... last stage 12, norm and head 13): early layers
+    move least. 1.0 = one learning rate for all.
+    """
 
     epochs: int = 2
     global_batch_size: int = 32
@@ -147,6 +156,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     warmup_epochs: float = 0.0
     weight_decay: float = 0.05
+    layer_decay: float = 1.0
     opt_eps: float = 1e-8
     opt_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float | None = None
@@ -160,6 +170,24 @@ class TrainConfig:
     log_every_steps: int = 10
     checkpoint_every_steps: int = 0
     eval_every_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Start a training job from a checkpoint's weights: a fresh optimizer, schedule and run, not a resume.
+
+    ``checkpoint`` None trains from scratch. Otherwise every weight of the checkpoint is loaded (ours: a
+    checkpoint folder or its ``state.pt``; a released ``.pth``), except a classifier for another class
+    count, which is re-initialised (scaled by ``model.head_init_scale``); another architecture is refused
+    before Ray starts. ``weights`` picks the trained weights (``model``) or their EMA (``ema``). With
+    ``sparse.enabled``, ``masks=keep`` continues from the checkpoint's sparse pattern (its saved masks, or
+    the zeros of a released file's weights) and ``masks=reinit`` draws new masks by ``sparse.init``;
+    ``sparse.enabled=false`` trains every weight (dense).
+    """
+
+    checkpoint: str | None = None
+    weights: str = "model"
+    masks: str = "keep"
 
 
 #: Workers of a CPU job when ``run.num_workers`` is left to fit the cluster.
@@ -218,6 +246,7 @@ SECTIONS: dict[str, type] = {
     "sparse": SparseConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "finetune": FinetuneConfig,
     "run": RunConfig,
     "tracking": TrackingConfig,
     "tune": TuneConfig,
@@ -233,6 +262,7 @@ class ExperimentConfig:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

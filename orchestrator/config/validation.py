@@ -22,6 +22,8 @@ __all__ = [
     "BAD_IMAGE_POLICIES",
     "CROP_MODES",
     "DATA_SOURCES",
+    "FINETUNE_MASKS",
+    "FINETUNE_WEIGHTS",
     "INTERPOLATIONS",
     "MODEL_VARIANTS",
     "PRECISIONS",
@@ -40,6 +42,8 @@ BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
 #: crop a fixed border (``border``).
 CROP_MODES: tuple[str, ...] = ("center", "squash", "border")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+FINETUNE_WEIGHTS: tuple[str, ...] = ("model", "ema")
+FINETUNE_MASKS: tuple[str, ...] = ("keep", "reinit")
 
 
 class ConfigError(ValueError):
@@ -105,6 +109,8 @@ def _model_problems(c: _Checks) -> None:
     c.choice("model.kernel_mode", KERNEL_MODES)
     c.rng("model.drop_path_rate", 0, 1, hi_open=True, why="paper: T 0.1, S 0.4, B 0.5")
     c.rng("model.layer_scale_init", 0, None, why="0 disables layer scale; paper 1e-6")
+    c.rng("model.head_init_scale", 0, None, lo_open=True, why="multiplies a new head's initial weights; ConvNeXt "
+          "fine-tunes 0.001")
     c.rng("model.num_classes", 1, None, optional=True, why="null = the dataset's class count")
     c.out += [f"sparse.{problem}" for problem in c.cfg.sparse.problems()]  # the library's checks, dotted
 
@@ -157,6 +163,8 @@ def _train_problems(c: _Checks) -> None:
     c.rng("train.min_lr", 0, t.lr if lr_valid else None, why="cosine floor, at most train.lr")
     c.rng("train.warmup_epochs", 0, t.epochs, why="at most train.epochs; paper 20")
     c.rng("train.weight_decay", 0, None)
+    c.rng("train.layer_decay", 0, 1, lo_open=True, why="learning-rate factor per depth group; 1 = off, ConvNeXt "
+          "fine-tunes 0.7-0.8")
     c.rng("train.opt_eps", 0, None, lo_open=True)
     if len(t.opt_betas) != 2 or not all(0 <= b < 1 for b in t.opt_betas):
         c.out.append(f"train.opt_betas={t.opt_betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
@@ -170,6 +178,15 @@ def _train_problems(c: _Checks) -> None:
     c.rng("train.log_every_steps", 1, None)
     c.rng("train.checkpoint_every_steps", 0, None, why="0 = one checkpoint per epoch only")
     c.rng("train.eval_every_epochs", 1, None)
+
+
+def _finetune_problems(c: _Checks) -> None:
+    f = c.cfg.finetune
+    if f.checkpoint is not None and not str(f.checkpoint).strip():
+        c.out.append("finetune.checkpoint='': give the checkpoint to start from (a checkpoint folder, its "
+                     "state.pt or a released .pth), or null to train from scratch")
+    c.choice("finetune.weights", FINETUNE_WEIGHTS)
+    c.choice("finetune.masks", FINETUNE_MASKS)
 
 
 def _run_tracking_tune_problems(c: _Checks) -> None:
@@ -204,7 +221,8 @@ def _run_tracking_tune_problems(c: _Checks) -> None:
 def invalid_settings(cfg: ExperimentConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one line each: name, value, what is allowed, the fix."""
     checks = _Checks(cfg)
-    for section in (_model_problems, _data_problems, _train_problems, _run_tracking_tune_problems):
+    for section in (_model_problems, _data_problems, _train_problems, _finetune_problems,
+                    _run_tracking_tune_problems):
         section(checks)
     return checks.out
 
