@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for line in evaluation.transform_differences(cfg, contents):
+    overrides = cli.overrides_from_args(args)
+    for line in evaluation.transform_differences(cfg, contents) + evaluation.unused_overrides(set(overrides)):
         logging.getLogger("orchestrator.config").warning("%s", line)
     from orchestrator import ray_train  # after validation: a bad config or file never waits for Ray
     from orchestrator.preflight import PreflightError

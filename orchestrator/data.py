@@ -74,8 +74,6 @@ log = logging.getLogger(__name__)
 SOURCES = ("shapes", "synthetic", "imagenet")
 #: Consecutive unreadable files after which "skip" gives up: a corrupt mount fails fast, never spins.
 MAX_CONSECUTIVE_BAD = 50
-#: Colour jitter of the reference recipe; timm applies it only when RandAugment is off.
-_COLOR_JITTER = 0.4
 
 
 class DataError(ValueError):
@@ -290,14 +288,18 @@ def _patch_randaugment() -> None:
 
 
 def build_transforms(data_cfg: Any) -> tuple[Any, Any]:
-    """timm's train and eval transforms for the ImageNet recipe (spec 4.5), ending in uint8 tensors:
-    normalisation and random erasing (``data.reprob``) run in the loader's prefetcher (:func:`build_loaders`)."""
+    """timm's train and eval transforms from the ``data`` settings (by default the ImageNet recipe, spec 4.5),
+    ending in uint8 tensors: normalisation and random erasing (``data.reprob``) run in the loader's
+    prefetcher (:func:`build_loaders`)."""
     _patch_randaugment()
     train = create_transform(
         input_size=data_cfg.image_size,
         is_training=True,
-        hflip=0.5,
-        color_jitter=_COLOR_JITTER,
+        scale=tuple(data_cfg.crop_scale),
+        ratio=tuple(data_cfg.crop_ratio),
+        hflip=data_cfg.hflip,
+        vflip=data_cfg.vflip,
+        color_jitter=data_cfg.color_jitter or None,
         auto_augment=data_cfg.auto_augment or None,
         interpolation=data_cfg.interpolation,
         use_prefetcher=True,

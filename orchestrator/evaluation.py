@@ -43,6 +43,7 @@ __all__ = [
     "published_label",
     "run_evaluation_worker",
     "transform_differences",
+    "unused_overrides",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,24 @@ def checkpoint_defaults(contents: CheckpointContents) -> dict[str, Any]:
     schema does not know (a file written by another version) are left out."""
     known = set(setting_names()) | {"model.kernel_size"}
     return {k: v for k, v in contents.recipe.items() if k in known}
+
+
+#: Settings an evaluation reads besides ``model.*``, ``run.*`` and ``tracking.*``: the validation data and
+#: its transform, the batch size, numerics, and the seed of a generated validation split.
+EVAL_READS: frozenset[str] = frozenset({
+    "data.source", "data.path", "data.image_size", "data.num_classes", "data.val_size", "data.workers",
+    "data.interpolation", "data.crop_pct", "data.crop_mode", "data.on_bad_image", "train.seed",
+    "train.global_batch_size", "train.micro_batch_size", "train.precision", "train.channels_last",
+})
+
+
+def unused_overrides(names: list[str] | set[str]) -> list[str]:
+    """The command line's settings (``names``) that an evaluation does not read (training augmentation,
+    optimisation), one warning line each; ``finetune.*``, ``sparse.*`` and ``tune.*`` are reported by
+    ``load_config``'s unused sections."""
+    return [f"{n} has no effect: an evaluation reads the validation split with the eval transform and trains "
+            "nothing; drop it" for n in sorted(names)
+            if n.startswith(("data.", "train.")) and n not in EVAL_READS]
 
 
 def transform_differences(cfg: ExperimentConfig, contents: CheckpointContents) -> list[str]:

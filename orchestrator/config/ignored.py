@@ -24,7 +24,8 @@ logger = logging.getLogger(__package__)
 #: Generated sources (``orchestrator.datasets_procedural``) render their images: no file is read and
 #: none of timm's transforms run, so these settings apply to ``data.source=imagenet`` only.
 _IMAGE_FOLDER_ONLY: tuple[str, ...] = ("data.auto_augment", "data.interpolation", "data.crop_pct",
-                                       "data.crop_mode", "data.on_bad_image")
+                                       "data.crop_mode", "data.on_bad_image", "data.crop_scale", "data.crop_ratio",
+                                       "data.hflip", "data.vflip", "data.color_jitter")
 #: Sizes of the generated sources; an image folder has the images it has.
 _GENERATED_ONLY: tuple[str, ...] = ("data.train_size", "data.val_size")
 _TRACKING_OPTIONS: tuple[str, ...] = ("tracking.uri", "tracking.experiment", "tracking.log_every_steps",
@@ -70,6 +71,9 @@ def ignored_settings(cfg: ExperimentConfig, preset_only: Collection[str] = ()) -
         flag(errors, _GENERATED_ONLY, "data.source='imagenet' uses every image under data.path (train/ and "
              "val/); sizes apply to the generated sources (shapes, synthetic) only; drop it, or use a "
              "subset folder")
+    if d.source == "imagenet" and d.auto_augment and not d.auto_augment.startswith("3a"):
+        flag(warnings, ["data.color_jitter"], f"timm applies colour jitter only without RandAugment, and "
+             f"data.auto_augment={d.auto_augment!r}; drop it or set data.auto_augment='' (off)")
     mixup_on, cutmix_on = d.mixup > 0, d.cutmix > 0
     if d.mixup_prob <= 0:
         flag(warnings, ["data.mixup", "data.cutmix", "data.mixup_switch_prob"],

@@ -118,7 +118,16 @@ class SparseConfig(SparsityConfig):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset and augmentation (``orchestrator.data``); sizes apply to generated sources only."""
+    """Dataset and augmentation (``orchestrator.data``); sizes apply to generated sources only.
+
+    The training augmentation of an image folder is timm's ``create_transform`` with these arguments, the
+    ImageNet recipe by default: ``RandomResizedCrop`` over ``crop_scale`` of the area and ``crop_ratio``
+    aspect ratios, flips with probabilities ``hflip``/``vflip``, RandAugment ``auto_augment`` (a timm spec
+    such as ``rand-m9-mstd0.5-inc1``; "" or null turns it off), ``color_jitter`` (timm applies it only
+    without RandAugment), then random erasing ``reprob``. Small or non-photographic images usually want a
+    milder crop and no flips (``docs/finetune.md``). ``crop_pct``/``crop_mode``/``interpolation`` shape the
+    eval transform (and ``interpolation`` the training resize too).
+    """
 
     source: str = "shapes"
     path: str | None = None
@@ -127,7 +136,12 @@ class DataConfig:
     train_size: int = 512
     val_size: int = 128
     workers: int = 0
-    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    hflip: float = 0.5
+    vflip: float = 0.0
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
     reprob: float = 0.25
     interpolation: str = "bicubic"
     crop_pct: float = 0.875

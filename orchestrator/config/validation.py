@@ -19,6 +19,7 @@ from orchestrator.config.schema import ExperimentConfig
 from slak_model.config import KERNEL_MODES
 
 __all__ = [
+    "AUTO_AUGMENT_KINDS",
     "BAD_IMAGE_POLICIES",
     "CROP_MODES",
     "DATA_SOURCES",
@@ -37,6 +38,8 @@ MODEL_VARIANTS: tuple[str, ...] = ("slak_test", "slak_tiny", "slak_small", "slak
 DATA_SOURCES: tuple[str, ...] = ("shapes", "synthetic", "imagenet")
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "random")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
+#: The first word of timm's augmentation specs (RandAugment, AugMix, AutoAugment policies, 3-Augment).
+AUTO_AUGMENT_KINDS: tuple[str, ...] = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")
 #: timm's eval crops: resize the short side to ``image_size / crop_pct`` and centre-crop (``center``, the
 #: reference below 384 px), resize to the square (``squash``, the reference at 384 px with crop_pct 1), or
 #: crop a fixed border (``border``).
@@ -127,6 +130,22 @@ def _data_problems(c: _Checks) -> None:
     c.rng("data.val_size", 1, None)
     c.rng("data.workers", 0, None, why="loader processes per Ray worker; 0 = in-process")
     c.rng("data.reprob", 0, 1)
+    for name, hi in (("data.crop_scale", 1.0), ("data.crop_ratio", None)):
+        pair = getattr(d, name.split(".")[1])
+        ok = (len(pair) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in pair)
+              and pair[0] <= pair[1] and (hi is None or pair[1] <= hi))
+        if not ok:
+            what = ("fractions of the image area, 0 < min <= max <= 1 (ImageNet [0.08, 1]; small images "
+                    "e.g. [0.6, 1])" if hi else "aspect ratios w/h, 0 < min <= max (ImageNet [0.75, 1.333])")
+            c.out.append(f"{name}={pair!r}: must be [min, max] {what}")
+    c.rng("data.hflip", 0, 1, why="probability; 0 for images whose mirror is another class (digits, text)")
+    c.rng("data.vflip", 0, 1, why="probability; 0 unless upside-down images are the same class")
+    c.rng("data.color_jitter", 0, None, why="strength of brightness/contrast/saturation jitter; 0 = off")
+    aa = d.auto_augment
+    if aa and (not isinstance(aa, str) or aa.split("-")[0] not in AUTO_AUGMENT_KINDS):
+        c.out.append(f"data.auto_augment={aa!r}: must be a timm augmentation spec starting with one of "
+                     f"{list(AUTO_AUGMENT_KINDS)} (e.g. rand-m9-mstd0.5-inc1, or rand-m5-n1 for a milder one), "
+                     "or '' / null to turn it off")
     c.choice("data.interpolation", INTERPOLATIONS)
     c.rng("data.crop_pct", 0, 1, lo_open=True)
     c.choice("data.crop_mode", CROP_MODES)
