@@ -21,12 +21,10 @@ from orchestrator import cli
 from orchestrator.config.loading import load_config
 from orchestrator.config.validation import ConfigError
 
-#: Sections an evaluation does not read.
+#: Sections an evaluation does not read (``sparse.*`` and ``finetune.*`` of a training preset describe how the
+#: weights were made, so only the command line's are reported: ``evaluation.unused_overrides``).
 _UNUSED_SECTIONS = {
     "tune": "experiments/evaluate.py evaluates one checkpoint; tune.* configure the grid scripts; drop it",
-    "finetune": "experiments/evaluate.py evaluates --checkpoint as it is; finetune.* configure a training job "
-                "that starts from a checkpoint (experiments/train.py); drop it",
-    "sparse": "an evaluation runs the checkpoint's weights as they are, sparse or not; drop it",
 }
 
 

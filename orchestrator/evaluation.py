@@ -73,12 +73,16 @@ EVAL_READS: frozenset[str] = frozenset({
 
 
 def unused_overrides(names: list[str] | set[str]) -> list[str]:
-    """The command line's settings (``names``) that an evaluation does not read (training augmentation,
-    optimisation), one warning line each; ``finetune.*``, ``sparse.*`` and ``tune.*`` are reported by
-    ``load_config``'s unused sections."""
-    return [f"{n} has no effect: an evaluation reads the validation split with the eval transform and trains "
-            "nothing; drop it" for n in sorted(names)
-            if n.startswith(("data.", "train.")) and n not in EVAL_READS]
+    """The command line's settings (``names``) that an evaluation does not read, one warning line each:
+    training augmentation and optimisation, ``sparse.*`` (the weights are run as they are) and
+    ``finetune.*`` (``--checkpoint`` is evaluated as it is). A preset's are not reported: a training preset
+    describes the model the checkpoint holds."""
+    why = {"sparse.": "the checkpoint's weights are evaluated as they are, sparse or not",
+           "finetune.": "--checkpoint is evaluated as it is; finetune.* configure a training job",
+           "data.": "an evaluation reads the validation split with the eval transform",
+           "train.": "an evaluation trains nothing"}
+    return [f"{n} has no effect: {why[n.split('.')[0] + '.']}; drop it" for n in sorted(names)
+            if n.startswith(tuple(why)) and n not in EVAL_READS]
 
 
 def transform_differences(cfg: ExperimentConfig, contents: CheckpointContents) -> list[str]:
@@ -166,8 +170,9 @@ def plan_evaluation(cfg: ExperimentConfig, contents: CheckpointContents) -> Eval
     cell = reference_cell(cfg.model.variant, cfg.data.image_size, epochs,
                           cfg.model.stage_kernels or _variant_kernels(cfg))
     shaping = json.dumps({"sha256": contents.sha256, "config": cfg.to_flat()}, sort_keys=True, default=str)
-    name = cfg.run.name or (f"eval-{cfg.model.variant}-{contents.sha256[:10]}-"
-                            f"{hashlib.sha256(shaping.encode()).hexdigest()[:8]}")
+    # never a training run's own name (a preset's run.name): its MLflow run and storage folder are not ours
+    name = (f"eval-{cfg.run.name or cfg.model.variant}-{contents.sha256[:10]}-"
+            f"{hashlib.sha256(shaping.encode()).hexdigest()[:8]}")
     return EvaluationPlan(contents.path, contents.sha256, contents.layout, contents.ema is not None, num_classes,
                           cell, name)
 

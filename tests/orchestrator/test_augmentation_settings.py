@@ -96,6 +96,7 @@ def test_colour_jitter_without_randaugment_is_no_warning(caplog) -> None:
 def test_evaluation_names_the_training_only_overrides() -> None:
     lines = evaluation.unused_overrides({"data.hflip", "train.lr", "data.crop_pct", "train.precision", "run.name"})
     assert [line.split(" ")[0] for line in lines] == ["data.hflip", "train.lr"]
+    assert "sparse.sparsity has no effect: the checkpoint" in evaluation.unused_overrides({"sparse.sparsity"})[0]
 
 
 def test_small_images_preset_is_the_documented_recipe() -> None:
