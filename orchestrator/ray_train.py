@@ -1,6 +1,8 @@
 """One training job as a Ray Train (V2) ``TorchTrainer``: DDP workers, checkpoints, retries, MLflow.
 
 This is the only module that touches ``ray.train``; Ray's API moves between versions, so it stays here.
+:func:`run_evaluation` runs a checkpoint's evaluation (:mod:`orchestrator.evaluation`) on the same
+worker-group machinery.
 Each rank runs :class:`orchestrator.worker.TrainingWorker` (data shard, DDP-wrapped
 :class:`orchestrator.loop.Trainer`, one report per epoch and every ``train.checkpoint_every_steps``
 optimizer steps, with a checkpoint from rank 0) through a small session object that maps its reports
