@@ -6,6 +6,7 @@ Examples::
     python experiments/collate_tables.py --table table8 --out results/
     python experiments/collate_tables.py --experiment table8-20261122-190000 --tracking-uri http://HOST:5000
     python experiments/collate_tables.py --distillation tracking.experiment=slak-distill   # students vs L2S
+    python experiments/collate_tables.py --evaluations --out results/  # evaluations beside the paper
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from orchestrator import tracking
+from orchestrator.collate.evaluations import evaluation_markdown, evaluation_table
 from orchestrator.collate.experiment import collate_experiment
 from orchestrator.collate.runs import find_experiment
 from orchestrator.config.loading import load_config
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         "--distillation", action="store_true",
         help="the distillation runs of tracking.experiment beside the published large-to-small numbers",
     )
+    parser.add_argument(
+        "--evaluations", action="store_true",
+        help="the table of checkpoint evaluations (experiments/evaluate.py) beside the paper's numbers",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
@@ -51,6 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     uri, mlflow_experiment = cfg.tracking.uri, cfg.tracking.experiment
     if args.distillation:
         return _distillation(uri, mlflow_experiment, Path(args.out))
+    if args.evaluations:
+        table = evaluation_table(tracking.runs_dataframe(uri, mlflow_experiment))
+        if table.empty:
+            print(f"error: no evaluation run in MLflow experiment {mlflow_experiment!r} at {uri}; run "
+                  "experiments/evaluate.py first", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = evaluation_markdown(table)
+        (out / "evaluations.md").write_text(text + "\n", encoding="utf-8")
+        table.to_csv(out / "evaluations.csv", index=False)
+        print(text)
+        print(f"{len(table)} evaluation run(s); files in {out}")
+        return 0
     name = args.experiment or find_experiment(
         tracking.runs_dataframe(uri, mlflow_experiment), args.table
     )

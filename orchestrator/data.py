@@ -57,10 +57,12 @@ __all__ = [
     "EpochIndexSampler",
     "PerSampleSeeded",
     "ShardSampler",
+    "bad_file_flags",
     "build_datasets",
+    "build_eval_dataset",
+    "build_eval_loader",
     "build_loaders",
     "build_mixup",
-    "bad_file_flags",
     "build_transforms",
     "check_image_folder",
     "preflight_image_folder",
@@ -72,8 +74,6 @@ log = logging.getLogger(__name__)
 SOURCES = ("shapes", "synthetic", "imagenet")
 #: Consecutive unreadable files after which "skip" gives up: a corrupt mount fails fast, never spins.
 MAX_CONSECUTIVE_BAD = 50
-#: Colour jitter of the reference recipe; timm applies it only when RandAugment is off.
-_COLOR_JITTER = 0.4
 
 
 class DataError(ValueError):
@@ -97,8 +97,9 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def check_image_folder(root: str | os.PathLike) -> list[str]:
-    """Check the ``train/`` + ``val/`` layout and return the sorted class names.
+def check_image_folder(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """Check the ``train/`` + ``val/`` layout (or only ``splits``, e.g. ``("val",)`` for an evaluation) and
+    return the sorted class names.
 
     Raises:
         DataError: missing or empty folders, images directly under a split (no class folders),
@@ -110,11 +111,12 @@ def check_image_folder(root: str | os.PathLike) -> list[str]:
             f"data.path={str(root)!r} does not exist or is not a folder; point data.path at the "
             "folder that holds train/<class>/* and val/<class>/*"
         )
-    splits: dict[str, list[str]] = {}
-    for split in ("train", "val"):
+    found: dict[str, list[str]] = {}
+    layout = " and ".join(f"{split}/<class>/*" for split in splits)
+    for split in splits:
         d = root / split
         if not d.is_dir():
-            raise DataError(f"{d} is missing: data.path must hold train/<class>/* and val/<class>/*")
+            raise DataError(f"{d} is missing: data.path must hold {layout}")
         classes = _class_dirs(d)
         if not classes:
             exts = get_img_extensions(as_set=True)
@@ -125,8 +127,10 @@ def check_image_folder(root: str | os.PathLike) -> list[str]:
                 else "is empty; it needs one subfolder of images per class"
             )
             raise DataError(f"{d} {what}")
-        splits[split] = classes
-    train, val = set(splits["train"]), set(splits["val"])
+        found[split] = classes
+    if set(found) != {"train", "val"}:
+        return found[splits[0]]
+    train, val = set(found["train"]), set(found["val"])
     if train != val:
         only_train, only_val = sorted(train - val), sorted(val - train)
         raise DataError(
@@ -134,13 +138,14 @@ def check_image_folder(root: str | os.PathLike) -> list[str]:
             f"{_preview(only_train)}, only in val {_preview(only_val)}; both splits need the same "
             "class folders"
         )
-    return splits["train"]
+    return found["train"]
 
 
-def preflight_image_folder(data_cfg: Any, *, decode: int = 8) -> list[str]:
+def preflight_image_folder(data_cfg: Any, *, decode: int = 8, splits: tuple[str, ...] = ("train", "val")
+                           ) -> list[str]:
     """What a job's driver checks before Ray starts: layout, class sets, an image in every class folder, and
-    ``decode`` images (spread over the classes, both splits) read through. Cheap on a full ImageNet: each
-    class folder is listed only up to its first image.
+    ``decode`` images (spread over the classes, every split of ``splits``) read through. Cheap on a full
+    ImageNet: each class folder is listed only up to its first image.
 
     Returns:
         Warnings (unreadable sample images under ``data.on_bad_image=skip``).
@@ -153,11 +158,11 @@ def preflight_image_folder(data_cfg: Any, *, decode: int = 8) -> list[str]:
     if not data_cfg.path:
         raise DataError("data.path=None: data.source='imagenet' needs the folder holding train/ and val/")
     root = Path(data_cfg.path).expanduser()
-    classes = check_image_folder(root)
+    classes = check_image_folder(root, splits)
     exts = get_img_extensions(as_set=True)
     problems: list[str] = []
     warnings: list[str] = []
-    for split in ("train", "val"):
+    for split in splits:
         firsts: dict[str, str] = {}
         for c in classes:
             with os.scandir(root / split / c) as entries:
@@ -283,14 +288,18 @@ def _patch_randaugment() -> None:
 
 
 def build_transforms(data_cfg: Any) -> tuple[Any, Any]:
-    """timm's train and eval transforms for the ImageNet recipe (spec 4.5), ending in uint8 tensors:
-    normalisation and random erasing (``data.reprob``) run in the loader's prefetcher (:func:`build_loaders`)."""
+    """timm's train and eval transforms from the ``data`` settings (by default the ImageNet recipe, spec 4.5),
+    ending in uint8 tensors: normalisation and random erasing (``data.reprob``) run in the loader's
+    prefetcher (:func:`build_loaders`)."""
     _patch_randaugment()
     train = create_transform(
         input_size=data_cfg.image_size,
         is_training=True,
-        hflip=0.5,
-        color_jitter=_COLOR_JITTER,
+        scale=tuple(data_cfg.crop_scale),
+        ratio=tuple(data_cfg.crop_ratio),
+        hflip=data_cfg.hflip,
+        vflip=data_cfg.vflip,
+        color_jitter=data_cfg.color_jitter or None,
         auto_augment=data_cfg.auto_augment or None,
         interpolation=data_cfg.interpolation,
         use_prefetcher=True,
@@ -300,6 +309,7 @@ def build_transforms(data_cfg: Any) -> tuple[Any, Any]:
         is_training=False,
         interpolation=data_cfg.interpolation,
         crop_pct=data_cfg.crop_pct,
+        crop_mode=data_cfg.crop_mode,
         use_prefetcher=True,
     )
     return train, val
@@ -341,6 +351,51 @@ def build_datasets(data_cfg: Any, *, seed: int) -> DataBundle:
         len(val),
     )
     return DataBundle(train, val, len(classes), classes, uint8_images=True)
+
+
+def build_eval_dataset(data_cfg: Any, *, seed: int) -> DataBundle:
+    """The validation split alone, with the eval transform: what an evaluation reads. An image folder needs
+    only ``val/`` (its class folders, sorted, give the class indices, as in training); a generated source
+    gives the same validation split as a training run with ``seed``. ``train`` of the bundle is empty.
+
+    Raises:
+        DataError: the ``val/`` layout is unusable (see :func:`check_image_folder`).
+    """
+    source = data_cfg.source
+    if source in ("shapes", "synthetic"):
+        cls = ShapesDataset if source == "shapes" else SyntheticDataset
+        val = cls(data_cfg.val_size, data_cfg.image_size, data_cfg.num_classes, seed=seed, split="val")
+        return DataBundle(torch.utils.data.TensorDataset(torch.zeros(0)), val, data_cfg.num_classes,
+                          list(val.classes), uint8_images=source == "synthetic")
+    if not data_cfg.path:
+        raise DataError("data.path=None: an evaluation on an image folder needs the folder holding val/")
+    root = Path(data_cfg.path).expanduser()
+    classes = check_image_folder(root, ("val",))
+    _, val_tf = build_transforms(data_cfg)
+    val = CheckedImageDataset(root / "val", {c: i for i, c in enumerate(classes)}, val_tf,
+                              on_bad_image=data_cfg.on_bad_image)
+    log.info("evaluation images at %s: %d classes, %d val images", root, len(classes), len(val))
+    return DataBundle(torch.utils.data.TensorDataset(torch.zeros(0)), val, len(classes), classes,
+                      uint8_images=True)
+
+
+def build_eval_loader(bundle: DataBundle, cfg: Any, *, rank: int, world_size: int, batch_size: int,
+                      device: torch.device | str | None = None) -> DataLoader | PrefetchLoader:
+    """This worker's disjoint shard of the validation split (:class:`ShardSampler`, no padding duplicates),
+    normalised on ``device`` for uint8 sources.
+
+    Raises:
+        ValueError: fewer validation samples than workers (a worker would have nothing to evaluate).
+    """
+    if len(bundle.val) < world_size:
+        raise ValueError(f"the validation split has {len(bundle.val)} sample(s), fewer than the {world_size} "
+                         "workers; use fewer workers (run.num_workers)")
+    loader = DataLoader(bundle.val, batch_size=batch_size, sampler=ShardSampler(len(bundle.val), rank, world_size),
+                        drop_last=False, num_workers=cfg.data.workers, pin_memory=cfg.run.use_gpu is True)
+    if not bundle.uint8_images:
+        return loader
+    return PrefetchLoader(loader, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                          device=torch.device(device or "cpu"))
 
 
 class EpochIndexSampler(DistributedSampler):

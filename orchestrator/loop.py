@@ -41,7 +41,9 @@ from timm.optim import param_groups_weight_decay
 
 from orchestrator import distill, networks
 from orchestrator.config.schema import ExperimentConfig
+from slak_model.checkpoint import LoadReport, load_pretrained
 from slak_model.sparsity import DynamicSparsity, MaskedModelEma, TorchDistributedCollective
+from slak_model.sparsity.masks import select_targets
 
 __all__ = [
     "StepMetrics",
@@ -49,6 +51,8 @@ __all__ = [
     "build_meta_model",
     "build_model",
     "cosine_schedule",
+    "evaluate_model",
+    "lr_layer_id",
     "param_groups",
     "rng_state",
     "seed_everything",
@@ -110,9 +114,53 @@ def build_meta_model(cfg: ExperimentConfig) -> nn.Module:
         return build_model(cfg)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay for 2-D/4-D weights, none for 1-D params and biases (spec 4.4)."""
-    return param_groups_weight_decay(model, weight_decay=weight_decay)
+#: Depth groups of the layer-wise learning-rate decay: stem 0, stage 0 1, stage 1 2, stage 2 3..11, stage 3
+#: 12, the final norm and the head 13 (ConvNeXt's fine-tuning rule, which the reference repository keeps).
+LR_LAYERS = 14
+
+
+def lr_layer_id(name: str, depths: tuple[int, ...] | list[int]) -> int:
+    """The depth group (0 .. ``LR_LAYERS - 1``) of parameter ``name`` of a SLaK model of stage ``depths``.
+
+    Stage 2's blocks are spread evenly over groups 3..11: ``3 + block * 9 // depth``, which is the
+    reference's ``3 + block // 3`` for its 27-block S/B and puts T's 9 blocks one per group (the reference's
+    rule, written for 27 blocks, leaves T in groups 3..5 and 6..11 empty).
+    """
+    parts = name.split(".")
+    if parts[0] == "stem":
+        return 0
+    if parts[0] != "stages":
+        return LR_LAYERS - 1
+    stage = int(parts[1])
+    if stage < 2:
+        return stage + 1
+    if stage == 3:
+        return 12
+    if parts[2] == "downsample":
+        return 3
+    return 3 + int(parts[3]) * 9 // max(1, depths[2])
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: decay for 2-D/4-D weights, none for 1-D params and biases (spec 4.4).
+
+    With ``layer_decay`` < 1 each of those is split by depth group (:func:`lr_layer_id`) and carries
+    ``lr_scale = layer_decay ** (LR_LAYERS - 1 - group)``, which the loop multiplies into every step's rate.
+    """
+    if layer_decay == 1.0:
+        return param_groups_weight_decay(model, weight_decay=weight_decay)
+    depths = tuple(model.cfg.depths)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        layer = lr_layer_id(name, depths)
+        group = groups.setdefault((layer, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (LR_LAYERS - 1 - layer), "layer": layer})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int, warmup_steps: int) -> np.ndarray:
@@ -183,6 +231,37 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     return hits[:, :1].sum(), hits.sum()
 
 
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: Iterable, *, device: torch.device,
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   channels_last: bool = False) -> dict[str, float]:
+    """Top-1/top-5 (%) and mean cross-entropy of ``model`` over ``loader``, summed over every rank.
+
+    Each rank reads a disjoint shard (``orchestrator.data.ShardSampler``): the counts are summed, so the
+    result is exactly that of one process reading the whole split, whatever the number of ranks.
+    """
+    rank_world = _world()
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(x)
+        top1, top5 = _accuracy(logits.float(), y)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        sums += torch.stack([loss.double(), top1.double(), top5.double(),
+                             torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
+    if rank_world[1] > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, top1, top5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+
 # ---------------------------------------------------------------------- the trainer
 def _average_bn_statistics(norms: list[nn.modules.batchnorm._BatchNorm]) -> None:
     """Make every rank's recalibrated BatchNorm statistics the average over all ranks' batches.
@@ -251,7 +330,7 @@ class Trainer:
 
         # On CUDA the fused AdamW (one kernel for every parameter) saves 1 ms of an 86 ms SLaK-T step and
         # 9 ms of a 45 ms ConvNeXt-T step on an H100 (experiments/profile_step.py); CPU keeps foreach.
-        self.optimizer = torch.optim.AdamW(param_groups(self.module, t.weight_decay), lr=t.lr,
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, t.weight_decay, t.layer_decay), lr=t.lr,
                                            betas=tuple(t.opt_betas), eps=t.opt_eps,
                                            **({"fused": True} if self.device.type == "cuda" else {}))
         warmup = round(t.warmup_epochs * steps_per_epoch)
@@ -275,6 +354,7 @@ class Trainer:
             scfg = cfg.sparse.engine_config(seed=cfg.sparse_seed)
             collective = TorchDistributedCollective() if self.world_size > 1 else None
             self.engine = DynamicSparsity(self.module, scfg, total_steps=self.total_steps, collective=collective)
+        self._start_masks: dict[str, torch.Tensor] | None = None  # a fine-tune's kept sparse pattern
         self.step = 0            # optimizer steps done
         self.epoch = 0           # epochs completed
         self.step_in_epoch = 0   # optimizer steps done in the current (unfinished) epoch
@@ -310,12 +390,44 @@ class Trainer:
         return self.epoch >= self.cfg.train.epochs
 
     def initialize_sparsity(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Draw the initial masks (SNIP scores one training batch with plain cross-entropy)."""
+        """Draw the initial masks (SNIP scores one training batch with plain cross-entropy), or take the sparse
+        pattern a fine-tune keeps (:meth:`start_from`)."""
         if self.engine is None:
             return
-        x, y = self._to_device(*batch)
-        self.engine.initialize(batch=(x, y), loss_fn=F.cross_entropy)
+        if self._start_masks is not None:
+            self.engine.initialize_from_masks(self._start_masks)
+            self._start_masks = None
+        else:
+            x, y = self._to_device(*batch)
+            self.engine.initialize(batch=(x, y), loss_fn=F.cross_entropy)
         self.sparsity_ready = True
+
+    def start_from(self, contents: Any) -> LoadReport:
+        """Load a checkpoint's weights to fine-tune from (``finetune.*``); call before :meth:`initialize_sparsity`.
+
+        The weights (``finetune.weights``: the model's or the EMA's) are loaded strictly except a head for
+        another class count, which keeps its fresh initialisation; the EMA restarts from the loaded weights.
+        With ``finetune.masks=keep`` the checkpoint's sparse pattern becomes the engine's starting masks (a
+        re-initialised head has none and starts dense). The optimizer, schedule and step count stay fresh.
+
+        Args:
+            contents: An :class:`orchestrator.weights.CheckpointContents`.
+
+        Returns:
+            What was loaded, re-initialised and ignored.
+        """
+        f = self.cfg.finetune
+        report = load_pretrained(self.module, contents.weights(f.weights), new_head=True, args=contents.args)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.module.state_dict())
+        if self.engine is not None and f.masks == "keep":
+            names = list(select_targets(self.module, self.cfg.sparse.targets))
+            fresh = set(report.reinitialised)
+            masks = contents.pattern_masks([n for n in names if n not in fresh])
+            params = dict(self.module.named_parameters())
+            masks.update({n: torch.ones_like(params[n], dtype=torch.bool) for n in names if n in fresh})
+            self._start_masks = masks
+        return report
 
     # ------------------------------------------------------------------ training
     def train_one_epoch(self, loader: Iterable, on_step: Callable[[Trainer, StepMetrics], None] | None = None
@@ -385,7 +497,7 @@ class Trainer:
     def _optimizer_step(self, it: Iterator) -> StepMetrics:
         lr = float(self.lr_values[self.step])
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         step_loss = torch.zeros((), device=self.device)
         images = 0
@@ -427,27 +539,10 @@ class Trainer:
         self._epoch_rng = None
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> dict[str, float]:
         """Top-1/top-5 (%) and loss over this worker's shard, summed over all ranks."""
-        model = self.forward_model if model is None else model
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
-        for x, y in loader:
-            x, y = self._to_device(x, y)
-            with self._autocast():
-                logits = model(x)
-            top1, top5 = _accuracy(logits.float(), y)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            sums += torch.stack([loss.double(), top1.double(), top5.double(),
-                                 torch.tensor(float(y.shape[0]), dtype=torch.float64, device=self.device)])
-        if self.world_size > 1:
-            dist.all_reduce(sums)
-        model.train(was_training)
-        loss, top1, top5, n = sums.tolist()
-        n = max(n, 1.0)
-        return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+        return evaluate_model(self.forward_model if model is None else model, loader, device=self.device,
+                              autocast=self._autocast, channels_last=self.cfg.train.channels_last)
 
     @torch.no_grad()
     def recalibrated_ema(self, loader: Iterable) -> nn.Module:

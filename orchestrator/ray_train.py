@@ -1,6 +1,8 @@
 """One training job as a Ray Train (V2) ``TorchTrainer``: DDP workers, checkpoints, retries, MLflow.
 
 This is the only module that touches ``ray.train``; Ray's API moves between versions, so it stays here.
+:func:`run_evaluation` runs a checkpoint's evaluation (:mod:`orchestrator.evaluation`) on the same
+worker-group machinery.
 Each rank runs :class:`orchestrator.worker.TrainingWorker` (data shard, DDP-wrapped
 :class:`orchestrator.loop.Trainer`, one report per epoch and every ``train.checkpoint_every_steps``
 optimizer steps, with a checkpoint from rank 0) through a small session object that maps its reports
@@ -33,15 +35,18 @@ import ray.train
 import ray.train.torch
 import torch
 
-from orchestrator import preflight, ray_cluster, run_identity, tracking, worker
+from orchestrator import evaluation, preflight, ray_cluster, run_identity, tracking, worker
 from orchestrator.config.loading import to_yaml
 from orchestrator.config.schema import ExperimentConfig
+from orchestrator.weights import CheckpointContents
 from orchestrator.worker import FAULT_ENV
 
 __all__ = [
     "FAULT_ENV",
     "build_trainer",
+    "eval_loop_per_worker",
     "failure_summary",
+    "run_evaluation",
     "run_name_for",
     "run_training",
     "train_loop_per_worker",
@@ -89,12 +94,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker.run_worker(config, _TrainSession())
 
 
+def eval_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point of an evaluation; ``config`` as
+    :func:`orchestrator.evaluation.run_evaluation_worker` takes it (set by :func:`run_evaluation`)."""
+    evaluation.run_evaluation_worker(config, _TrainSession())
+
+
 # ---------------------------------------------------------------------- the driver
 def build_trainer(cfg: ExperimentConfig, *, run_name: str, mlflow_run_id: str | None = None,
                   mlflow_parent_run_id: str | None = None,
                   callbacks: Sequence[Any] = ()) -> ray.train.torch.TorchTrainer:
     """A ``TorchTrainer`` for ``cfg`` (gloo on CPU, NCCL on GPU) that resumes the run named ``run_name``."""
-    storage = str(Path(cfg.run.storage_path).expanduser().absolute())
     loop_config = {
         "experiment": cfg,  # the typed tree itself: Ray Train pickles the loop config whole
         "mlflow_run_id": mlflow_run_id,
@@ -102,9 +112,15 @@ def build_trainer(cfg: ExperimentConfig, *, run_name: str, mlflow_run_id: str | 
         "run_name": run_name,
         "fault_inject": os.environ.get(FAULT_ENV) or None,
     }
+    return _torch_trainer(cfg, train_loop_per_worker, loop_config, run_name, callbacks)
+
+
+def _torch_trainer(cfg: ExperimentConfig, loop: Any, loop_config: dict[str, Any], run_name: str,
+                   callbacks: Sequence[Any] = ()) -> ray.train.torch.TorchTrainer:
+    storage = str(Path(cfg.run.storage_path).expanduser().absolute())
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if cfg.run.use_gpu else {})}
     return ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                                resources_per_worker=resources),
@@ -192,3 +208,41 @@ def _safe_status(cfg: ExperimentConfig, run_id: str, status: str) -> None:
         tracking.create_tracker(cfg.tracking, run_id=run_id).end(status)
     except Exception as exc:  # noqa: BLE001 - the job's result stands; only its MLflow status is missing
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+def run_evaluation(cfg: ExperimentConfig, contents: CheckpointContents, *, address: str | None = None
+                   ) -> tuple[dict[str, float], evaluation.EvaluationPlan]:
+    """Evaluate ``contents`` (read by the driver with :func:`orchestrator.weights.read_weights`) on the
+    validation split with ``run.num_workers`` data-parallel workers; return the metrics and the plan.
+
+    The checkpoint is checked against the configured model (and the ``val/`` folder against its layout)
+    before Ray starts; each worker then reads the file itself and refuses other bytes than those checked.
+
+    Raises:
+        PreflightError: the weights do not fit the model, or the data cannot be read (nothing was started).
+        ResourceError: the worker group can never fit the cluster (nothing was scheduled).
+    """
+    plan = evaluation.plan_evaluation(cfg, contents)
+    cfg = _ensure_ray(cfg, address)
+    run_id = None
+    if cfg.tracking.enabled:
+        try:
+            run_id = tracking.find_or_create_run(cfg.tracking, run_name=plan.run_name, tags=plan.tags(),
+                                                 match_tag=("slak.run_name", plan.run_name))
+        except Exception as exc:  # noqa: BLE001 - an unreachable server must not stop the evaluation
+            log.warning("MLflow is unreachable (%s); rank 0 keeps metrics offline in %s", exc,
+                        cfg.tracking.offline_dir)
+    log.info("evaluation %r of %s (sha256 %s): %d %s worker(s), MLflow run %s", plan.run_name, plan.path,
+             plan.sha256[:12], cfg.run.num_workers, "GPU" if cfg.run.use_gpu else "CPU", run_id)
+    loop_config = {"experiment": cfg, "checkpoint": plan.path, "sha256": plan.sha256, "run_name": plan.run_name,
+                   "mlflow_run_id": run_id}
+    trainer = _torch_trainer(cfg, eval_loop_per_worker, loop_config, plan.run_name)
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        if run_id is not None:
+            _safe_status(cfg, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if run_id is not None:
+        _safe_status(cfg, run_id, "FINISHED")
+    return dict(result.metrics or {}), plan

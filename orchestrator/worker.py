@@ -114,6 +114,8 @@ class TrainingWorker:
         self.mlflow_run_id: str | None = config.get("mlflow_run_id")
 
         t = time.perf_counter()
+        start_lines: list[str] = []
+        start_tags: dict[str, str] = {}
         checkpoint = session.latest_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
@@ -125,6 +127,7 @@ class TrainingWorker:
                      self.trainer.epoch, self.trainer.step)
             phases["resume"] = time.perf_counter() - t
         else:
+            start_lines, start_tags = self._start_from_checkpoint()
             self.trainer.initialize_sparsity(next(iter(self.train_loader)))
             phases["sparsity_init"] = time.perf_counter() - t
 
@@ -136,6 +139,9 @@ class TrainingWorker:
         if self.rank == 0 and checkpoint is None:
             self.tracker.log_params(cfg.to_flat())
             self.tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
+            if start_tags:
+                self.tracker.set_tags(start_tags)
+                self.tracker.log_text("\n".join(start_lines) + "\n", "finetune/load_report.txt")
         self.mlflow_run_id = getattr(self.tracker, "run_id", None)
         self._tag_hosts()
         phases["tracking"] = time.perf_counter() - t
@@ -181,6 +187,37 @@ class TrainingWorker:
             placed = ",".join(f"{rank}:{host}" for rank, host in enumerate(hosts))
             self.tracker.set_tags({"slak.rank_hostnames": placed})
             log.info("ranks on hosts: %s", placed)
+
+    def _start_from_checkpoint(self) -> tuple[list[str], dict[str, str]]:
+        """Load ``finetune.checkpoint`` into the fresh trainer (no-op without one); return the account of
+        what was loaded, re-initialised and ignored, and the MLflow tags naming the file."""
+        path = self.cfg.finetune.checkpoint
+        if not path:
+            return [], {}
+        from orchestrator.weights import read_weights
+
+        contents = read_weights(path)
+        report = self.trainer.start_from(contents)
+        f = self.cfg.finetune
+        lines = [f"fine-tuning from {contents.path} ({contents.layout} layout, sha256 {contents.sha256}), "
+                 f"finetune.weights={f.weights}", *report.lines()]
+        unused = list(contents.unused)
+        if f.weights == "model" and contents.ema is not None:
+            unused.append("the EMA weights (finetune.weights=model)")
+        if f.weights == "ema":
+            unused.append("the trained weights (finetune.weights=ema)")
+        if self.trainer.engine is None and (contents.masks or contents.layout == "official"):
+            unused.append("the sparse pattern (sparse.enabled=false: every weight is trained)")
+        elif self.trainer.engine is not None and f.masks == "reinit":
+            unused.append("the sparse pattern (finetune.masks=reinit: masks drawn by sparse.init)")
+        if unused:
+            lines.append(f"not used from the file: {', '.join(unused)}")
+        if self.rank == 0:
+            for line in lines:
+                log.info("%s", line)
+        tags = {"slak.finetune.checkpoint": contents.path, "slak.finetune.sha256": contents.sha256,
+                "slak.finetune.layout": contents.layout}
+        return lines, tags
 
     def _updates(self) -> int:
         engine = self.trainer.engine

@@ -20,7 +20,12 @@ from .config import KERNEL_MODES, SLaKConfig
 _timm_hook.install()
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointMismatchError, checkpoint_filter_fn, load_official_checkpoint
+    from .checkpoint import (
+        CheckpointMismatchError,
+        checkpoint_filter_fn,
+        load_official_checkpoint,
+        load_pretrained,
+    )
     from .counting import Complexity, StageComplexity, count_complexity
     from .layers import LargeKernelConv
     from .model import SLaK
@@ -31,6 +36,7 @@ _LAZY: dict[str, str] = {
     "CheckpointMismatchError": "checkpoint",
     "checkpoint_filter_fn": "checkpoint",
     "load_official_checkpoint": "checkpoint",
+    "load_pretrained": "checkpoint",
     "Complexity": "counting",
     "StageComplexity": "counting",
     "count_complexity": "counting",
@@ -54,6 +60,7 @@ __all__ = [
     "count_complexity",
     "create_model",
     "load_official_checkpoint",
+    "load_pretrained",
     "variant_config",
 ]
 

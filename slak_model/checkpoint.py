@@ -23,16 +23,21 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "HEAD_KEYS",
     "CheckpointMismatchError",
+    "LoadReport",
+    "check_state_dict",
     "checkpoint_filter_fn",
     "extract_state_dict",
     "load_official_checkpoint",
+    "load_pretrained",
     "ours_to_reference",
     "read_checkpoint",
     "reference_to_ours",
@@ -57,8 +62,40 @@ _OURS_BLOCK_RE = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
 _KERNEL_RE = re.compile(r"^stages\.(\d+)\.blocks\.\d+\.large_kernel\.(tall|square)\.conv\.weight$")
 
 
+#: The classifier's tensors: the only ones a fine-tune may re-initialise (another class count).
+HEAD_KEYS: tuple[str, ...] = ("head.weight", "head.bias")
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model; the message lists every bad key and the likely cause."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_pretrained` did with each tensor of the model and of the checkpoint.
+
+    Attributes:
+        loaded: Model keys whose values came from the checkpoint.
+        reinitialised: Model keys kept at their fresh initialisation (the head, for another class count).
+        ignored: Checkpoint keys the model has no use for (the old head's tensors when it was replaced).
+        classes: ``(checkpoint, model)`` class counts when the head was replaced, else None.
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    classes: tuple[int, int] | None = None
+
+    def lines(self) -> list[str]:
+        """A readable account, one line per category (tensor counts, then the names that are not loaded)."""
+        out = [f"loaded {len(self.loaded)} tensor(s) from the checkpoint"]
+        if self.reinitialised:
+            why = (f" (the checkpoint's head has {self.classes[0]} classes, the model {self.classes[1]})"
+                   if self.classes else "")
+            out.append(f"re-initialised {len(self.reinitialised)}{why}: {', '.join(self.reinitialised)}")
+        if self.ignored:
+            out.append(f"ignored {len(self.ignored)} tensor(s) of the checkpoint: {', '.join(self.ignored)}")
+        return out
 
 
 class _ReferenceArgs:
@@ -198,22 +235,76 @@ def load_official_checkpoint(
         checkpoint = path_or_state_dict
     raw = extract_state_dict(checkpoint, key)
     ours = {reference_to_ours(k): v for k, v in raw.items()}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in ours]
-    unexpected = [k for k in ours if k not in expected]
-    mis_shaped = [
-        (k, tuple(ours[k].shape), tuple(expected[k].shape))
-        for k in expected
-        if k in ours and tuple(ours[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mis_shaped:
-        args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
-        raise CheckpointMismatchError(
-            _mismatch_message(model, ours, expected, missing, unexpected, mis_shaped, args)
-        )
+    check_state_dict(model, ours, args=checkpoint.get("args") if isinstance(checkpoint, Mapping) else None)
     model.load_state_dict(ours, strict=True)
     log.info("loaded %d tensors into %s", len(ours), type(model).__name__)
     return model
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, new_head: bool = False,
+                     args: Any = None) -> LoadReport:
+    """What loading ``state_dict`` (our names) into ``model`` would do, without loading it.
+
+    Works on a model built on the ``meta`` device: only names and shapes are compared, so a driver can
+    refuse a checkpoint of the wrong architecture before any weight is allocated.
+
+    Args:
+        model: The model the weights are meant for.
+        state_dict: Weights under our names (see :func:`reference_to_ours`).
+        new_head: Allow a classifier of another class count (:data:`HEAD_KEYS` of another shape): it is
+            reported as re-initialised instead of a mismatch. Everything else must match exactly.
+        args: The checkpoint's own training arguments (quoted in the error when present).
+
+    Raises:
+        CheckpointMismatchError: any missing, unexpected or mis-shaped key other than an allowed new head.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mis_shaped = [
+        (k, tuple(state_dict[k].shape), tuple(expected[k].shape))
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    replaced = [k for k, _, _ in mis_shaped if k in HEAD_KEYS] if new_head else []
+    if replaced and len(replaced) == len([k for k in HEAD_KEYS if k in expected]):
+        mis_shaped = [m for m in mis_shaped if m[0] not in replaced]
+    else:
+        replaced = []
+    if missing or unexpected or mis_shaped:
+        raise CheckpointMismatchError(
+            _mismatch_message(model, state_dict, expected, missing, unexpected, mis_shaped, args)
+        )
+    classes = None
+    if replaced:
+        classes = (int(state_dict["head.weight"].shape[0]), int(expected["head.weight"].shape[0]))
+    return LoadReport(loaded=[k for k in expected if k not in replaced], reinitialised=replaced,
+                      ignored=list(replaced), classes=classes)
+
+
+def load_pretrained(model: nn.Module, state_dict: Mapping[str, Any], *, new_head: bool = True,
+                    args: Any = None) -> LoadReport:
+    """Load pre-trained weights for fine-tuning: everything strictly, except a classifier for another
+    class count, which keeps its fresh initialisation (as ConvNeXt's and the reference's ``--finetune``).
+
+    Args:
+        model: The freshly built model (its head sized for the new dataset).
+        state_dict: Weights under reference or our names (``module.``/``backbone.`` prefixes stripped).
+        new_head: Allow the head to be replaced (see :func:`check_state_dict`).
+        args: The checkpoint's training arguments, for the error message.
+
+    Returns:
+        The :class:`LoadReport`: what was loaded, re-initialised and ignored.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint is of another architecture (variant, kernels, width, ...).
+    """
+    ours = {reference_to_ours(k): v for k, v in state_dict.items()}
+    report = check_state_dict(model, ours, new_head=new_head, args=args)
+    model.load_state_dict({k: ours[k] for k in report.loaded}, strict=False)
+    for line in report.lines():
+        log.info("%s", line)
+    return report
 
 
 # --- diagnosis ----------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "PublishedResult",
     "kernel_row",
     "published",
+    "reference_cell",
     "table8_row",
 ]
 
@@ -198,6 +199,31 @@ def published(table: str | None = None) -> list[PublishedResult]:
     if table not in TABLES:
         raise ValueError(f"table={table!r} is not a published table; choose one of {sorted(TABLES)}")
     return [r for r in PUBLISHED if r.table == table]
+
+
+#: Our variants -> the model names of Table 3.
+_TABLE3_MODELS = {"slak_tiny": "SLaK-T", "slak_small": "SLaK-S", "slak_base": "SLaK-B"}
+
+
+def reference_cell(variant: str, image_size: int, epochs: int | None = None,
+                   stage_kernels: tuple[int, ...] | list[int] | None = None) -> PublishedResult | None:
+    """The published cell a model of this recipe is compared with, or None where the paper has none.
+
+    Table 3 holds the 300-epoch SLaK-T/S/B at 224 px and the SLaK-B fine-tuned at 384 px; the 120-epoch
+    SLaK-T of the released 31/51/61 checkpoints is Table 2's "+ 1.3x width" row of its kernels. ``epochs``
+    None (not recorded) means the 300-epoch recipe the released T/S/B files were trained with.
+    """
+    if epochs is not None and epochs != 300 and variant == "slak_tiny" and image_size == 224 and stage_kernels:
+        row = kernel_row(tuple(stage_kernels))
+        for cell in published("table2"):
+            if cell.row == row and cell.setting == "sparse_groups_wide":
+                return cell if epochs == cell.epochs else None
+        return None
+    model = _TABLE3_MODELS.get(variant)
+    for cell in published("table3"):
+        if cell.row == model and cell.setting == str(image_size):
+            return cell
+    return None
 
 
 #: The thresholds t of Table 10: the share of the total contribution the centred square must exceed.

@@ -25,7 +25,8 @@ logger = logging.getLogger(__package__)
 #: Generated sources (``orchestrator.datasets_procedural``) render their images: no file is read and
 #: none of timm's transforms run, so these settings apply to ``data.source=imagenet`` only.
 _IMAGE_FOLDER_ONLY: tuple[str, ...] = ("data.auto_augment", "data.interpolation", "data.crop_pct",
-                                       "data.on_bad_image")
+                                       "data.crop_mode", "data.on_bad_image", "data.crop_scale", "data.crop_ratio",
+                                       "data.hflip", "data.vflip", "data.color_jitter")
 #: Sizes of the generated sources; an image folder has the images it has.
 _GENERATED_ONLY: tuple[str, ...] = ("data.train_size", "data.val_size")
 #: ``model.*`` fields of the SLaK geometry: a timm baseline has its own architecture.
@@ -77,6 +78,9 @@ def ignored_settings(cfg: ExperimentConfig, preset_only: Collection[str] = ()) -
         flag(errors, _GENERATED_ONLY, "data.source='imagenet' uses every image under data.path (train/ and "
              "val/); sizes apply to the generated sources (shapes, synthetic) only; drop it, or use a "
              "subset folder")
+    if d.source == "imagenet" and d.auto_augment and not d.auto_augment.startswith("3a"):
+        flag(warnings, ["data.color_jitter"], f"timm applies colour jitter only without RandAugment, and "
+             f"data.auto_augment={d.auto_augment!r}; drop it or set data.auto_augment='' (off)")
     mixup_on, cutmix_on = d.mixup > 0, d.cutmix > 0
     if d.mixup_prob <= 0:
         flag(warnings, ["data.mixup", "data.cutmix", "data.mixup_switch_prob"],
@@ -109,6 +113,17 @@ def ignored_settings(cfg: ExperimentConfig, preset_only: Collection[str] = ()) -
     elif cfg.distill.loss != "nkd":
         flag(warnings, ["distill.gamma"], f"it weights NKD's non-target term and distill.loss={cfg.distill.loss!r}; "
              "drop it or set distill.loss=nkd")
+    f = cfg.finetune
+    if f.checkpoint is None:
+        flag(warnings, ["finetune.weights", "finetune.masks"], "finetune.checkpoint is not set, so the job trains "
+             "from scratch; set finetune.checkpoint=PATH or drop it")
+    elif not cfg.sparse.enabled:
+        flag(warnings, ["finetune.masks"], "sparse.enabled=false fine-tunes every weight (dense); drop it or set "
+             "sparse.enabled=true")
+    elif f.masks == "keep":
+        flag(warnings, ["sparse.sparsity", "sparse.init", "sparse.min_density"], "finetune.masks=keep continues "
+             "from the checkpoint's sparse pattern, which fixes every layer's density; drop it or set "
+             "finetune.masks=reinit")
     slak = not isinstance(variant, str) or is_slak_variant(variant)
     if slak and cfg.model.kernel_mode != "decomposed":
         flag(warnings, ["model.short_edge"], f"model.kernel_mode={cfg.model.kernel_mode!r} has square "

@@ -33,6 +33,7 @@ __all__ = [
     "DataConfig",
     "DistillConfig",
     "ExperimentConfig",
+    "FinetuneConfig",
     "ModelConfig",
     "RunConfig",
     "SparseConfig",
@@ -61,6 +62,8 @@ class ModelConfig:
     ``num_classes`` None takes the dataset's. ``stage_kernels`` are the four long edges M1..M4, ``short_edge``
     the N of the decomposed ``M x N`` strips, ``small_kernel`` the side of the parallel square kernel (a
     stage gets it only when it is smaller than the stage's M; ``kernel_mode=naive`` has none).
+    ``head_init_scale`` multiplies the classifier's initial weights (ConvNeXt's fine-tunes use 0.001 for a
+    new head); a head loaded from ``finetune.checkpoint`` is not rescaled.
 
     The reference's five numbers ``kernel_size: [M1, M2, M3, M4, N]`` are accepted as input (YAML, CLI,
     grid points; see :data:`MODEL_ALIASES`) and set ``stage_kernels``, ``short_edge`` and ``small_kernel``
@@ -80,6 +83,7 @@ class ModelConfig:
     use_bn: bool = True
     drop_path_rate: float = 0.0
     layer_scale_init: float = 1e-6
+    head_init_scale: float = 1.0
     num_classes: int | None = None
 
 
@@ -120,7 +124,16 @@ class SparseConfig(SparsityConfig):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset and augmentation (``orchestrator.data``); sizes apply to generated sources only."""
+    """Dataset and augmentation (``orchestrator.data``); sizes apply to generated sources only.
+
+    The training augmentation of an image folder is timm's ``create_transform`` with these arguments, the
+    ImageNet recipe by default: ``RandomResizedCrop`` over ``crop_scale`` of the area and ``crop_ratio``
+    aspect ratios, flips with probabilities ``hflip``/``vflip``, RandAugment ``auto_augment`` (a timm spec
+    such as ``rand-m9-mstd0.5-inc1``; "" or null turns it off), ``color_jitter`` (timm applies it only
+    without RandAugment), then random erasing ``reprob``. Small or non-photographic images usually want a
+    milder crop and no flips (``docs/finetune.md``). ``crop_pct``/``crop_mode``/``interpolation`` shape the
+    eval transform (and ``interpolation`` the training resize too).
+    """
 
     source: str = "shapes"
     path: str | None = None
@@ -129,10 +142,16 @@ class DataConfig:
     train_size: int = 512
     val_size: int = 128
     workers: int = 0
-    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    hflip: float = 0.5
+    vflip: float = 0.0
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
     reprob: float = 0.25
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    crop_mode: str = "center"
     mixup: float = 0.8
     cutmix: float = 1.0
     smoothing: float = 0.1
@@ -143,7 +162,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation recipe (spec section 4). ``micro_batch_size`` None = no accumulation."""
+    """Optimisation recipe (spec section 4). ``micro_batch_size`` None = no accumulation.
+
+    ``layer_decay`` < 1 scales each parameter's learning rate by ``layer_decay ** (13 - layer)``, the
+    ConvNeXt fine-tuning rule over 14 depth groups (stem 0 ... last stage 12, norm and head 13): early layers
+    move least. 1.0 = one learning rate for all.
+    """
 
     epochs: int = 2
     global_batch_size: int = 32
@@ -152,6 +176,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     warmup_epochs: float = 0.0
     weight_decay: float = 0.05
+    layer_decay: float = 1.0
     opt_eps: float = 1e-8
     opt_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float | None = None
@@ -207,6 +232,24 @@ class DistillConfig:
         """``(ce_weight, kd_weight)`` with the loss's official values for those left None."""
         ce, kd = DISTILL_LOSS_WEIGHTS.get(self.loss, (0.0, 1.0))
         return (ce if self.ce_weight is None else self.ce_weight, kd if self.kd_weight is None else self.kd_weight)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Start a training job from a checkpoint's weights: a fresh optimizer, schedule and run, not a resume.
+
+    ``checkpoint`` None trains from scratch. Otherwise every weight of the checkpoint is loaded (ours: a
+    checkpoint folder or its ``state.pt``; a released ``.pth``), except a classifier for another class
+    count, which is re-initialised (scaled by ``model.head_init_scale``); another architecture is refused
+    before Ray starts. ``weights`` picks the trained weights (``model``) or their EMA (``ema``). With
+    ``sparse.enabled``, ``masks=keep`` continues from the checkpoint's sparse pattern (its saved masks, or
+    the zeros of a released file's weights) and ``masks=reinit`` draws new masks by ``sparse.init``;
+    ``sparse.enabled=false`` trains every weight (dense).
+    """
+
+    checkpoint: str | None = None
+    weights: str = "model"
+    masks: str = "keep"
 
 
 #: Workers of a CPU job when ``run.num_workers`` is left to fit the cluster.
@@ -266,6 +309,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "distill": DistillConfig,
+    "finetune": FinetuneConfig,
     "run": RunConfig,
     "tracking": TrackingConfig,
     "tune": TuneConfig,
@@ -282,6 +326,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

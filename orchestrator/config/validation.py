@@ -19,9 +19,13 @@ from orchestrator.config.schema import ExperimentConfig
 from slak_model.config import KERNEL_MODES
 
 __all__ = [
+    "AUTO_AUGMENT_KINDS",
     "BAD_IMAGE_POLICIES",
+    "CROP_MODES",
     "DATA_SOURCES",
     "DISTILL_LOSSES",
+    "FINETUNE_MASKS",
+    "FINETUNE_WEIGHTS",
     "INTERPOLATIONS",
     "MODEL_VARIANTS",
     "PRECISIONS",
@@ -36,6 +40,12 @@ MODEL_VARIANTS: tuple[str, ...] = ("slak_test", "slak_tiny", "slak_small", "slak
 DATA_SOURCES: tuple[str, ...] = ("shapes", "synthetic", "imagenet")
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "random")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
+#: The first word of timm's augmentation specs (RandAugment, AugMix, AutoAugment policies, 3-Augment).
+AUTO_AUGMENT_KINDS: tuple[str, ...] = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")
+#: timm's eval crops: resize the short side to ``image_size / crop_pct`` and centre-crop (``center``, the
+#: reference below 384 px), resize to the square (``squash``, the reference at 384 px with crop_pct 1), or
+#: crop a fixed border (``border``).
+CROP_MODES: tuple[str, ...] = ("center", "squash", "border")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DISTILL_LOSSES: tuple[str, ...] = ("nkd", "kd")
 
@@ -44,6 +54,9 @@ def is_slak_variant(name: str) -> bool:
     """Whether ``name`` is one of our SLaK variants; any other model name is a timm model (checked by building
     it, before Ray starts)."""
     return name in MODEL_VARIANTS
+
+FINETUNE_WEIGHTS: tuple[str, ...] = ("model", "ema")
+FINETUNE_MASKS: tuple[str, ...] = ("keep", "reinit")
 
 
 class ConfigError(ValueError):
@@ -116,6 +129,8 @@ def _model_problems(c: _Checks) -> None:
     c.choice("model.kernel_mode", KERNEL_MODES)
     c.rng("model.drop_path_rate", 0, 1, hi_open=True, why="paper: T 0.1, S 0.4, B 0.5")
     c.rng("model.layer_scale_init", 0, None, why="0 disables layer scale; paper 1e-6")
+    c.rng("model.head_init_scale", 0, None, lo_open=True, why="multiplies a new head's initial weights; ConvNeXt "
+          "fine-tunes 0.001")
     c.rng("model.num_classes", 1, None, optional=True, why="null = the dataset's class count")
     c.out += [f"sparse.{problem}" for problem in c.cfg.sparse.problems()]  # the library's checks, dotted
 
@@ -132,8 +147,25 @@ def _data_problems(c: _Checks) -> None:
     c.rng("data.val_size", 1, None)
     c.rng("data.workers", 0, None, why="loader processes per Ray worker; 0 = in-process")
     c.rng("data.reprob", 0, 1)
+    for name, hi in (("data.crop_scale", 1.0), ("data.crop_ratio", None)):
+        pair = getattr(d, name.split(".")[1])
+        ok = (len(pair) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in pair)
+              and pair[0] <= pair[1] and (hi is None or pair[1] <= hi))
+        if not ok:
+            what = ("fractions of the image area, 0 < min <= max <= 1 (ImageNet [0.08, 1]; small images "
+                    "e.g. [0.6, 1])" if hi else "aspect ratios w/h, 0 < min <= max (ImageNet [0.75, 1.333])")
+            c.out.append(f"{name}={pair!r}: must be [min, max] {what}")
+    c.rng("data.hflip", 0, 1, why="probability; 0 for images whose mirror is another class (digits, text)")
+    c.rng("data.vflip", 0, 1, why="probability; 0 unless upside-down images are the same class")
+    c.rng("data.color_jitter", 0, None, why="strength of brightness/contrast/saturation jitter; 0 = off")
+    aa = d.auto_augment
+    if aa and (not isinstance(aa, str) or aa.split("-")[0] not in AUTO_AUGMENT_KINDS):
+        c.out.append(f"data.auto_augment={aa!r}: must be a timm augmentation spec starting with one of "
+                     f"{list(AUTO_AUGMENT_KINDS)} (e.g. rand-m9-mstd0.5-inc1, or rand-m5-n1 for a milder one), "
+                     "or '' / null to turn it off")
     c.choice("data.interpolation", INTERPOLATIONS)
     c.rng("data.crop_pct", 0, 1, lo_open=True)
+    c.choice("data.crop_mode", CROP_MODES)
     for name in ("data.mixup", "data.cutmix", "data.smoothing"):
         c.rng(name, 0, None)
     c.rng("data.smoothing", 0, 1, hi_open=True)
@@ -167,6 +199,8 @@ def _train_problems(c: _Checks) -> None:
     c.rng("train.min_lr", 0, t.lr if lr_valid else None, why="cosine floor, at most train.lr")
     c.rng("train.warmup_epochs", 0, t.epochs, why="at most train.epochs; paper 20")
     c.rng("train.weight_decay", 0, None)
+    c.rng("train.layer_decay", 0, 1, lo_open=True, why="learning-rate factor per depth group; 1 = off, ConvNeXt "
+          "fine-tunes 0.7-0.8")
     c.rng("train.opt_eps", 0, None, lo_open=True)
     if len(t.opt_betas) != 2 or not all(0 <= b < 1 for b in t.opt_betas):
         c.out.append(f"train.opt_betas={t.opt_betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
@@ -180,6 +214,15 @@ def _train_problems(c: _Checks) -> None:
     c.rng("train.log_every_steps", 1, None)
     c.rng("train.checkpoint_every_steps", 0, None, why="0 = one checkpoint per epoch only")
     c.rng("train.eval_every_epochs", 1, None)
+
+
+def _finetune_problems(c: _Checks) -> None:
+    f = c.cfg.finetune
+    if f.checkpoint is not None and not str(f.checkpoint).strip():
+        c.out.append("finetune.checkpoint='': give the checkpoint to start from (a checkpoint folder, its "
+                     "state.pt or a released .pth), or null to train from scratch")
+    c.choice("finetune.weights", FINETUNE_WEIGHTS)
+    c.choice("finetune.masks", FINETUNE_MASKS)
 
 
 def _run_tracking_tune_problems(c: _Checks) -> None:
@@ -234,7 +277,7 @@ def _distill_problems(c: _Checks) -> None:
 def invalid_settings(cfg: ExperimentConfig) -> list[str]:
     """Every invalid setting of ``cfg``, one line each: name, value, what is allowed, the fix."""
     checks = _Checks(cfg)
-    for section in (_model_problems, _data_problems, _train_problems, _distill_problems,
+    for section in (_model_problems, _data_problems, _train_problems, _distill_problems, _finetune_problems,
                     _run_tracking_tune_problems):
         section(checks)
     return checks.out

@@ -194,6 +194,41 @@ class DynamicSparsity:
         )
         self._report_collapse("initialisation")
 
+    @torch.no_grad()
+    def initialize_from_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Start from given masks instead of drawing them: a fine-tune that keeps a trained sparse pattern.
+
+        Every targeted layer must have a mask (``True`` = active), such as the masks of a saved engine or
+        ``weight != 0`` of a released sparse checkpoint. A layer whose mask is at or above
+        ``dense_threshold`` stays dense, as after :meth:`initialize`; the others keep their counts through
+        the topology updates. ``sparsity``, ``init`` and ``min_density`` play no part: the pattern decides.
+
+        Raises:
+            ValueError: a targeted layer without a mask, or a mask of another shape (a different model or
+                ``targets`` setting), naming the layer.
+        """
+        problems = [f"{n}: no mask given" for n in self._targets if n not in masks]
+        problems += [f"{n}: mask shape {tuple(masks[n].shape)}, weight {tuple(p.shape)}"
+                     for n, p in self._targets.items() if n in masks and tuple(masks[n].shape) != tuple(p.shape)]
+        if problems:
+            raise ValueError(f"the given masks do not fit this model's targeted layers (targets="
+                             f"{self.config.targets!r}): " + "; ".join(problems))
+        counts = {n: int(masks[n].count_nonzero()) for n in self._targets}
+        self._dense = [n for n, p in self._targets.items()
+                       if counts[n] >= self.config.dense_threshold * p.numel()]
+        masked = [n for n in self._targets if n not in self._dense]
+        self._build(masked)
+        flat = self._require_init()
+        for name in masked:
+            flat.views[name].copy_(masks[name].to(device=self.device, dtype=torch.bool))
+        self._nnz = [counts[n] for n in masked]
+        self._sync_topology("initialisation")
+        self._ever = flat.flat.clone()
+        self.apply_masks()
+        log.info("sparsity from given masks: %d masked tensors, %d kept dense, overall density %.5f",
+                 len(masked), len(self._dense), self.density())
+        self._report_collapse("initialisation")
+
     def _build(self, masked: list[str]) -> None:
         """Allocate the flat mask buffer for ``masked`` (in target order)."""
         self._flat = FlatMasks({n: self._targets[n].shape for n in masked}, device=self.device)

@@ -33,7 +33,7 @@ VARIANT = "slak_test"
 SPARSE_FIELDS = [f.name for f in dataclasses.fields(SparsityConfig)]
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "variant"]
 #: SLaKConfig fields a variant fixes and the experiment config deliberately does not expose.
-VARIANT_ONLY = {"depths", "dims", "head_init_scale", "in_chans"}
+VARIANT_ONLY = {"depths", "dims", "in_chans"}
 
 
 def _str_choices(module: types.ModuleType, default: str) -> tuple[str, ...]:
