@@ -11,6 +11,11 @@
   with; setting ``RAY_AUTH_MODE`` to ``disabled`` is an explicit opt-out that is logged as a warning.
 * Workers get the project on their ``PYTHONPATH`` *in addition to* the caller's (an HPC module system
   provides its stack there), never instead of it.
+
+Before joining, :func:`check_address` opens one TCP connection to the address and asks the GCS behind it
+for the cluster's id, each bounded in time: Ray's own ``ray.init`` retries an address where no GCS answers
+for many minutes, printing a warning every few seconds. A wrong address therefore ends in a
+:class:`ClusterError` naming it and the fix.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,9 +37,13 @@ from orchestrator.config.schema import CPU_DEFAULT_WORKERS, ExperimentConfig
 from orchestrator.config.validation import ConfigError
 
 __all__ = [
+    "CONNECT_TIMEOUT_S",
+    "GCS_TIMEOUT_S",
     "LOCAL_HOST",
     "PROJECT_ROOT",
+    "ClusterError",
     "ResourceError",
+    "check_address",
     "check_local_machine",
     "fit_resources",
     "fit_resources_waiting",
@@ -49,6 +60,115 @@ LOCAL_HOST = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _AUTH_MODE_ENV = "RAY_AUTH_MODE"
+#: Seconds :func:`check_address` waits for the cluster's address to accept a connection (name lookup included).
+CONNECT_TIMEOUT_S = 10.0
+#: Seconds it then waits for the GCS there to answer (one attempt of Ray's client gives up after about 40 s).
+GCS_TIMEOUT_S = 45.0
+_RAY_CLIENT_PORT, _GCS_PORT = 10001, 6379
+
+
+class ClusterError(ValueError):
+    """The cluster cannot run the job as given (its address, the storage its nodes see, the project on its
+    workers); the message names the cause and the fix. Nothing was scheduled."""
+
+
+def _connect_problem(host: str, port: int, timeout_s: float) -> str | None:
+    """None when a TCP connection to ``host:port`` opens within ``timeout_s`` seconds, else why not.
+
+    The attempt runs in a daemon thread, so that a name lookup (which ignores socket timeouts) cannot stall
+    the caller either.
+    """
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                outcome.append(None)
+        except socket.gaierror as exc:
+            outcome.append(f"the host name does not resolve ({exc.strerror or exc})")
+        except ConnectionRefusedError:
+            outcome.append("connection refused: nothing listens on that port")
+        except TimeoutError:
+            outcome.append(f"no answer within {timeout_s:g} s")
+        except OSError as exc:
+            outcome.append(exc.strerror or str(exc))
+
+    thread = threading.Thread(target=attempt, name="slak-address-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s (the host name did not resolve in time)"
+
+
+def _gcs_problem(hostport: str, timeout_s: float) -> str | None:
+    """None when the GCS at ``hostport`` tells its cluster id within ``timeout_s`` seconds, else why not.
+
+    One attempt of Ray's own GCS client (the one ``ray.init`` makes, without its retries), in a daemon thread.
+    """
+    from ray._raylet import GcsClient
+
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            GcsClient(address=hostport).cluster_id  # noqa: B018 - the call is the check
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure means "no usable GCS there"
+            outcome.append(str(exc).strip() or type(exc).__name__)
+
+    thread = threading.Thread(target=attempt, name="slak-gcs-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    """The host and port that ``ray.init(address=...)`` connects to first (``auto`` resolved as Ray does)."""
+    if address.startswith("ray://"):
+        hostport, default_port = address[len("ray://"):].split("/")[0], _RAY_CLIENT_PORT
+    else:
+        from ray._private import services
+
+        try:
+            hostport = services.canonicalize_bootstrap_address_or_die(address)
+        except ConnectionError as exc:
+            raise ClusterError(
+                f"--address {address}: {exc.args[0] if exc.args else exc} Start Ray on this node first "
+                "(`ray start --head`, or `ray start --address=HEAD:6379` to join one), give the head's address "
+                "(--address HEAD:6379), or leave --address out to start a local Ray") from None
+        default_port = _GCS_PORT
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = hostport, str(default_port)
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S, gcs_timeout_s: float = GCS_TIMEOUT_S) -> None:
+    """Refuse a Ray address where no cluster answers, within ``timeout_s + gcs_timeout_s`` seconds at most
+    (Ray's own join retries for many minutes).
+
+    Raises:
+        ClusterError: ``auto`` found no Ray on this node, the address does not accept a connection, or what
+            answers there is not a Ray GCS.
+    """
+    host, port = _endpoint(address)
+    started = time.monotonic()
+    shown = address if f"{host}:{port}" in address else f"{address} ({host}:{port})"
+    if address == "auto":
+        shown = f"auto ({host}:{port}, the cluster `ray start` last started or joined on this node)"
+    fix = ("Check the address of the Ray head (`ray start --head` prints it; the GCS port is 6379 by default, "
+           "and a ray:// address names the client port, 10001 by default), that the head is running (`ray "
+           "status` on it) and that this machine can reach it; or leave --address out to start a local Ray")
+    problem = _connect_problem(host, port, timeout_s)
+    if problem is not None:
+        raise ClusterError(f"--address {shown}: no Ray cluster answers there ({problem}, after "
+                           f"{time.monotonic() - started:.1f} s). {fix}")
+    if address.startswith("ray://"):
+        return  # a Ray client server, not a GCS: ray.init's client connection has its own timeout
+    problem = _gcs_problem(f"{host}:{port}", gcs_timeout_s)
+    if problem is not None:
+        raise ClusterError(f"--address {shown}: something accepts connections there, but no Ray GCS answers "
+                           f"({problem}, after {time.monotonic() - started:.0f} s): is it another service's "
+                           f"port (the dashboard's 8265, MLflow's 5000)? {fix}")
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -108,7 +228,8 @@ def init_ray(
     """Join ``address``, or start a local Ray bound to loopback; no-op when Ray is already up in this process.
 
     Args:
-        address: A Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``) or None for local.
+        address: A Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``) or None for local;
+            checked first by :func:`check_address`.
         num_cpus: Logical CPUs of a local Ray (ignored when joining, where the cluster has its own).
         include_dashboard: Start the dashboard locally (Train V2 inside Tune needs its state API).
         object_store_memory: Bytes of object store for a local Ray (Ray's default takes 30 % of RAM).
@@ -116,6 +237,9 @@ def init_ray(
         log_to_driver: Forward worker output to this process.
         temp_dir: Session folder of a local Ray (Ray's default is /tmp/ray; keep it short, Ray's unix
             sockets live there and their paths must stay under 108 characters).
+
+    Raises:
+        ClusterError: nothing answers at ``address``.
     """
     if ray.is_initialized():
         return
@@ -123,6 +247,7 @@ def init_ray(
     runtime_env = {"env_vars": worker_env(extra_env)}
     if address:
         _warn_if_auth_disabled(f"the cluster at {address}")
+        check_address(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return
     _warn_if_auth_disabled("this local Ray")
