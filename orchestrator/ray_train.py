@@ -150,7 +150,9 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
     """Run (or continue) one training job and return Ray's ``Result``.
 
     The MLflow run is created (or found again, by run name) in the driver so every retry and every
-    re-run of the same command logs into the same run; its final status is set here, and only here.
+    re-run of the same command logs into the same run; its final status is set here, and only here. A
+    tracking server that does not answer before Ray starts is named in one warning, and rank 0 then keeps
+    the run in the offline journal.
 
     Raises:
         PreflightError: the model or the data cannot work as configured (nothing was started).
@@ -158,12 +160,13 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
         ResourceError: one worker group can never fit the cluster (nothing was scheduled).
     """
     preflight.check_before_start(cfg)
+    tracking_online = tracking.check_server(cfg.tracking)  # one warning, before Ray, when it does not answer
     cfg = _ensure_ray(cfg, address)  # resources fitted (or refused) before anything is recorded
     run_name = run_name_for(cfg)
     run_identity.check_or_record(cfg.run.storage_path, run_name, run_identity.identity(cfg.to_flat()),
                                  yaml_text=to_yaml(cfg), what="training run")
     run_id = None
-    if cfg.tracking.enabled:
+    if cfg.tracking.enabled and tracking_online:
         try:
             run_id = tracking.find_or_create_run(
                 cfg.tracking, run_name=run_name, tags={"slak.role": "train", "slak.run_name": run_name},

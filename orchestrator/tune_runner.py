@@ -459,6 +459,7 @@ def run_experiment(
     _check_before_start(cfg, points)
     name = _experiment_name(cfg, table, resume)
     storage = Path(cfg.run.storage_path)
+    tracking_online = tracking.check_server(cfg.tracking)  # one warning, before Ray, when it does not answer
     cfg = init_ray(cfg, address)  # resources fitted (or refused) before anything is recorded or created
     settings = {
         **run_identity.identity(cfg.to_flat()),
@@ -467,7 +468,8 @@ def run_experiment(
     }
     run_identity.check_or_record(str(storage), name, settings, yaml_text=to_yaml(cfg), what="experiment")
     tracking_cfg = cfg.tracking
-    parent = _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None
+    parent = (_parent_run(tracking_cfg, name, table, points, cfg, resume)
+              if tracking_cfg.enabled and tracking_online else None)
     groups_before = _live_placement_groups()
     results = _fit(_build_tuner(cfg, points, name, parent, resume, callbacks), tracking_cfg, name, parent)
     errors = results.num_errors
