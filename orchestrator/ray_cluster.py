@@ -15,7 +15,10 @@
 Before joining, :func:`check_address` opens one TCP connection to the address and asks the GCS behind it
 for the cluster's id, each bounded in time: Ray's own ``ray.init`` retries an address where no GCS answers
 for many minutes, printing a warning every few seconds. A wrong address therefore ends in a
-:class:`ClusterError` naming it and the fix.
+:class:`ClusterError` naming it and the fix. Once joined, :func:`check_nodes` runs one small task on every
+node: it imports the project as a training worker does, and, on more than one node, reads a marker file
+the driver wrote under ``run.storage_path``; a node that fails either is named, with the fix, before any
+trial starts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -40,11 +44,14 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "GCS_TIMEOUT_S",
     "LOCAL_HOST",
+    "NODE_CHECK_TIMEOUT_S",
     "PROJECT_ROOT",
+    "WORKER_MODULES",
     "ClusterError",
     "ResourceError",
     "check_address",
     "check_local_machine",
+    "check_nodes",
     "fit_resources",
     "fit_resources_waiting",
     "how_many",
@@ -65,6 +72,11 @@ CONNECT_TIMEOUT_S = 10.0
 #: Seconds it then waits for the GCS there to answer (one attempt of Ray's client gives up after about 40 s).
 GCS_TIMEOUT_S = 45.0
 _RAY_CLIENT_PORT, _GCS_PORT = 10001, 6379
+#: What a training worker imports first (the project's packages and, through them, torch and timm).
+WORKER_MODULES = ("orchestrator.worker", "slak_model", "kernels")
+#: Seconds :func:`check_nodes` waits for every node's answer (a new worker process imports torch).
+NODE_CHECK_TIMEOUT_S = 90.0
+_MARKER_PREFIX = ".slak-node-check-"
 
 
 class ClusterError(ValueError):
@@ -263,6 +275,116 @@ def init_ray(
         log_to_driver=log_to_driver,
         _temp_dir=temp_dir,
     )
+
+
+def _node_probe() -> Callable[[str | None, str, tuple[str, ...]], dict[str, str | None]]:
+    """The task :func:`check_nodes` runs on each node. It is defined inside this function so that Ray ships
+    it by value: a node that cannot import this project can still run it and say why."""
+
+    def probe(marker: str | None, token: str, modules: tuple[str, ...]) -> dict[str, str | None]:
+        import importlib
+        import socket as sockets
+
+        report: dict[str, str | None] = {"host": sockets.gethostname(), "import": None, "storage": None}
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - reported to the driver
+                report["import"] = f"import {name}: {type(exc).__name__}: {exc}"
+                break
+        if marker is not None:
+            try:
+                with open(marker, encoding="utf-8") as handle:
+                    report["storage"] = None if handle.read() == token else "sees another file there"
+            except OSError as exc:
+                report["storage"] = exc.strerror or str(exc)
+        return report
+
+    return probe
+
+
+def _node_problems(reports: Mapping[str, Mapping[str, str | None]], storage: str) -> list[str]:
+    """The :class:`ClusterError` lines for the nodes' answers (``reports``: node label -> probe report)."""
+    lines = []
+    broken = {node: r["import"] for node, r in reports.items() if r.get("import")}
+    if broken:
+        lines.append(
+            f"the project cannot be imported on {len(broken)} of {len(reports)} Ray node(s): "
+            + "; ".join(f"{node}: {why}" for node, why in broken.items())
+            + ". Install the project and its pinned requirements on every node with the same Python (`pip "
+            "install -r requirements.txt && pip install -e .`), or start every node from the project's image "
+            "(docker/)")
+    blind = {node: r["storage"] for node, r in reports.items() if r.get("storage")}
+    if blind:
+        lines.append(
+            f"run.storage_path={storage} is not shared: {len(blind)} of {len(reports)} Ray node(s) cannot see "
+            "what this driver wrote there ("
+            + "; ".join(f"{node}: {why}" for node, why in blind.items())
+            + "). Ray Train restarts workers on any node and they resume from checkpoints there: use a file "
+            "system mounted at the same path on every node (NFS, Lustre, CephFS) or an object store "
+            "(run.storage_path=s3://BUCKET/slak or gs://BUCKET/slak)")
+    return lines
+
+
+def check_nodes(cfg: ExperimentConfig, *, modules: tuple[str, ...] = WORKER_MODULES,
+                timeout_s: float = NODE_CHECK_TIMEOUT_S, shared_storage: bool | None = None) -> None:
+    """Run one task on every alive node of the joined cluster: import ``modules`` as a training worker does,
+    and read a marker file this driver writes under ``run.storage_path``.
+
+    Args:
+        shared_storage: Check that every node sees ``run.storage_path``; default: when the cluster has more
+            than one node and the path is a local one (an ``s3://``-style URI is not checked).
+
+    Raises:
+        ClusterError: some node cannot import the project, or cannot see ``run.storage_path``.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    storage = cfg.run.storage_path
+    if shared_storage is None:
+        shared_storage = len(nodes) > 1 and "://" not in storage
+    token = uuid.uuid4().hex
+    marker = None
+    if shared_storage:
+        root = Path(storage).expanduser().absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        marker = root / f"{_MARKER_PREFIX}{token}"
+        marker.write_text(token, encoding="utf-8")
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(_node_probe())
+        refs = {f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})": probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                None if marker is None else str(marker), token, modules) for n in nodes}
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        reports: dict[str, Mapping[str, str | None]] = {}
+        silent = []
+        for node, ref in refs.items():
+            if ref in pending:
+                silent.append(node)
+                ray.cancel(ref, force=True)
+                continue
+            try:
+                report = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - the task itself died there
+                report = {"host": "?", "import": f"the check task failed: {_first_line(exc)}", "storage": None}
+            reports[f"{node.split(' ')[0]} ({report['host']})"] = report
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+    if silent:
+        log.warning("%d Ray node(s) did not answer the worker check within %g s (busy, or still starting): %s; "
+                    "going on without it", len(silent), timeout_s, ", ".join(silent))
+    problems = _node_problems(reports, storage)
+    if problems:
+        raise ClusterError("; and ".join(problems) if len(problems) > 1 else problems[0])
+    log.info("cluster check: %d node(s) import the project%s", len(reports),
+             f" and see run.storage_path={storage}" if shared_storage else "")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 class ResourceError(ValueError):

@@ -128,7 +128,10 @@ def _ensure_ray(cfg: ExperimentConfig, address: str | None) -> ExperimentConfig:
         ray_cluster.check_local_machine(cfg, num_cpus=num_cpus)
     ray_cluster.init_ray(address=address, num_cpus=num_cpus, extra_env=extra)
     ray_cluster.warn_if_wait_has_no_effect(cfg, address)
-    return ray_cluster.fit_resources_waiting(cfg)
+    cfg = ray_cluster.fit_resources_waiting(cfg)
+    if address is not None:  # a joined cluster: its nodes import the project and share the storage
+        ray_cluster.check_nodes(cfg)
+    return cfg
 
 
 def failure_summary(error: BaseException) -> str:
@@ -158,6 +161,8 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
         PreflightError: the model or the data cannot work as configured (nothing was started).
         RunConfigMismatchError: a run of this name exists with other settings (nothing was started).
         ResourceError: one worker group can never fit the cluster (nothing was scheduled).
+        ClusterError: no cluster at ``address``, or a node of it cannot import the project or see
+            ``run.storage_path`` (nothing was scheduled).
     """
     preflight.check_before_start(cfg)
     tracking_online = tracking.check_server(cfg.tracking)  # one warning, before Ray, when it does not answer

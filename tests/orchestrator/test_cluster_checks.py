@@ -98,3 +98,23 @@ def test_train_py_with_a_wrong_address_exits_2_with_one_line(tmp_path: Path) -> 
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "no Ray cluster answers" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_nodes_that_cannot_see_the_storage_are_named_with_the_fix() -> None:
+    """Two nodes, one of which has its own local disk at run.storage_path (the answers of the node tasks)."""
+    reports = {
+        "10.0.0.1 (head)": {"host": "head", "import": None, "storage": None},
+        "10.0.0.2 (gpu-7)": {"host": "gpu-7", "import": None, "storage": "No such file or directory"},
+    }
+    [line] = ray_cluster._node_problems(reports, "/scratch/slak")
+    assert "run.storage_path=/scratch/slak is not shared: 1 of 2" in line
+    assert "10.0.0.2 (gpu-7): No such file or directory" in line and "10.0.0.1" not in line
+    assert "same path on every node" in line and "s3://" in line
+
+
+def test_nodes_that_cannot_import_the_project_are_named_with_the_error() -> None:
+    reports = {"10.0.0.2 (gpu-7)": {"host": "gpu-7", "storage": None,
+                                    "import": "import orchestrator.worker: ModuleNotFoundError: No module named 'timm'"}}
+    [line] = ray_cluster._node_problems(reports, "/mnt/shared")
+    assert "10.0.0.2 (gpu-7): import orchestrator.worker: ModuleNotFoundError: No module named 'timm'" in line
+    assert "pip install" in line and "docker/" in line
