@@ -45,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from orchestrator import ray_train  # after validation: a bad config never waits for Ray
     from orchestrator.preflight import PreflightError
-    from orchestrator.ray_cluster import ResourceError
+    from orchestrator.ray_cluster import ClusterError, ResourceError
     from orchestrator.run_identity import RunConfigMismatchError
 
     name = ray_train.run_name_for(cfg)
     try:
         result = ray_train.run_training(cfg, address=args.address)
-    except (PreflightError, ResourceError, RunConfigMismatchError) as err:
+    except (PreflightError, ResourceError, ClusterError, RunConfigMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,14 @@
   with; setting ``RAY_AUTH_MODE`` to ``disabled`` is an explicit opt-out that is logged as a warning.
 * Workers get the project on their ``PYTHONPATH`` *in addition to* the caller's (an HPC module system
   provides its stack there), never instead of it.
+
+Before joining, :func:`check_address` opens one TCP connection to the address and asks the GCS behind it
+for the cluster's id, each bounded in time: Ray's own ``ray.init`` retries an address where no GCS answers
+for many minutes, printing a warning every few seconds. A wrong address therefore ends in a
+:class:`ClusterError` naming it and the fix. Once joined, :func:`check_nodes` runs one small task on every
+node: it imports the project as a training worker does, and, on more than one node, reads a marker file
+the driver wrote under ``run.storage_path``; a node that fails either is named, with the fix, before any
+trial starts.
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -30,10 +41,17 @@ from orchestrator.config.schema import CPU_DEFAULT_WORKERS, ExperimentConfig
 from orchestrator.config.validation import ConfigError
 
 __all__ = [
+    "CONNECT_TIMEOUT_S",
+    "GCS_TIMEOUT_S",
     "LOCAL_HOST",
+    "NODE_CHECK_TIMEOUT_S",
     "PROJECT_ROOT",
+    "WORKER_MODULES",
+    "ClusterError",
     "ResourceError",
+    "check_address",
     "check_local_machine",
+    "check_nodes",
     "fit_resources",
     "fit_resources_waiting",
     "how_many",
@@ -49,6 +67,120 @@ LOCAL_HOST = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _AUTH_MODE_ENV = "RAY_AUTH_MODE"
+#: Seconds :func:`check_address` waits for the cluster's address to accept a connection (name lookup included).
+CONNECT_TIMEOUT_S = 10.0
+#: Seconds it then waits for the GCS there to answer (one attempt of Ray's client gives up after about 40 s).
+GCS_TIMEOUT_S = 45.0
+_RAY_CLIENT_PORT, _GCS_PORT = 10001, 6379
+#: What a training worker imports first (the project's packages and, through them, torch and timm).
+WORKER_MODULES = ("orchestrator.worker", "slak_model", "kernels")
+#: Seconds :func:`check_nodes` waits for every node's answer (a new worker process imports torch).
+NODE_CHECK_TIMEOUT_S = 90.0
+_MARKER_PREFIX = ".slak-node-check-"
+
+
+class ClusterError(ValueError):
+    """The cluster cannot run the job as given (its address, the storage its nodes see, the project on its
+    workers); the message names the cause and the fix. Nothing was scheduled."""
+
+
+def _connect_problem(host: str, port: int, timeout_s: float) -> str | None:
+    """None when a TCP connection to ``host:port`` opens within ``timeout_s`` seconds, else why not.
+
+    The attempt runs in a daemon thread, so that a name lookup (which ignores socket timeouts) cannot stall
+    the caller either.
+    """
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                outcome.append(None)
+        except socket.gaierror as exc:
+            outcome.append(f"the host name does not resolve ({exc.strerror or exc})")
+        except ConnectionRefusedError:
+            outcome.append("connection refused: nothing listens on that port")
+        except TimeoutError:
+            outcome.append(f"no answer within {timeout_s:g} s")
+        except OSError as exc:
+            outcome.append(exc.strerror or str(exc))
+
+    thread = threading.Thread(target=attempt, name="slak-address-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s (the host name did not resolve in time)"
+
+
+def _gcs_problem(hostport: str, timeout_s: float) -> str | None:
+    """None when the GCS at ``hostport`` tells its cluster id within ``timeout_s`` seconds, else why not.
+
+    One attempt of Ray's own GCS client (the one ``ray.init`` makes, without its retries), in a daemon thread.
+    """
+    from ray._raylet import GcsClient
+
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            GcsClient(address=hostport).cluster_id  # noqa: B018 - the call is the check
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure means "no usable GCS there"
+            outcome.append(str(exc).strip() or type(exc).__name__)
+
+    thread = threading.Thread(target=attempt, name="slak-gcs-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    """The host and port that ``ray.init(address=...)`` connects to first (``auto`` resolved as Ray does)."""
+    if address.startswith("ray://"):
+        hostport, default_port = address[len("ray://"):].split("/")[0], _RAY_CLIENT_PORT
+    else:
+        from ray._private import services
+
+        try:
+            hostport = services.canonicalize_bootstrap_address_or_die(address)
+        except ConnectionError as exc:
+            raise ClusterError(
+                f"--address {address}: {exc.args[0] if exc.args else exc} Start Ray on this node first "
+                "(`ray start --head`, or `ray start --address=HEAD:6379` to join one), give the head's address "
+                "(--address HEAD:6379), or leave --address out to start a local Ray") from None
+        default_port = _GCS_PORT
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = hostport, str(default_port)
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S, gcs_timeout_s: float = GCS_TIMEOUT_S) -> None:
+    """Refuse a Ray address where no cluster answers, within ``timeout_s + gcs_timeout_s`` seconds at most
+    (Ray's own join retries for many minutes).
+
+    Raises:
+        ClusterError: ``auto`` found no Ray on this node, the address does not accept a connection, or what
+            answers there is not a Ray GCS.
+    """
+    host, port = _endpoint(address)
+    started = time.monotonic()
+    shown = address if f"{host}:{port}" in address else f"{address} ({host}:{port})"
+    if address == "auto":
+        shown = f"auto ({host}:{port}, the cluster `ray start` last started or joined on this node)"
+    fix = ("Check the address of the Ray head (`ray start --head` prints it; the GCS port is 6379 by default, "
+           "and a ray:// address names the client port, 10001 by default), that the head is running (`ray "
+           "status` on it) and that this machine can reach it; or leave --address out to start a local Ray")
+    problem = _connect_problem(host, port, timeout_s)
+    if problem is not None:
+        raise ClusterError(f"--address {shown}: no Ray cluster answers there ({problem}, after "
+                           f"{time.monotonic() - started:.1f} s). {fix}")
+    if address.startswith("ray://"):
+        return  # a Ray client server, not a GCS: ray.init's client connection has its own timeout
+    problem = _gcs_problem(f"{host}:{port}", gcs_timeout_s)
+    if problem is not None:
+        raise ClusterError(f"--address {shown}: something accepts connections there, but no Ray GCS answers "
+                           f"({problem}, after {time.monotonic() - started:.0f} s): is it another service's "
+                           f"port (the dashboard's 8265, MLflow's 5000)? {fix}")
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -108,7 +240,8 @@ def init_ray(
     """Join ``address``, or start a local Ray bound to loopback; no-op when Ray is already up in this process.
 
     Args:
-        address: A Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``) or None for local.
+        address: A Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``) or None for local;
+            checked first by :func:`check_address`.
         num_cpus: Logical CPUs of a local Ray (ignored when joining, where the cluster has its own).
         include_dashboard: Start the dashboard locally (Train V2 inside Tune needs its state API).
         object_store_memory: Bytes of object store for a local Ray (Ray's default takes 30 % of RAM).
@@ -116,6 +249,9 @@ def init_ray(
         log_to_driver: Forward worker output to this process.
         temp_dir: Session folder of a local Ray (Ray's default is /tmp/ray; keep it short, Ray's unix
             sockets live there and their paths must stay under 108 characters).
+
+    Raises:
+        ClusterError: nothing answers at ``address``.
     """
     if ray.is_initialized():
         return
@@ -123,6 +259,7 @@ def init_ray(
     runtime_env = {"env_vars": worker_env(extra_env)}
     if address:
         _warn_if_auth_disabled(f"the cluster at {address}")
+        check_address(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return
     _warn_if_auth_disabled("this local Ray")
@@ -138,6 +275,116 @@ def init_ray(
         log_to_driver=log_to_driver,
         _temp_dir=temp_dir,
     )
+
+
+def _node_probe() -> Callable[[str | None, str, tuple[str, ...]], dict[str, str | None]]:
+    """The task :func:`check_nodes` runs on each node. It is defined inside this function so that Ray ships
+    it by value: a node that cannot import this project can still run it and say why."""
+
+    def probe(marker: str | None, token: str, modules: tuple[str, ...]) -> dict[str, str | None]:
+        import importlib
+        import socket as sockets
+
+        report: dict[str, str | None] = {"host": sockets.gethostname(), "import": None, "storage": None}
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - reported to the driver
+                report["import"] = f"import {name}: {type(exc).__name__}: {exc}"
+                break
+        if marker is not None:
+            try:
+                with open(marker, encoding="utf-8") as handle:
+                    report["storage"] = None if handle.read() == token else "sees another file there"
+            except OSError as exc:
+                report["storage"] = exc.strerror or str(exc)
+        return report
+
+    return probe
+
+
+def _node_problems(reports: Mapping[str, Mapping[str, str | None]], storage: str) -> list[str]:
+    """The :class:`ClusterError` lines for the nodes' answers (``reports``: node label -> probe report)."""
+    lines = []
+    broken = {node: r["import"] for node, r in reports.items() if r.get("import")}
+    if broken:
+        lines.append(
+            f"the project cannot be imported on {len(broken)} of {len(reports)} Ray node(s): "
+            + "; ".join(f"{node}: {why}" for node, why in broken.items())
+            + ". Install the project and its pinned requirements on every node with the same Python (`pip "
+            "install -r requirements.txt && pip install -e .`), or start every node from the project's image "
+            "(docker/)")
+    blind = {node: r["storage"] for node, r in reports.items() if r.get("storage")}
+    if blind:
+        lines.append(
+            f"run.storage_path={storage} is not shared: {len(blind)} of {len(reports)} Ray node(s) cannot see "
+            "what this driver wrote there ("
+            + "; ".join(f"{node}: {why}" for node, why in blind.items())
+            + "). Ray Train restarts workers on any node and they resume from checkpoints there: use a file "
+            "system mounted at the same path on every node (NFS, Lustre, CephFS) or an object store "
+            "(run.storage_path=s3://BUCKET/slak or gs://BUCKET/slak)")
+    return lines
+
+
+def check_nodes(cfg: ExperimentConfig, *, modules: tuple[str, ...] = WORKER_MODULES,
+                timeout_s: float = NODE_CHECK_TIMEOUT_S, shared_storage: bool | None = None) -> None:
+    """Run one task on every alive node of the joined cluster: import ``modules`` as a training worker does,
+    and read a marker file this driver writes under ``run.storage_path``.
+
+    Args:
+        shared_storage: Check that every node sees ``run.storage_path``; default: when the cluster has more
+            than one node and the path is a local one (an ``s3://``-style URI is not checked).
+
+    Raises:
+        ClusterError: some node cannot import the project, or cannot see ``run.storage_path``.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    storage = cfg.run.storage_path
+    if shared_storage is None:
+        shared_storage = len(nodes) > 1 and "://" not in storage
+    token = uuid.uuid4().hex
+    marker = None
+    if shared_storage:
+        root = Path(storage).expanduser().absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        marker = root / f"{_MARKER_PREFIX}{token}"
+        marker.write_text(token, encoding="utf-8")
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(_node_probe())
+        refs = {f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})": probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                None if marker is None else str(marker), token, modules) for n in nodes}
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        reports: dict[str, Mapping[str, str | None]] = {}
+        silent = []
+        for node, ref in refs.items():
+            if ref in pending:
+                silent.append(node)
+                ray.cancel(ref, force=True)
+                continue
+            try:
+                report = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - the task itself died there
+                report = {"host": "?", "import": f"the check task failed: {_first_line(exc)}", "storage": None}
+            reports[f"{node.split(' ')[0]} ({report['host']})"] = report
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+    if silent:
+        log.warning("%d Ray node(s) did not answer the worker check within %g s (busy, or still starting): %s; "
+                    "going on without it", len(silent), timeout_s, ", ".join(silent))
+    problems = _node_problems(reports, storage)
+    if problems:
+        raise ClusterError("; and ".join(problems) if len(problems) > 1 else problems[0])
+    log.info("cluster check: %d node(s) import the project%s", len(reports),
+             f" and see run.storage_path={storage}" if shared_storage else "")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 class ResourceError(ValueError):

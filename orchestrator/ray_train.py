@@ -144,7 +144,10 @@ def _ensure_ray(cfg: ExperimentConfig, address: str | None) -> ExperimentConfig:
         ray_cluster.check_local_machine(cfg, num_cpus=num_cpus)
     ray_cluster.init_ray(address=address, num_cpus=num_cpus, extra_env=extra)
     ray_cluster.warn_if_wait_has_no_effect(cfg, address)
-    return ray_cluster.fit_resources_waiting(cfg)
+    cfg = ray_cluster.fit_resources_waiting(cfg)
+    if address is not None:  # a joined cluster: its nodes import the project and share the storage
+        ray_cluster.check_nodes(cfg)
+    return cfg
 
 
 def failure_summary(error: BaseException) -> str:
@@ -166,20 +169,25 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Any:
     """Run (or continue) one training job and return Ray's ``Result``.
 
     The MLflow run is created (or found again, by run name) in the driver so every retry and every
-    re-run of the same command logs into the same run; its final status is set here, and only here.
+    re-run of the same command logs into the same run; its final status is set here, and only here. A
+    tracking server that does not answer before Ray starts is named in one warning, and rank 0 then keeps
+    the run in the offline journal.
 
     Raises:
         PreflightError: the model or the data cannot work as configured (nothing was started).
         RunConfigMismatchError: a run of this name exists with other settings (nothing was started).
         ResourceError: one worker group can never fit the cluster (nothing was scheduled).
+        ClusterError: no cluster at ``address``, or a node of it cannot import the project or see
+            ``run.storage_path`` (nothing was scheduled).
     """
     preflight.check_before_start(cfg)
+    tracking_online = tracking.check_server(cfg.tracking)  # one warning, before Ray, when it does not answer
     cfg = _ensure_ray(cfg, address)  # resources fitted (or refused) before anything is recorded
     run_name = run_name_for(cfg)
     run_identity.check_or_record(cfg.run.storage_path, run_name, run_identity.identity(cfg.to_flat()),
                                  yaml_text=to_yaml(cfg), what="training run")
     run_id = None
-    if cfg.tracking.enabled:
+    if cfg.tracking.enabled and tracking_online:
         try:
             run_id = tracking.find_or_create_run(
                 cfg.tracking, run_name=run_name, tags={"slak.role": "train", "slak.run_name": run_name},

@@ -105,6 +105,8 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> ExperimentCon
 
     Raises:
         ResourceError: one trial can never fit the cluster (before any trial is scheduled).
+        ClusterError: no cluster at ``address``, or a node of it cannot import the project or see
+            ``run.storage_path`` (before any trial is scheduled).
     """
     num_cpus = ray_cluster.local_num_cpus(cfg, cfg.tune.max_concurrent_trials or 1, trial_driver_cpus=1)
     if address is None and not ray.is_initialized():
@@ -117,7 +119,10 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> ExperimentCon
         log_to_driver=False,
     )
     ray_cluster.warn_if_wait_has_no_effect(cfg, address)
-    return ray_cluster.fit_resources_waiting(cfg, trial_driver_cpus=1)
+    cfg = ray_cluster.fit_resources_waiting(cfg, trial_driver_cpus=1)
+    if address is not None:  # a joined cluster: its nodes import the project and share the storage
+        ray_cluster.check_nodes(cfg)
+    return cfg
 
 
 def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> int:
@@ -459,6 +464,7 @@ def run_experiment(
     _check_before_start(cfg, points)
     name = _experiment_name(cfg, table, resume)
     storage = Path(cfg.run.storage_path)
+    tracking_online = tracking.check_server(cfg.tracking)  # one warning, before Ray, when it does not answer
     cfg = init_ray(cfg, address)  # resources fitted (or refused) before anything is recorded or created
     settings = {
         **run_identity.identity(cfg.to_flat()),
@@ -467,7 +473,8 @@ def run_experiment(
     }
     run_identity.check_or_record(str(storage), name, settings, yaml_text=to_yaml(cfg), what="experiment")
     tracking_cfg = cfg.tracking
-    parent = _parent_run(tracking_cfg, name, table, points, cfg, resume) if tracking_cfg.enabled else None
+    parent = (_parent_run(tracking_cfg, name, table, points, cfg, resume)
+              if tracking_cfg.enabled and tracking_online else None)
     groups_before = _live_placement_groups()
     results = _fit(_build_tuner(cfg, points, name, parent, resume, callbacks), tracking_cfg, name, parent)
     errors = results.num_errors

@@ -3,7 +3,8 @@
 This is the only package that imports ``mlflow``; a change of MLflow API touches it alone. Its modules,
 one job each: ``tracker`` (what a training job logs through), ``journal`` (the offline store and its
 replay), ``runs`` (run queries and status changes for the Tune driver and collation), ``environment``
-(the tags that say where and with what a run was computed), ``_mlflow`` (the shared client calls).
+(the tags that say where and with what a run was computed), ``server`` (whether the server answers,
+checked once before a job starts), ``_mlflow`` (the shared client calls).
 
 Every logging call becomes an *event* (a small JSON-able dict). One function, :func:`_apply`, turns an
 event into MLflow client calls, and it serves both live logging and replay. When the tracking server
@@ -34,12 +35,14 @@ from orchestrator.tracking.runs import (
     runs_table_url,
     set_run_status,
 )
+from orchestrator.tracking.server import check_server, server_problem
 from orchestrator.tracking.tracker import MlflowTracker, NullTracker, Tracker, create_tracker
 
 __all__ = [
     "MlflowTracker",
     "NullTracker",
     "Tracker",
+    "check_server",
     "create_tracker",
     "find_or_create_run",
     "log_artifact_to_run",
@@ -51,6 +54,7 @@ __all__ = [
     "run_tags_for_environment",
     "runs_dataframe",
     "runs_table_url",
+    "server_problem",
     "set_run_status",
     "sync_command",
     "sync_offline",

@@ -14,7 +14,14 @@ from mlflow.tracking.context.default_context import DefaultRunContext
 from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
 from orchestrator.config.schema import TrackingConfig
-from orchestrator.tracking._mlflow import _FINAL_STATUSES, _apply, _client, _experiment_id, _is_http
+from orchestrator.tracking._mlflow import (
+    _FINAL_STATUSES,
+    _apply,
+    _client,
+    _experiment_id,
+    _is_http,
+    _server_reachable,
+)
 
 __all__ = [
     "find_or_create_run",
@@ -48,7 +55,8 @@ def mlflow_ui_command(uri: str, experiment: str | None = None) -> str:
     """How to open the MLflow UI on ``uri``, and the address of ``experiment``'s runs table when it exists
     (and the store answers: a server that is down only loses the address, never the job's last lines)."""
     try:
-        exp = _client(uri).get_experiment_by_name(experiment) if experiment else None
+        reachable = not _is_http(uri) or _server_reachable(uri)
+        exp = _client(uri).get_experiment_by_name(experiment) if experiment and reachable else None
     except Exception:  # noqa: BLE001 - see above
         exp = None
     if _is_http(uri):
