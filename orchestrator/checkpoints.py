@@ -36,9 +36,10 @@ def _numpy_array_globals() -> list:
     return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (checkpoint manifests, teacher and fine-tune identities)."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -54,7 +55,7 @@ def save_checkpoint_dir(state: dict[str, Any], directory: str | Path, extra: dic
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / STATE_FILE)
-    manifest = {"file": STATE_FILE, "sha256": _sha256(directory / STATE_FILE), "layout": _LAYOUT,
+    manifest = {"file": STATE_FILE, "sha256": file_sha256(directory / STATE_FILE), "layout": _LAYOUT,
                 "epoch": state.get("epoch"), "step": state.get("step"), **(extra or {})}
     tmp_manifest = directory / f".{MANIFEST}.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=1))
@@ -76,7 +77,7 @@ def load_checkpoint_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str
                          "or pick an earlier checkpoint")
     manifest = json.loads(manifest_path.read_text())
     state_path = directory / manifest["file"]
-    if not state_path.is_file() or _sha256(state_path) != manifest["sha256"]:
+    if not state_path.is_file() or file_sha256(state_path) != manifest["sha256"]:
         raise ValueError(f"checkpoint {state_path} does not match its manifest (truncated or modified); delete "
                          f"{directory} or pick an earlier checkpoint")
     try:

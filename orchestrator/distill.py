@@ -30,7 +30,6 @@ a resumed run reloads it from its checkpoint and checks the file's SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator import networks
+from orchestrator.checkpoints import file_sha256
 from orchestrator.config.schema import DistillConfig, ModelConfig
 from orchestrator.config.validation import is_slak_variant
 
@@ -179,14 +179,6 @@ class Teacher:
         return self.model(x)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -309,7 +301,7 @@ def load_teacher(cfg: DistillConfig, num_classes: int, device: torch.device | st
     else:
         model, source = _timm_teacher(cfg, path, num_classes), "timm"
     identity = TeacherIdentity(variant=cfg.teacher, checkpoint=os.fspath(cfg.teacher_checkpoint),
-                               sha256=_sha256(path), source=source, weights="ema" if cfg.teacher_ema else "model")
+                               sha256=file_sha256(path), source=source, weights="ema" if cfg.teacher_ema else "model")
     log.info("teacher %s from %s (%s, %s weights, sha256 %s)", identity.variant, identity.checkpoint, source,
              identity.weights, identity.sha256[:12])
     return Teacher(model, identity).to(device)

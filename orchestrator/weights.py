@@ -16,7 +16,6 @@ the file that a fresh start leaves unused (optimizer, schedule, RNG streams), so
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -26,10 +25,10 @@ from typing import Any
 
 import torch
 
-from orchestrator.checkpoints import MANIFEST, load_checkpoint_dir
+from orchestrator.checkpoints import MANIFEST, file_sha256, load_checkpoint_dir
 from slak_model.checkpoint import read_checkpoint, reference_to_ours
 
-__all__ = ["CheckpointContents", "WeightsError", "file_sha256", "read_weights"]
+__all__ = ["CheckpointContents", "WeightsError", "read_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +95,6 @@ class CheckpointContents:
         if missing:
             raise WeightsError(f"{self.path} has no weights for the targeted layer(s) {missing[:5]}")
         return {n: saved[n].to(torch.bool) if n in saved else self.model[n] != 0 for n in names}
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _ours(state: Mapping[str, Any], path: Path, sha256: str) -> CheckpointContents:

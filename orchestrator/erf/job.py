@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.checkpoints import file_sha256
 from orchestrator.erf.images import image_batches
 from orchestrator.erf.models import build_erf_model
 from orchestrator.erf.report import ROW_SUFFIX, pct, save_heatmap, write_tables
@@ -53,14 +53,6 @@ class ErfResult:
     run_id: str | None = None
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_erf(settings: ErfSettings) -> ErfResult:
     """Measure one model's ERF, write its map, heat-map, row and the folder's table, and log them to MLflow."""
     import numpy as np
@@ -85,7 +77,7 @@ def run_erf(settings: ErfSettings) -> ErfResult:
         raise ErfError(str(err)) from err
     row: dict[str, Any] = {
         "label": settings.label, "model": settings.model, "paper_row": info.paper_row, "kernel": info.kernel,
-        "weights": settings.weights_text(), "checkpoint_sha256": _sha256(settings.checkpoint) if settings.checkpoint
+        "weights": settings.weights_text(), "checkpoint_sha256": file_sha256(settings.checkpoint) if settings.checkpoint
         else None, "images": measurement.images, "skipped": measurement.skipped, "size": settings.size,
         "precision": settings.precision, "device": settings.device, "batch_size": measurement.batch_size,
         "seconds_per_image": measurement.seconds / measurement.images, "data": str(Path(settings.data).absolute()),

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,42 +14,21 @@ pytest.importorskip("ray")
 
 from orchestrator import ray_cluster
 from orchestrator.ray_cluster import ClusterError
+from tests.orchestrator import ports
+from tests.orchestrator.ports import closed_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def silent_port() -> Iterator[int]:
-    """A port that accepts connections and never answers (another service's port, or a firewall), on the
-    address Ray turns 127.0.0.1 into (the node's IP)."""
-    host, _ = ray_cluster._endpoint("127.0.0.1:1")
-    server = socket.socket()
-    server.bind((host, 0))
-    server.listen(8)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        try:
-            while True:
-                accepted.append(server.accept()[0])
-        except OSError:
-            return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-    for conn in accepted:
-        conn.close()
+    """A port that accepts connections and never answers, on the address Ray turns 127.0.0.1 into (the node's IP)."""
+    with ports.silent_port(ray_cluster._endpoint("127.0.0.1:1")[0]) as port:
+        yield port
 
 
 def test_an_address_where_nothing_listens_is_refused_at_once_with_the_fix() -> None:
-    port = _closed_port()
+    port = closed_port()
     t0 = time.monotonic()
     with pytest.raises(ClusterError) as err:
         ray_cluster.check_address(f"127.0.0.1:{port}")
@@ -86,7 +63,7 @@ def test_auto_without_a_cluster_on_this_node_says_how_to_start_one(monkeypatch: 
 
 def test_train_py_with_a_wrong_address_exits_2_with_one_line(tmp_path: Path) -> None:
     """The script as users run it: before this check, Ray retried the address for many minutes."""
-    port = _closed_port()
+    port = closed_port()
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "experiments" / "train.py"), "--config",

@@ -4,8 +4,6 @@ runs on with the offline journal (the tracker's design), and the warning says wh
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,36 +14,17 @@ pytest.importorskip("mlflow")
 
 from orchestrator import tracking
 from orchestrator.config.loading import load_config
+from tests.orchestrator import ports
+from tests.orchestrator.ports import closed_port
 
 SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.yaml"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """Accepts connections, never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        try:
-            while True:
-                accepted.append(server.accept()[0])
-        except OSError:
-            return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-    for conn in accepted:
-        conn.close()
+    with ports.silent_port() as port:
+        yield port
 
 
 def _cfg(tmp_path: Path, uri: str):
@@ -55,7 +34,7 @@ def _cfg(tmp_path: Path, uri: str):
 
 def test_a_refused_server_is_named_once_with_the_offline_folder_and_the_fix(tmp_path: Path,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{closed_port()}"
     cfg = _cfg(tmp_path, uri)
     with caplog.at_level(logging.WARNING):
         assert tracking.check_server(cfg.tracking) is False
@@ -92,7 +71,7 @@ def test_the_drivers_check_the_server_before_ray_starts(driver: str, tmp_path: P
 
     monkeypatch.setattr(ray_cluster, "init_ray", start_ray)
     monkeypatch.setattr(ray_cluster, "check_local_machine", lambda *a, **k: None)
-    cfg = _cfg(tmp_path, f"http://127.0.0.1:{_closed_port()}")
+    cfg = _cfg(tmp_path, f"http://127.0.0.1:{closed_port()}")
     with caplog.at_level(logging.WARNING), pytest.raises(RayStarted):
         if driver == "train":
             ray_train.run_training(cfg)
