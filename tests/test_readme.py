@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _quickstart_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)]
 
 
 def test_quickstart_has_exactly_two_single_line_commands() -> None:
