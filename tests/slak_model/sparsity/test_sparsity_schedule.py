@@ -37,7 +37,7 @@ def test_rate_stays_at_floor_after_total_steps() -> None:
 
 def test_updates_at_multiples_of_f() -> None:
     s = AdaptationSchedule(p0=0.5, p_min=0.005, update_frequency=2000, total_steps=93_600)
-    updates = [t for t in range(0, 93_601) if s.is_update_step(t)]
+    updates = [t for t in range(93_601) if s.is_update_step(t)]
     assert updates == list(range(2000, 93_601, 2000))
     assert len(updates) == 46
     assert s.next_update_step(1999) == 2000 and s.next_update_step(2000) == 4000
