@@ -184,9 +184,10 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _state_file(checkpoint: str) -> Path:
-    """The weights file of ``checkpoint``: the file itself, or a checkpoint folder's ``state.pt`` (its
-    manifest checked)."""
+def _state_file(checkpoint: str) -> tuple[Path, Any]:
+    """The weights file of ``checkpoint`` and, for a checkpoint folder, its state already read: the file
+    itself (state None, read by the caller), or a folder's ``state.pt`` read once and checked against its
+    manifest."""
     path = Path(checkpoint).expanduser()
     if path.is_dir():
         from orchestrator.checkpoints import MANIFEST, STATE_FILE, load_checkpoint_dir
@@ -195,14 +196,14 @@ def _state_file(checkpoint: str) -> Path:
             raise TeacherError(f"distill.teacher_checkpoint={checkpoint!r} is a folder without {MANIFEST}: give a "
                                "checkpoint folder of a training run, or the weights file itself")
         try:
-            load_checkpoint_dir(path)  # verifies the file against its manifest
+            state, _manifest = load_checkpoint_dir(path)  # verifies the file against its manifest
         except ValueError as err:
             raise TeacherError(f"distill.teacher_checkpoint={checkpoint!r}: {err}") from None
-        return path / STATE_FILE
+        return path / STATE_FILE, state
     if not path.is_file():
         raise TeacherError(f"distill.teacher_checkpoint={checkpoint!r}: no such file or folder; point it at the "
                            "teacher's weights (an official SLaK .pth, a run's checkpoint folder, a timm file)")
-    return path
+    return path, None
 
 
 def _read(path: Path) -> Any:
@@ -288,9 +289,9 @@ def load_teacher(cfg: DistillConfig, num_classes: int, device: torch.device | st
         problem = networks.timm_model_problem(cfg.teacher)
         if problem is not None:
             raise TeacherError(f"distill.teacher={problem}")
-    path = _state_file(cfg.teacher_checkpoint)
+    path, state = _state_file(cfg.teacher_checkpoint)
     try:
-        state = _read(path)
+        state = _read(path) if state is None else state
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
         raise TeacherError(f"distill.teacher_checkpoint={cfg.teacher_checkpoint!r} cannot be read: "
                            f"{_first_line(err)}") from None
