@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,26 @@ def run_name_for(cfg: ExperimentConfig) -> str:
 
 
 # ---------------------------------------------------------------------- the worker
+#: DDP's "Grad strides do not match bucket view strides" (``reducer.cpp``) compares strides literally, also in
+#: dimensions of size 1, where a stride is arbitrary and the memory layout the same. timm's ConvNeXt (a
+#: distillation student) gets such gradients on every 1x1 ([out, in, 1, 1]) and depthwise ([C, 1, k, k])
+#: convolution, so DDP warns that performance "may" suffer when it does not. These patterns match only those
+#: messages: the strides of every dimension larger than 1 equal. Any other mismatch still warns.
+LAYOUT_EQUIVALENT_STRIDE_WARNINGS = tuple(
+    r"(?s)Grad strides do not match bucket view strides\..*" + pattern for pattern in (
+        r"grad\.sizes\(\) = \[(\d+), (\d+), 1, 1\], strides\(\) = \[(\d+), (\d+), \d+, \d+\]\s*"
+        r"bucket_view\.sizes\(\) = \[\1, \2, 1, 1\], strides\(\) = \[\3, \4, \d+, \d+\]",
+        r"grad\.sizes\(\) = \[(\d+), 1, (\d+), (\d+)\], strides\(\) = \[(\d+), \d+, (\d+), (\d+)\]\s*"
+        r"bucket_view\.sizes\(\) = \[\1, 1, \2, \3\], strides\(\) = \[\4, \d+, \5, \6\]",
+    ))
+
+
+def ignore_layout_equivalent_stride_warnings() -> None:
+    """Silence DDP's stride warning where the layouts are the same (:data:`LAYOUT_EQUIVALENT_STRIDE_WARNINGS`)."""
+    for pattern in LAYOUT_EQUIVALENT_STRIDE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
 class _TrainSession:
     """A rank of the Ray Train worker group, as :class:`orchestrator.worker.TrainingWorker` sees it."""
 
@@ -78,6 +99,7 @@ class _TrainSession:
         return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        ignore_layout_equivalent_stride_warnings()
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def latest_checkpoint(self) -> ray.train.Checkpoint | None:
