@@ -11,6 +11,11 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default, so each test job waits up to 2 s to see its
+# workers finish or fail. Polling every 0.5 s takes about a fifth off the Ray Train tests (measured: the three
+# job tests of test_train_job.py 132 s -> 105 s on 2 cores) and changes nothing they check. The Ray processes
+# tests start inherit it (the local Ray's raylet is started from this process).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from slak_model import _compat  # noqa: E402
 
