@@ -75,10 +75,10 @@ def run_name_for(cfg: ExperimentConfig) -> str:
 #: messages: the strides of every dimension larger than 1 equal. Any other mismatch still warns.
 LAYOUT_EQUIVALENT_STRIDE_WARNINGS = tuple(
     r"(?s)Grad strides do not match bucket view strides\..*" + pattern for pattern in (
-        r"grad\.sizes\(\) = \[(\d+), (\d+), 1, 1\], strides\(\) = \[(\d+), (\d+), \d+, \d+\]\s*"
-        r"bucket_view\.sizes\(\) = \[\1, \2, 1, 1\], strides\(\) = \[\3, \4, \d+, \d+\]",
-        r"grad\.sizes\(\) = \[(\d+), 1, (\d+), (\d+)\], strides\(\) = \[(\d+), \d+, (\d+), (\d+)\]\s*"
-        r"bucket_view\.sizes\(\) = \[\1, 1, \2, \3\], strides\(\) = \[\4, \d+, \5, \6\]",
+        (r"grad\.sizes\(\) = \[(\d+), (\d+), 1, 1\], strides\(\) = \[(\d+), (\d+), \d+, \d+\]\s*"
+         r"bucket_view\.sizes\(\) = \[\1, \2, 1, 1\], strides\(\) = \[\3, \4, \d+, \d+\]"),
+        (r"grad\.sizes\(\) = \[(\d+), 1, (\d+), (\d+)\], strides\(\) = \[(\d+), \d+, (\d+), (\d+)\]\s*"
+         r"bucket_view\.sizes\(\) = \[\1, 1, \2, \3\], strides\(\) = \[\4, \d+, \5, \6\]"),
     ))
 
 

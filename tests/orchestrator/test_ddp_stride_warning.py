@@ -60,17 +60,17 @@ def test_timm_convnext_warns_without_the_filter_and_not_with_it(one_rank_group) 
 
 
 @pytest.mark.parametrize(("message", "silenced"), [
-    ("grad.sizes() = [1280, 320, 1, 1], strides() = [320, 1, 320, 320]\n"
-     "bucket_view.sizes() = [1280, 320, 1, 1], strides() = [320, 1, 1, 1]", True),
-    ("grad.sizes() = [768, 1, 5, 5], strides() = [25, 1, 5, 1]\n"
-     "bucket_view.sizes() = [768, 1, 5, 5], strides() = [25, 25, 5, 1]", True),
+    (("grad.sizes() = [1280, 320, 1, 1], strides() = [320, 1, 320, 320]\n"
+      "bucket_view.sizes() = [1280, 320, 1, 1], strides() = [320, 1, 1, 1]"), True),
+    (("grad.sizes() = [768, 1, 5, 5], strides() = [25, 1, 5, 1]\n"
+      "bucket_view.sizes() = [768, 1, 5, 5], strides() = [25, 25, 5, 1]"), True),
     # a real transposition (channels-last weight of a 3x3 convolution): a different layout, still reported
-    ("grad.sizes() = [64, 32, 3, 3], strides() = [288, 1, 96, 32]\n"
-     "bucket_view.sizes() = [64, 32, 3, 3], strides() = [288, 9, 3, 1]", False),
-    ("grad.sizes() = [1280, 320, 1, 1], strides() = [1, 1280, 1, 1]\n"
-     "bucket_view.sizes() = [1280, 320, 1, 1], strides() = [320, 1, 1, 1]", False),
-    ("grad.sizes() = [768, 1, 5, 5], strides() = [25, 1, 1, 5]\n"
-     "bucket_view.sizes() = [768, 1, 5, 5], strides() = [25, 25, 5, 1]", False),
+    (("grad.sizes() = [64, 32, 3, 3], strides() = [288, 1, 96, 32]\n"
+      "bucket_view.sizes() = [64, 32, 3, 3], strides() = [288, 9, 3, 1]"), False),
+    (("grad.sizes() = [1280, 320, 1, 1], strides() = [1, 1280, 1, 1]\n"
+      "bucket_view.sizes() = [1280, 320, 1, 1], strides() = [320, 1, 1, 1]"), False),
+    (("grad.sizes() = [768, 1, 5, 5], strides() = [25, 1, 1, 5]\n"
+      "bucket_view.sizes() = [768, 1, 5, 5], strides() = [25, 25, 5, 1]"), False),
 ])
 def test_only_layout_equivalent_mismatches_are_silenced(message: str, silenced: bool) -> None:
     with warnings.catch_warnings(record=True) as caught:
