@@ -74,10 +74,10 @@ def _free_port() -> int:
 
 
 class Stack:
-    """The running stack: ``run`` is ``compose ... <args>``; ``uri`` the MLflow server as the host sees it."""
+    """The running stack: ``compose`` is the compose command for it; ``uri`` the MLflow server as the host sees it."""
 
-    def __init__(self, run: Any, uri: str, engine: str, project: str, compose: list[str]) -> None:
-        self.run, self.uri, self.engine, self.project, self.compose = run, uri, engine, project, compose
+    def __init__(self, uri: str, engine: str, project: str, compose: list[str]) -> None:
+        self.uri, self.engine, self.project, self.compose = uri, engine, project, compose
 
     def containers(self, service: str) -> list[str]:
         return subprocess.run([self.engine, "ps", "--filter", f"label=com.docker.compose.project={self.project}",
@@ -123,7 +123,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
                 break
             assert time.monotonic() < deadline, f"the cluster did not reach 3 nodes:\n{status}"
             time.sleep(5)
-        yield Stack(run, f"http://127.0.0.1:{mlflow_port}", engine, project, base)
+        yield Stack(f"http://127.0.0.1:{mlflow_port}", engine, project, base)
     finally:
         subprocess.run([*base, "down", "-v"], capture_output=True, timeout=300, check=False)
 

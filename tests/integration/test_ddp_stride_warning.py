@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import warnings
 
 import pytest
 import timm
 import torch
 import torch.distributed as dist
+from servers import free_port
 
 from orchestrator.ray_train import ignore_layout_equivalent_stride_warnings
 
@@ -17,15 +17,9 @@ PREFIX = ("Grad strides do not match bucket view strides. This may indicate grad
           "error, but may impair performance.\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
