@@ -33,6 +33,15 @@ from orchestrator.config.loading import load_config, parse_overrides, replace
 from orchestrator.config.schema import ExperimentConfig
 from orchestrator.loop import Trainer, build_model, param_groups
 
+#: The attribution rows: ``--rows`` name, row label, config change, ``loop_rate`` keywords.
+_ATTRIBUTION: dict[str, tuple[str, dict[str, Any], dict[str, bool]]] = {
+    "pipeline": ("  without the input pipeline (batches kept on the device)", {}, {"device_batches": True}),
+    "ema": ("  without the EMA", {"train.ema": False}, {}),
+    "sparsity": ("  without dynamic sparsity", {"sparse.enabled": False}, {}),
+    "mixup": ("  without mixup/cutmix", {"data.mixup": 0.0, "data.cutmix": 0.0}, {}),
+    "hooks": ("  without the per-step hooks", {}, {"with_hooks": False}),
+}
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,6 +49,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--steps", type=int, default=24, help="optimizer steps per timed epoch")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per row (median)")
+    p.add_argument("--rows", default="all", help="'all', or the attribution rows to run after the bare step and the "
+                   f"configured loop, comma-separated, from: {', '.join(_ATTRIBUTION)}")
     p.add_argument("--json", default=None, help="also write the rows and the environment here")
     p.add_argument("overrides", nargs="*", help="dotted key=value settings")
     return p.parse_intermixed_args(argv)
@@ -125,6 +136,11 @@ def loop_rate(cfg: ExperimentConfig, device: torch.device, steps: int, repeats: 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    chosen = list(_ATTRIBUTION) if args.rows == "all" else [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(chosen) - set(_ATTRIBUTION))
+    if unknown:
+        print(f"error: --rows {', '.join(unknown)}: not one of all, {', '.join(_ATTRIBUTION)}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     overrides = {"run.num_workers": 1, "run.use_gpu": device.type == "cuda", "train.epochs": 1000,
@@ -134,11 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                       bare_step(cfg, device, args.steps, args.repeats))]
     variants: list[tuple[str, ExperimentConfig, dict[str, bool]]] = [
         ("loop as configured (loaders, mixup, EMA, sparsity, hooks)", cfg, {}),
-        ("  without the input pipeline (batches kept on the device)", cfg, {"device_batches": True}),
-        ("  without the EMA", replace(cfg, {"train.ema": False}), {}),
-        ("  without dynamic sparsity", replace(cfg, {"sparse.enabled": False}), {}),
-        ("  without mixup/cutmix", replace(cfg, {"data.mixup": 0.0, "data.cutmix": 0.0}), {}),
-        ("  without the per-step hooks", cfg, {"with_hooks": False}),
+        *((label, replace(cfg, change) if change else cfg, kw) for name, (label, change, kw) in _ATTRIBUTION.items()
+          if name in chosen),
     ]
     for name, variant, kw in variants:
         rows.append((name, loop_rate(variant, device, args.steps, args.repeats, **kw)))

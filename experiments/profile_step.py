@@ -3,7 +3,7 @@
 For each model and each execution mode (eager, ``torch.compile`` default, ``reduce-overhead`` with CUDA
 graphs, ``max-autotune-no-cudagraphs``) and optimizer implementation (``foreach``, ``fused`` AdamW) this
 times the same synthetic training step as ``throughput.py`` (CUDA events; median/min/max over the timed
-steps), reports compile time (the warm-up steps' wall time) and peak memory, and, for the eager rows, runs
+steps), reports compile time (the warm-up steps' wall time) and peak memory, and for every row runs
 the PyTorch profiler over a few steps and splits the GPU time into categories (our depthwise kernels,
 cuDNN/other convs, GEMMs, BatchNorm, LayerNorm, element-wise, optimizer, reductions, copies) together
 with the GPU's idle share of the step (time the GPU waits on the host) and kernel launches per step.
@@ -38,7 +38,8 @@ _OPTIMIZERS = ("foreach", "fused")
 # Kernel-name patterns, first match wins; names are CUDA kernel symbols (or CPU op names on CPU).
 _CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     ("ours: depthwise", re.compile(r"slak_dw|slak::", re.IGNORECASE)),  # our kernels live in namespace slak_dw
-    ("Inductor-fused (triton)", re.compile(r"^triton_", re.IGNORECASE)),
+    ("Inductor-fused reductions (norm statistics, sums)", re.compile(r"^triton_(red|per)_", re.IGNORECASE)),
+    ("Inductor-fused point-wise", re.compile(r"^triton_", re.IGNORECASE)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.IGNORECASE)),
     ("batchnorm", re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|\bbn_", re.IGNORECASE)),  # before conv: cuDNN BN kernels
     ("layernorm", re.compile(r"layer_norm|layernorm", re.IGNORECASE)),
@@ -63,7 +64,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 CPU); "
                    "compiled rows also compile here")
-    p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (eager rows; 0 = none)")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler per row (0 = none)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--gemm-alignment", action="store_true",
                    help="also time each stage's MLP (Linear C->4C->C, fwd + bwd) at the model's width and at the "
@@ -178,7 +179,7 @@ def _breakdown(step, steps: int, device: torch.device) -> dict[str, Any]:
 
 def bench(name: str, mode: str, optimizer: str, args: argparse.Namespace, device: torch.device,
           size: int, warmup: int) -> dict[str, Any]:
-    """One row: build, (compile,) warm up, time; profile when eager."""
+    """One row: build, (compile,) warm up, time, profile; compiled rows also count graphs and graph breaks."""
     import timm
 
     torch.manual_seed(0)
@@ -187,6 +188,10 @@ def bench(name: str, mode: str, optimizer: str, args: argparse.Namespace, device
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if optimizer == "fused" else
                                                              {"foreach": True}))
+    if mode != "eager":
+        from torch._dynamo.utils import counters
+
+        counters.clear()  # graph and graph-break counts of this row only
     forward = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
@@ -208,7 +213,11 @@ def bench(name: str, mode: str, optimizer: str, args: argparse.Namespace, device
         "step_ms_min": min(times), "step_ms_max": max(times), "warmup_s": warm_s,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    if mode == "eager" and args.profile_steps:
+    if mode != "eager":
+        row["graphs"] = int(counters["stats"]["unique_graphs"])
+        row["graph_breaks"] = int(sum(counters["graph_break"].values()))
+        row["note"] = f"{row['graphs']} graph(s), {row['graph_breaks']} graph break(s)"
+    if args.profile_steps:
         row["profile"] = _breakdown(step, args.profile_steps, device)
     return row
 

@@ -301,8 +301,8 @@ class TrialStatusCallback(tune.Callback):
         other = max(0.0, wall - startup - costs["epochs"])
         logger.info("trial %s took %.1f s: start-up %.1f s (%s), epochs %.1f s, reports/checkpoints/other "
                     "%.1f s", trial.trial_id, wall, startup,
-                    ", ".join(f"{k} {costs[k]:.1f}" for k in ("process", "trial_driver") if k in costs)
-                    + "".join(f", {k} {v:.1f}" for k, v in phases.items()), costs["epochs"], other)
+                    ", ".join([*(f"{k} {costs[k]:.1f}" for k in ("process", "trial_driver") if k in costs),
+                               *(f"{k} {v:.1f}" for k, v in phases.items())]), costs["epochs"], other)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._log_costs(trial)

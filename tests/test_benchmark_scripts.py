@@ -56,7 +56,8 @@ def test_profile_step_reports_every_bad_argument_at_once(capsys: pytest.CaptureF
         ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<...>", "layernorm"),
         ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "gemm (MLP, head)"),
         ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...AdamW...>", "optimizer"),
-        ("triton_per_fused__native_batch_norm_legit_functional_add_0", "Inductor-fused (triton)"),
+        ("triton_per_fused__native_batch_norm_legit_functional_add_0", "Inductor-fused reductions (norm statistics, sums)"),
+        ("triton_poi_fused_add_gelu_mul_3", "Inductor-fused point-wise"),
         ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl...>", "element-wise (GELU, add, mul, ...)"),
     ],
 )

@@ -231,6 +231,17 @@ def test_worker_killed_mid_trial_then_driver_killed_and_resumed(stack: Stack, fa
             return None
 
         hit = _wait_for("a trial's first epoch", trial_after_first_epoch, 600, driver, log)
+        # MLflow has the epoch's metrics before Ray Train has stored and registered its checkpoint: a kill in
+        # between would restart the trial from scratch, so wait until the checkpoint manager lists it.
+        head = stack.containers("ray-head")[0]
+        snapshot = f"/mnt/slak/storage/*_train_{hit.data.tags['ray_trial_id']}/checkpoint_manager_snapshot.json"
+
+        def first_checkpoint_registered() -> bool:
+            shown = subprocess.run([stack.engine, "exec", head, "sh", "-c", f"cat {snapshot} 2>/dev/null"],
+                                   capture_output=True, text=True, check=False, timeout=60)
+            return "epoch_0001" in shown.stdout
+
+        _wait_for("the trial's first checkpoint to be registered", first_checkpoint_registered, 300, driver, log)
         placed = dict(pair.split(":") for pair in hit.data.tags["slak.rank_hostnames"].split(","))
         by_host = {stack.hostname(n): n for n in stack.containers("ray-worker")}
         victim = by_host[placed["1"]]
