@@ -19,12 +19,12 @@ __all__ = ["LAPTOP_DEFAULTS", "add_common_arguments", "grid_parser", "overrides_
 #: The embedded laptop default (no ``--config``): the paper's recipe, shrunk to learn something on
 #: 1,024 procedural 32 px images in ~10 epochs on 2 cores. Heavy regularisation (RandAugment, mixup,
 #: cutmix, random erasing) and a 0.9999 EMA would keep a run this short at chance level, and topology
-#: updates every 100 steps would never fire in 320 steps. Its models are tiny (a few MB on a GPU), so on
-#: a GPU machine five trials share each GPU, each training in its own Tune actor; on CPUs that setting is
-#: unused. One worker per trial on CPUs too: the trial trains in its reused Tune actor (no Ray Train job
-#: to start, ~35 s of each trial on 2 cores), and a 2-core machine runs two trials at once. Three seeds
-#: per row give each row a 95 % interval. ``--config`` presets replace all of this; ``key=value``
-#: overrides still win over it.
+#: updates every 100 steps would never fire in 320 steps. One worker per trial: the trial trains in its
+#: reused Tune actor (no Ray Train job to start, ~35 s of each trial on 2 cores), and a 2-core machine
+#: runs two trials at once. Its models are tiny (a few MB on a GPU), so on a GPU machine up to 16 trials
+#: share each GPU, as many as the CPUs and the GPU's memory hold (one GiB per trial process): on a
+#: 16-core H100 box all 15 trials run at once; on CPUs that setting is unused. Three seeds per row give
+#: each row a 95 % interval. ``--config`` presets replace all of this; ``key=value`` overrides still win.
 LAPTOP_DEFAULTS: dict[str, Any] = {
     "train.epochs": 10,
     "data.train_size": 1024,
@@ -37,7 +37,7 @@ LAPTOP_DEFAULTS: dict[str, Any] = {
     "train.ema_decay": 0.99,
     "sparse.update_frequency": 8,
     "sparse.min_density": 0.05,  # SNIP alone empties slak_test's block layers at 70 % and 82 % sparsity
-    "run.gpus_per_worker": 0.2,
+    "run.gpus_per_worker": 0.0625,
     "run.num_workers": 1,
     "tune.seeds": 3,
 }

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -403,6 +404,26 @@ def local_num_cpus(cfg: ExperimentConfig, trials_at_once: int = 1, trial_driver_
     workers = cfg.run.num_workers or max(CPU_DEFAULT_WORKERS, torch.cuda.device_count())
     per_trial = trial_driver_cpus + workers * max(1, int(cfg.run.cpus_per_worker))
     return max(os.cpu_count() or 1, per_trial * max(1, trials_at_once))
+
+
+#: GPU memory one trial process that shares a GPU (``run.gpus_per_worker`` < 1) is counted at: its CUDA context,
+#: cuDNN/cuBLAS handles and workspaces and a small model. Caps how many such trials run on one GPU at once.
+SHARED_TRIAL_GPU_GIB = 1.0
+
+
+def local_gpu_memory_gib() -> float | None:
+    """Total memory of this machine's smallest NVIDIA GPU in GiB, or None where ``nvidia-smi`` cannot say.
+
+    Read through ``nvidia-smi`` so that the driver process never creates a CUDA context of its own (which
+    would hold GPU memory for the whole experiment).
+    """
+    try:
+        shown = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout
+        mib = [float(v) for v in shown.split()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return min(mib) / 1024 if mib else None
 
 
 def how_many(available: float, each: float) -> int:

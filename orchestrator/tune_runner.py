@@ -125,19 +125,32 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None) -> ExperimentCon
     return cfg
 
 
-def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> int:
+def fitting_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float],
+                        gpu_memory_gib: float | None = None) -> int:
     """``tune.max_concurrent_trials`` (unset: as many as fit), lowered to what the cluster's CPUs and GPUs can
     hold at once.
 
     A trial of several workers reserves one CPU for its driver at once and its Train workers' CPUs (and GPU
     shares) only later: if more drivers start than there are resources for their workers, every trial waits
-    forever. With ``run.gpus_per_worker`` below 1, several small trials share one GPU.
+    forever. With ``run.gpus_per_worker`` below 1, several small trials share one GPU; ``gpu_memory_gib``
+    (each GPU's memory, where known) caps them at one trial per ``SHARED_TRIAL_GPU_GIB`` of it, so that 1/16
+    of a laptop's 4 GiB GPU does not start 16 processes that each need a CUDA context.
     """
     r = cfg.run
     per_trial_cpus = trial_cpus(cfg)
     fits = max(1, ray_cluster.how_many(cluster.get("CPU", 0), per_trial_cpus))
     if r.use_gpu:
-        fits = min(fits, max(1, ray_cluster.how_many(cluster.get("GPU", 0), r.num_workers * r.gpus_per_worker)))
+        share = r.num_workers * r.gpus_per_worker
+        fits_gpus = max(1, ray_cluster.how_many(cluster.get("GPU", 0), share))
+        if share < 1 and gpu_memory_gib:
+            per_gpu = min(ray_cluster.how_many(1.0, share), int(gpu_memory_gib // ray_cluster.SHARED_TRIAL_GPU_GIB))
+            by_memory = max(1, per_gpu * int(cluster.get("GPU", 0)))
+            if by_memory < fits_gpus:
+                logger.info("%d trial(s) share the GPUs at once, not %d: each GPU has %.0f GiB and a trial process "
+                            "is counted at %.0f GiB", by_memory, fits_gpus, gpu_memory_gib,
+                            ray_cluster.SHARED_TRIAL_GPU_GIB)
+                fits_gpus = by_memory
+        fits = min(fits, fits_gpus)
     if cfg.tune.max_concurrent_trials is None:
         return fits
     wanted = int(cfg.tune.max_concurrent_trials)
@@ -378,12 +391,13 @@ def _experiment_name(cfg: ExperimentConfig, table: str, resume: bool) -> str:
 
 
 def _build_tuner(cfg: ExperimentConfig, points: Sequence[GridPoint], name: str, parent: str | None, resume: bool,
-                 callbacks: Sequence[tune.Callback]) -> tune.Tuner:
+                 callbacks: Sequence[tune.Callback], local: bool = False) -> tune.Tuner:
     """A new Tuner for the grid, or the experiment's own restored.
 
     The typed config travels whole to every trial (also after a restore, where the identity check guaranteed
     that it equals the experiment's own in everything that shapes a result). With one worker per trial the
-    trial trains in its own actor, which Tune reuses and retries from the trial's checkpoints.
+    trial trains in its own actor, which Tune reuses and retries from the trial's checkpoints. ``local``: Ray
+    runs on this machine, so the memory of its GPUs is known (see :func:`fitting_concurrency`).
     """
     storage = Path(cfg.run.storage_path)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), trial_resources(cfg))
@@ -391,7 +405,9 @@ def _build_tuner(cfg: ExperimentConfig, points: Sequence[GridPoint], name: str, 
         logger.info("resuming experiment %s from %s", name, storage / name)
         return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
     single = in_process(cfg)
-    concurrent = fitting_concurrency(cfg, ray.cluster_resources())
+    shares_local_gpu = local and cfg.run.use_gpu and cfg.run.gpus_per_worker < 1
+    concurrent = fitting_concurrency(cfg, ray.cluster_resources(),
+                                     ray_cluster.local_gpu_memory_gib() if shares_local_gpu else None)
     _announce_estimate(cfg, points, concurrent)
     expected = len(points) * cfg.tune.seeds  # Tune creates grid trials lazily: count them ourselves
     return tune.Tuner(
@@ -476,7 +492,8 @@ def run_experiment(
     parent = (_parent_run(tracking_cfg, name, table, points, cfg, resume)
               if tracking_cfg.enabled and tracking_online else None)
     groups_before = _live_placement_groups()
-    results = _fit(_build_tuner(cfg, points, name, parent, resume, callbacks), tracking_cfg, name, parent)
+    tuner = _build_tuner(cfg, points, name, parent, resume, callbacks, local=address is None)
+    results = _fit(tuner, tracking_cfg, name, parent)
     errors = results.num_errors
     trials = max(len(points) * cfg.tune.seeds, len(results))
     interrupted = results.num_terminated + errors < trials

@@ -81,6 +81,40 @@ def test_fractional_shares_are_counted_exactly() -> None:
     assert fitting_concurrency(cfg, ONE_GPU) == 5  # float floor division would say 4
 
 
+def _laptop_grid(cluster: dict):
+    from orchestrator.cli import LAPTOP_DEFAULTS
+
+    return fit_resources(load_config(None, dict(LAPTOP_DEFAULTS)), cluster, trial_driver_cpus=1)
+
+
+@pytest.mark.parametrize(
+    "cluster,gpu_gib,at_once",
+    [({"CPU": 16.0, "GPU": 1.0}, 80.0, 16), ({"CPU": 8.0, "GPU": 1.0}, 80.0, 8),
+     ({"CPU": 16.0, "GPU": 1.0}, 4.0, 4), ({"CPU": 16.0, "GPU": 1.0}, None, 16),
+     ({"CPU": 64.0, "GPU": 2.0}, 6.0, 12)],
+    ids=["h100-16-cores", "h100-8-cores", "4-GiB-laptop-gpu", "memory-unknown", "two-6-GiB-gpus"],
+)
+def test_the_embedded_default_shares_a_gpu_as_far_as_cpus_and_gpu_memory_allow(cluster: dict, gpu_gib, at_once: int
+                                                                               ) -> None:
+    cfg = _laptop_grid(cluster)
+    assert (cfg.run.use_gpu, cfg.run.num_workers) == (True, 1)
+    assert fitting_concurrency(cfg, cluster, gpu_gib) == at_once
+
+
+def test_gpu_memory_is_read_from_nvidia_smi_without_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from orchestrator import ray_cluster
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '81559\\n4096\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert ray_cluster.local_gpu_memory_gib() == 4.0  # the smallest GPU decides
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    assert ray_cluster.local_gpu_memory_gib() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert ray_cluster.local_gpu_memory_gib() is None
+
+
 def test_the_trainer_asks_ray_for_the_fitted_gpu_share() -> None:
     from orchestrator.ray_train import build_trainer
 
