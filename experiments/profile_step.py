@@ -334,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)
-                print(render([row]).splitlines()[2], flush=True)
+                # Each row whole (timing and breakdown) as soon as it is measured, and the JSON so far: a run
+                # stopped by a time limit keeps every finished row.
+                print(render([row]), "\n", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     env = {**environment.describe(device), "timm": timm.__version__, "kernel_backend": kernels.active_backend(device)}
     print(f"\n{environment.summary_line(env)} | timm {env['timm']} | depthwise backend {env['kernel_backend']} | "
           f"{args.precision}, batch {args.batch}, {size} px, channels_last={args.channels_last}\n")
